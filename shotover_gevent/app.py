@@ -1,0 +1,141 @@
+"""The running proxy: its sources, endpoints and signals, from cold start or from a checkpoint,
+to a graceful stop. The upgrade itself lives in handover/."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional
+
+import gevent
+from gevent.event import Event
+
+from . import __version__, observability
+from .config import Config, Topology, files_digest, format_address
+from .connection import ClientConnection, State
+from .source import Source
+
+log = logging.getLogger(__name__)
+
+#: How long a graceful stop waits for batches in flight before closing anyway.
+STOP_DRAIN_SECONDS = 10.0
+
+
+class Proxy:
+    def __init__(self, config: Config, topology: Topology, control_path: str,
+                 log_format: str = "human") -> None:
+        self.config = config
+        self.topology = topology
+        self.control_path = os.path.abspath(control_path)
+        self.log_format = log_format
+        self.generation = 0
+        self.started_wall = time.time()
+        self.sources: Dict[str, Source] = {}
+        self.observability_server = None
+        self.control_server = None
+        self.stopped = Event()
+        self.upgrade_in_progress = False
+        self.last_upgrade: Optional[dict] = None
+
+    # ---- start --------------------------------------------------------------------------------
+
+    def config_digest(self) -> str:
+        return files_digest(self.config.path, self.topology.path)
+
+    def start_fresh(self) -> None:
+        from .handover.control import ControlServer
+
+        for source_config in self.topology.sources:
+            source = Source(source_config)
+            source.bind()
+            self.sources[source.name] = source
+        if self.config.observability_interface is not None:
+            self.observability_server = observability.start_observability_server(
+                self.config.observability_interface)
+        self.control_server = ControlServer(self, self.control_path)
+        self.control_server.bind()
+        self.go_live()
+
+    def go_live(self) -> None:
+        """Accept clients and serve control requests; log the line operators wait for."""
+        for source in self.sources.values():
+            source.start_accepting()
+        self.control_server.start()
+        observability.set_generation(self.generation)
+        self.install_signal_handlers()
+        addresses = ", ".join(f"{s.name}={s.address}" for s in self.sources.values())
+        extra = ""
+        if self.observability_server is not None:
+            extra = f"; metrics on http://{format_address(self.observability_server.address)}/metrics"
+        log.info("shotover-g %s (pid %d, generation %d) accepting connections on %s%s",
+                 __version__, os.getpid(), self.generation, addresses, extra)
+
+    def install_signal_handlers(self) -> None:
+        gevent.signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
+        gevent.signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
+        gevent.signal_handler(signal.SIGUSR2, self._upgrade_from_signal)
+
+    def _upgrade_from_signal(self) -> None:
+        from .handover.upgrade import UpgradeRequest, start_upgrade
+
+        log.info("SIGUSR2 received: upgrading in place")
+        start_upgrade(self, UpgradeRequest(), None)
+
+    # ---- status -------------------------------------------------------------------------------
+
+    def all_connections(self) -> List[ClientConnection]:
+        return [c for source in self.sources.values() for c in source.connections]
+
+    def status(self) -> dict:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "uptime_seconds": round(time.time() - self.started_wall, 3),
+            "python": sys.executable,
+            "sources": {
+                name: {"address": source.address, "connections": len(source.connections)}
+                for name, source in self.sources.items()
+            },
+            "upgrade_in_progress": self.upgrade_in_progress,
+            "last_upgrade": self.last_upgrade,
+        }
+
+    # ---- stop ---------------------------------------------------------------------------------
+
+    def request_stop(self, why: str = "stop requested") -> None:
+        if self.stopped.is_set() or getattr(self, "_stopping", False):
+            return
+        self._stopping = True
+        log.info("%s: stopping (no new connections, finishing batches in flight)", why)
+        gevent.spawn(self._stop)
+
+    def _stop(self) -> None:
+        for source in self.sources.values():
+            source.stop_accepting()
+        connections = self.all_connections()
+        for connection in connections:
+            connection.request_pause()
+        deadline = time.monotonic() + STOP_DRAIN_SECONDS
+        while time.monotonic() < deadline:
+            if all(c.state in (State.PAUSED, State.CLOSED) or c.session.handover_blocker()
+                   for c in connections):
+                break
+            gevent.sleep(0.01)
+        for connection in connections:
+            connection.close("proxy stopping")
+        for source in self.sources.values():
+            source.close_listener()
+            source.close_builders()
+        if self.control_server is not None:
+            self.control_server.close(unlink=True)
+        if self.observability_server is not None:
+            self.observability_server.stop()
+        log.info("stopped")
+        self.stopped.set()
+
+    def serve_forever(self) -> None:
+        self.stopped.wait()

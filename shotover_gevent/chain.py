@@ -1,0 +1,120 @@
+"""Transform chains: builders made once from the topology, one chain instance per connection.
+
+A chain takes a batch of requests and returns exactly one reply per request, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, List, Sequence
+
+from . import observability
+from .message import Message
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+CallNext = Callable[[List[Message]], List[Message]]
+
+
+class ConnectionContext:
+    """What a transform may know about the client connection it serves."""
+
+    __slots__ = ("source_name", "chain_name", "peer", "session", "push")
+
+    def __init__(self, source_name: str, chain_name: str, peer: str, session: Session,
+                 push: Callable[[bytes], None]) -> None:
+        self.source_name = source_name
+        self.chain_name = chain_name
+        self.peer = peer
+        self.session = session
+        # Writes bytes that are not a reply to a request (pub/sub messages, RESP3 pushes).
+        self.push = push
+
+
+class Transform:
+    """Per-connection transform. `transform` must return one reply per request, in order."""
+
+    def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release upstream resources (called when the client leaves or is handed over)."""
+
+
+class TransformBuilder:
+    """Made once per transform in the topology; builds one Transform per client connection."""
+
+    #: The name the topology gave this transform, or its type name.
+    name: str = ""
+    terminating: bool = False
+
+    def build(self, context: ConnectionContext) -> Transform:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources shared by every connection (pools, HTTP endpoints)."""
+
+
+def _sink_end(requests: List[Message]) -> List[Message]:
+    # Validation guarantees the last transform terminates; reaching this is a bug, not input.
+    raise RuntimeError("chain ended without a terminating transform")
+
+
+class Chain:
+    """One connection's instance of a topology chain."""
+
+    __slots__ = ("name", "transforms", "_entry", "_metrics")
+
+    def __init__(self, name: str, builders: Sequence[TransformBuilder],
+                 context: ConnectionContext) -> None:
+        self.name = name
+        self.transforms = [builder.build(context) for builder in builders]
+        self._metrics = observability.chain_metrics(name)
+        call_next: CallNext = _sink_end
+        # Nest from the sink upwards so each transform holds a ready-made "next" callable.
+        for builder, transform in reversed(list(zip(builders, self.transforms))):
+            call_next = _bind(transform, call_next, observability.transform_metrics(builder.name))
+        self._entry = call_next
+
+    def process(self, requests: List[Message]) -> List[Message]:
+        started = time.perf_counter()
+        failed = True
+        try:
+            replies = self._entry(requests)
+            if len(replies) != len(requests):
+                log.error("chain %s returned %d replies for %d requests", self.name,
+                          len(replies), len(requests))
+                replies = (list(replies) + [Message.error("ERR proxy lost a reply")] * len(requests))
+                replies = replies[: len(requests)]
+            failed = False
+            return replies
+        finally:
+            self._metrics.record_batch(time.perf_counter() - started, failed)
+
+    def close(self) -> None:
+        for transform in self.transforms:
+            try:
+                transform.close()
+            except Exception:
+                log.exception("closing transform %r failed", transform)
+
+
+def _bind(transform: Transform, call_next: CallNext, metrics) -> CallNext:
+    run = transform.transform
+    perf_counter = time.perf_counter
+    record = metrics.record
+
+    def call(requests: List[Message]) -> List[Message]:
+        started = perf_counter()
+        failed = True
+        try:
+            replies = run(requests, call_next)
+            failed = False
+            return replies
+        finally:
+            record(perf_counter() - started, failed)
+
+    return call
+

@@ -1,0 +1,190 @@
+"""The `shotover-g` command: start, check, upgrade, status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+import click
+
+from . import __version__
+
+DEFAULT_CONFIG = "conf/config.yaml"
+DEFAULT_TOPOLOGY = "conf/topology.yaml"
+DEFAULT_CONTROL_SOCKET = "shotover-g.sock"
+
+log = logging.getLogger("shotover_gevent")
+
+
+def _control_path(option: Optional[str], config=None) -> str:
+    if option:
+        return os.path.abspath(option)
+    if config is not None and config.control_socket:
+        return os.path.abspath(config.control_socket)
+    return os.path.abspath(DEFAULT_CONTROL_SOCKET)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="shotover-g",
+                      message="%(prog)s %(version)s")
+def main() -> None:
+    """A Redis-protocol proxy with shotover-style transform chains whose upgrades keep every
+    client connection."""
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
+              help="config.yaml (log level, observability_interface, control_socket)")
+@click.option("-t", "--topology", "topology_path", default=DEFAULT_TOPOLOGY, show_default=True,
+              help="topology.yaml (sources and their transform chains)")
+@click.option("--log-format", type=click.Choice(["human", "json"]), default="human",
+              show_default=True)
+@click.option("--control-socket", default=None,
+              help="unix socket for `upgrade` and `status` [default: control_socket from "
+                   "config.yaml, else ./shotover-g.sock]")
+@click.option("--restore", "restore_path", default=None, hidden=True)
+@click.option("--checkpoint-fd", type=int, default=None, hidden=True)
+@click.option("--guardian-fd", type=int, default=None, hidden=True)
+@click.option("--guardian-pid", type=int, default=None, hidden=True)
+@click.option("--rollback", is_flag=True, hidden=True)
+def start(config_path: str, topology_path: str, log_format: str, control_socket: Optional[str],
+          restore_path: Optional[str], checkpoint_fd: Optional[int], guardian_fd: Optional[int],
+          guardian_pid: Optional[int], rollback: bool) -> None:
+    """Run the proxy in the foreground."""
+    from . import observability
+
+    observability.setup_logging("info", log_format)
+    if restore_path:
+        from .handover.restore import RestoreFailed, RestoreOptions, restore
+
+        options = RestoreOptions(os.path.abspath(config_path), os.path.abspath(topology_path),
+                                 _control_path(control_socket), log_format, restore_path,
+                                 checkpoint_fd, guardian_fd, guardian_pid, rollback)
+        try:
+            proxy = restore(options)
+        except RestoreFailed as error:
+            log.critical("cannot restore from %s: %s", restore_path, error)
+            sys.exit(1)
+    else:
+        from .app import Proxy
+        from .config import ConfigError, load
+
+        try:
+            config, topology = load(config_path, topology_path)
+        except ConfigError as error:
+            for problem in error.problems:
+                click.echo(f"error: {problem}", err=True)
+            click.echo(f"shotover-g: {len(error.problems)} configuration problem(s); not "
+                       "starting", err=True)
+            sys.exit(1)
+        observability.set_log_filter(config.main_log_level)
+        proxy = Proxy(config, topology, _control_path(control_socket, config), log_format)
+        try:
+            proxy.start_fresh()
+        except OSError as error:
+            log.critical("cannot start: %s", error.strerror if error.strerror else error)
+            sys.exit(1)
+    proxy.serve_forever()
+    sys.exit(0)
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@click.option("-t", "--topology", "topology_path", default=DEFAULT_TOPOLOGY, show_default=True)
+@click.option("--checkpoint-format", type=int, default=None,
+              help="also check that this version reads checkpoints of this format")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def check(config_path: str, topology_path: str, checkpoint_format: Optional[int],
+          as_json: bool) -> None:
+    """Validate config.yaml and topology.yaml; print every problem. Exit 0 if valid, else 1."""
+    from .config import ConfigError, load
+    from .handover import checkpoint
+
+    problems = []
+    try:
+        load(config_path, topology_path)
+    except ConfigError as error:
+        problems = list(error.problems)
+    if checkpoint_format is not None and checkpoint_format > checkpoint.FORMAT:
+        problems.append(f"this version ({__version__}) reads checkpoint formats up to "
+                        f"{checkpoint.FORMAT}, not {checkpoint_format}")
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "version": __version__,
+                               "checkpoint_format": checkpoint.FORMAT, "problems": problems}))
+    else:
+        for problem in problems:
+            click.echo(f"error: {problem}")
+        if problems:
+            click.echo(f"{len(problems)} problem(s) found")
+        else:
+            click.echo(f"{config_path} and {topology_path} are valid")
+    sys.exit(1 if problems else 0)
+
+
+@main.command()
+@click.option("--control-socket", default=DEFAULT_CONTROL_SOCKET, show_default=True)
+@click.option("--python", "python", default=None,
+              help="interpreter whose installed shotover_gevent is the new version "
+                   "[default: the one the proxy runs on]")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="seconds to let transactions and blocking commands finish")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="seconds to wait for the whole upgrade")
+@click.option("--keep-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="keep a copy of the checkpoint at this path")
+def upgrade(control_socket: str, python: Optional[str], drain_timeout: float, timeout: float,
+            keep_checkpoint: Optional[str]) -> None:
+    """Replace the running proxy with a new version in place, keeping every connection."""
+    from .handover.control import ControlError, request
+
+    if python is not None:
+        python = os.path.abspath(python) if os.sep in python else python
+    message = {"command": "upgrade", "python": python, "drain_timeout": drain_timeout,
+               "keep_checkpoint": os.path.abspath(keep_checkpoint) if keep_checkpoint else None,
+               "restore_timeout": timeout}
+
+    def show(event: dict) -> None:
+        if event.get("event") == "stage":
+            click.echo(f"[{event.get('elapsed_ms', 0):>8.1f} ms] {event['stage']}: "
+                       f"{event['detail']}")
+
+    try:
+        result = request(os.path.abspath(control_socket), message, show, timeout)
+    except ControlError as error:
+        click.echo(f"shotover-g upgrade: {error}", err=True)
+        sys.exit(2 if "cannot reach" in str(error) else 1)
+    if result.get("event") == "error":
+        click.echo(f"shotover-g upgrade: {result.get('error')}", err=True)
+        sys.exit(1)
+    click.echo(result.get("summary", json.dumps(result)))
+    sys.exit(0 if result.get("ok") else 1)
+
+
+@main.command()
+@click.option("--control-socket", default=DEFAULT_CONTROL_SOCKET, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def status(control_socket: str, as_json: bool) -> None:
+    """Version, pid, generation, uptime and connections of the running proxy."""
+    from .handover.control import ControlError, request
+
+    try:
+        result = request(os.path.abspath(control_socket), {"command": "status"}, lambda e: None,
+                         10.0)
+    except ControlError as error:
+        click.echo(f"shotover-g status: {error}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"version     {result['version']}")
+    click.echo(f"pid         {result['pid']}")
+    click.echo(f"generation  {result['generation']}")
+    click.echo(f"uptime      {result['uptime_seconds']:.0f} s")
+    for name, source in result["sources"].items():
+        click.echo(f"source      {name} on {source['address']}: {source['connections']} "
+                   "connections")
+    if result.get("last_upgrade"):
+        click.echo(f"last upgrade {result['last_upgrade'].get('summary')}")

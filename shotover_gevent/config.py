@@ -1,0 +1,367 @@
+"""Load and validate shotover-style `config.yaml` and `topology.yaml`.
+
+Every problem is collected with the file and key it concerns, then all are reported together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import yaml
+
+Address = Tuple[str, int]
+
+
+class ConfigError(Exception):
+    """One or more problems in the configuration; `problems` lists each as a full sentence."""
+
+    def __init__(self, problems: List[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Problems:
+    """Collects problems; `where` strings read like `topology.yaml: sources[0].Redis.name`."""
+
+    def __init__(self) -> None:
+        self.items: List[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+_UNSET = object()
+
+
+def take_mapping(value: Any, where: str, problems: Problems, required: Dict[str, Any],
+                 optional: Dict[str, Tuple[Any, Any]]) -> Optional[Dict[str, Any]]:
+    """Check a YAML mapping's keys and value types; return the values with defaults filled in.
+
+    `required` maps key -> type (or tuple of types); `optional` maps key -> (type, default).
+    """
+    if value is None and not required:
+        value = {}
+    if not isinstance(value, dict):
+        problems.add(where, f"expected a mapping with keys {sorted(required) + sorted(optional)}, "
+                            f"got {_describe(value)}")
+        return None
+    out: Dict[str, Any] = {}
+    ok = True
+    for key in value:
+        if key not in required and key not in optional:
+            valid = ", ".join(sorted(list(required) + list(optional))) or "none"
+            problems.add(f"{where}.{key}", f"unknown key; valid keys here: {valid}")
+            ok = False
+    for key, kind in required.items():
+        if key not in value:
+            problems.add(f"{where}.{key}", "required key is missing")
+            ok = False
+        elif not _is(value[key], kind):
+            problems.add(f"{where}.{key}", f"expected {_type_name(kind)}, got {_describe(value[key])}")
+            ok = False
+        else:
+            out[key] = value[key]
+    for key, (kind, default) in optional.items():
+        if key not in value or (value[key] is None and default is None):
+            out[key] = default
+        elif not _is(value[key], kind):
+            problems.add(f"{where}.{key}", f"expected {_type_name(kind)}, got {_describe(value[key])}")
+            ok = False
+        else:
+            out[key] = value[key]
+    return out if ok else None
+
+
+def _is(value: Any, kind: Any) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return False
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return isinstance(value, kinds)
+
+
+def _type_name(kind: Any) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", float: "a number",
+             list: "a list", dict: "a mapping"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}"
+
+
+def parse_address(text: Any, where: str, problems: Problems) -> Optional[Address]:
+    """"host:port" or "[v6]:port" with a numeric IP or a host name, port 0-65535."""
+    if not isinstance(text, str):
+        problems.add(where, f'expected an address like "127.0.0.1:6379", got {_describe(text)}')
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    valid = bool(sep) and bool(host) and port_text.isdigit() and 0 <= int(port_text) <= 65535
+    if valid and ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            valid = False
+    elif valid and not all(part.isalnum() or part == "" or "-" in part
+                           for part in host.split(".")):
+        valid = False
+    if not valid:
+        problems.add(where, f'expected an address like "127.0.0.1:6379" or "[::1]:6379", got {text!r}')
+        return None
+    return host, int(port_text)
+
+
+def format_address(address: Address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---- config.yaml ------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    main_log_level: str = "info"
+    observability_interface: Optional[Address] = None
+    control_socket: Optional[str] = None
+    path: str = ""
+    text: str = ""
+
+
+def parse_config(data: Any, name: str = "config.yaml") -> Tuple[Optional[Config], Problems]:
+    problems = Problems()
+    values = take_mapping(data, name, problems, required={}, optional={
+        "main_log_level": (str, "info"),
+        "observability_interface": (str, None),
+        "control_socket": (str, None),
+    })
+    if values is None:
+        return None, problems
+    address = None
+    if values["observability_interface"] is not None:
+        address = parse_address(values["observability_interface"],
+                                f"{name}: observability_interface", problems)
+    from .observability import parse_log_filter
+    try:
+        parse_log_filter(values["main_log_level"])
+    except ValueError as error:
+        problems.add(f"{name}: main_log_level", str(error))
+    if problems.items:
+        return None, problems
+    return Config(values["main_log_level"], address, values["control_socket"]), problems
+
+
+# ---- topology.yaml ----------------------------------------------------------------------------
+
+
+@dataclass
+class TransformConfig:
+    """One chain element: its type (canonical name), display name and parsed settings."""
+
+    type_name: str
+    name: str
+    settings: Any
+    terminating: bool
+
+
+@dataclass
+class TlsAcceptorConfig:
+    certificate_path: str
+    private_key_path: str
+    certificate_authority_path: Optional[str] = None
+
+
+@dataclass
+class SourceConfig:
+    kind: str
+    name: str
+    listen_addr: Address
+    connection_limit: int = 512
+    hard_connection_limit: bool = False
+    timeout: Optional[float] = None
+    chain: List[TransformConfig] = field(default_factory=list)
+    tls: Optional[TlsAcceptorConfig] = None
+
+
+@dataclass
+class Topology:
+    sources: List[SourceConfig]
+    path: str = ""
+    text: str = ""
+
+
+SOURCE_KINDS = {"Redis": "Redis", "Valkey": "Redis"}
+
+
+def parse_chain(value: Any, where: str, problems: Problems) -> List[TransformConfig]:
+    """A list of transforms; the last one, and only the last, must be terminating."""
+    from .transforms import REGISTRY, canonical_names
+
+    if not isinstance(value, list):
+        problems.add(where, f"expected a list of transforms, got {_describe(value)}")
+        return []
+    if not value:
+        problems.add(where, "the chain is empty; it needs at least a terminating transform "
+                            "such as RedisSinkSingle")
+        return []
+    chain: List[TransformConfig] = []
+    seen_names: Dict[str, str] = {}
+    for index, element in enumerate(value):
+        here = f"{where}[{index}]"
+        if isinstance(element, str):
+            type_name, settings = element, None
+        elif isinstance(element, dict) and len(element) == 1:
+            type_name, settings = next(iter(element.items()))
+        else:
+            problems.add(here, f"expected a transform such as `RedisSinkSingle: {{...}}`, "
+                               f"got {_describe(element)}")
+            continue
+        kind = REGISTRY.get(type_name)
+        if kind is None:
+            problems.add(here, f"unknown transform {type_name!r}; known transforms: "
+                               f"{', '.join(canonical_names())}")
+            continue
+        here = f"{here}.{type_name}"
+        name = None
+        if isinstance(settings, dict) and "name" in settings and kind.takes_display_name:
+            settings = dict(settings)
+            name = settings.pop("name")
+            if not isinstance(name, str) or not name:
+                problems.add(f"{here}.name", f"expected a non-empty string, got {_describe(name)}")
+                name = None
+        parsed = kind.parse(settings, here, problems)
+        display = name or kind.names[0]
+        if name is not None:
+            if name in seen_names:
+                problems.add(f"{here}.name", f"duplicate transform name {name!r} "
+                                             f"(also used at {seen_names[name]})")
+            seen_names[name] = here
+        chain.append(TransformConfig(kind.names[0], display, parsed, kind.terminating))
+        last = index == len(value) - 1
+        if kind.terminating and not last:
+            problems.add(here, f"{type_name} is a terminating transform, so it must be the last "
+                               "transform of its chain")
+        if last and not kind.terminating:
+            problems.add(here, f"the last transform of a chain must be terminating (a sink such as "
+                               f"RedisSinkSingle or NullSink), but {type_name} passes requests on")
+    return chain
+
+
+def parse_topology(data: Any, name: str = "topology.yaml") -> Tuple[Optional[Topology], Problems]:
+    problems = Problems()
+    values = take_mapping(data, name, problems, required={"sources": list}, optional={})
+    if values is None:
+        return None, problems
+    sources: List[SourceConfig] = []
+    names: Dict[str, int] = {}
+    addresses: Dict[Address, int] = {}
+    if not values["sources"]:
+        problems.add(f"{name}: sources", "no sources are defined; add a `- Redis:` entry")
+    for index, entry in enumerate(values["sources"]):
+        where = f"{name}: sources[{index}]"
+        if not isinstance(entry, dict) or len(entry) != 1:
+            problems.add(where, f"expected one source such as `Redis: {{name: ..., listen_addr: ..., "
+                                f"chain: [...]}}`, got {_describe(entry)}")
+            continue
+        kind, body = next(iter(entry.items()))
+        if kind not in SOURCE_KINDS:
+            problems.add(where, f"unknown source type {kind!r}; valid: {', '.join(SOURCE_KINDS)}")
+            continue
+        where = f"{where}.{kind}"
+        fields = take_mapping(body, where, problems,
+                              required={"name": str, "listen_addr": str, "chain": list},
+                              optional={"connection_limit": (int, 512),
+                                        "hard_connection_limit": (bool, False),
+                                        "timeout": (float, None),
+                                        "tls": (dict, None)})
+        if fields is None:
+            if isinstance(body, dict) and isinstance(body.get("chain"), list):
+                parse_chain(body["chain"], f"{where}.chain", problems)
+            continue
+        address = parse_address(fields["listen_addr"], f"{where}.listen_addr", problems)
+        if fields["connection_limit"] < 1:
+            problems.add(f"{where}.connection_limit", "must be at least 1")
+        if fields["timeout"] is not None and fields["timeout"] <= 0:
+            problems.add(f"{where}.timeout", "must be a positive number of seconds")
+        tls = None
+        if fields["tls"] is not None:
+            tls_values = take_mapping(fields["tls"], f"{where}.tls", problems,
+                                      required={"certificate_path": str, "private_key_path": str},
+                                      optional={"certificate_authority_path": (str, None)})
+            if tls_values:
+                tls = TlsAcceptorConfig(**tls_values)
+        chain = parse_chain(fields["chain"], f"{where}.chain", problems)
+        if fields["name"] in names:
+            problems.add(f"{where}.name", f"duplicate source name {fields['name']!r} "
+                                          f"(also sources[{names[fields['name']]}])")
+        names[fields["name"]] = index
+        if address is not None and address[1] != 0:
+            if address in addresses:
+                problems.add(f"{where}.listen_addr", f"{fields['listen_addr']} is already used by "
+                                                     f"sources[{addresses[address]}]")
+            addresses[address] = index
+        if address is not None:
+            sources.append(SourceConfig(SOURCE_KINDS[kind], fields["name"], address,
+                                        fields["connection_limit"], fields["hard_connection_limit"],
+                                        fields["timeout"], chain, tls))
+    if problems.items:
+        return None, problems
+    return Topology(sources), problems
+
+
+def _read_yaml(path: str, problems: Problems, texts: Dict[str, str]) -> Any:
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+        texts[path] = text
+        return yaml.safe_load(text)
+    except UnicodeDecodeError as error:
+        problems.add(path, f"not UTF-8 text: {error}")
+    except OSError as error:
+        problems.add(path, f"cannot read: {error.strerror or error}")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        position = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problems.add(path, f"not valid YAML{position}: {getattr(error, 'problem', error)}")
+    return _UNSET
+
+
+def load(config_path: str, topology_path: str) -> Tuple[Config, Topology]:
+    """Load both files; raise ConfigError listing every problem in either."""
+    problems = Problems()
+    config = topology = None
+    texts: Dict[str, str] = {}
+    raw_config = _read_yaml(config_path, problems, texts)
+    raw_topology = _read_yaml(topology_path, problems, texts)
+    if raw_config is not _UNSET:
+        config, found = parse_config(raw_config, config_path)
+        problems.items += found.items
+    if raw_topology is not _UNSET:
+        topology, found = parse_topology(raw_topology, topology_path)
+        problems.items += found.items
+    if problems.items or config is None or topology is None:
+        raise ConfigError(problems.items)
+    config.path, config.text = config_path, texts[config_path]
+    topology.path, topology.text = topology_path, texts[topology_path]
+    return config, topology
+
+
+def files_digest(*paths: str) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+ParseFn = Callable[[Any, str, Problems], Any]

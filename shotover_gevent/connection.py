@@ -1,0 +1,259 @@
+"""One client connection: its greenlet reads requests, runs them through its chain, writes replies.
+
+It can stop at a request boundary, report what a successor needs, and carry on if asked.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket as stdlib_socket
+from typing import TYPE_CHECKING, List, Optional
+
+import gevent
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from .chain import Chain, ConnectionContext
+from .message import Message
+from .protocol import resp
+from .session import TRACKED_COMMANDS, Session
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .source import Source
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 64 * 1024
+#: Like Redis's client-query-buffer-limit: a client may not make the proxy buffer more than
+#: this much of one unfinished request.
+MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
+
+
+_SESSION_COMMANDS = TRACKED_COMMANDS | {"QUIT"}
+
+
+class State(enum.Enum):
+    SERVING = "serving"
+    PAUSING = "pausing"        # asked to stop at the next request boundary
+    PAUSED = "paused"          # stopped: every reply written, nothing more read
+    HANDED_OVER = "handed-over"  # its socket belongs to the next program image now
+    CLOSED = "closed"
+
+
+class _Interrupt(Exception):
+    """Thrown into a connection parked in recv() so that it notices a pause request."""
+
+
+class ClientConnection:
+    def __init__(self, sock, source: "Source", peer: str, session: Optional[Session] = None,
+                 unread: bytes = b"") -> None:
+        self.sock = sock
+        self.source = source
+        self.peer = peer
+        self.session = session or Session()
+        self.framer = resp.RequestFramer()
+        if unread:
+            self.framer.feed(unread)
+        self.state = State.SERVING
+        self.close_reason: Optional[str] = None
+        self._idle = False
+        self._in_batch = False
+        self._deferred_pushes: List[bytes] = []
+        self._write_lock = Semaphore()
+        self._state_changed = Event()
+        self._resume = Event()
+        self.greenlet: Optional[gevent.Greenlet] = None
+        context = ConnectionContext(source.name, source.chain_name, peer, self.session, self.push)
+        self.chain = Chain(source.chain_name, source.builders, context)
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    def start(self) -> gevent.Greenlet:
+        self.greenlet = gevent.spawn(self.run)
+        return self.greenlet
+
+    def run(self) -> None:
+        try:
+            if self.framer.pending():
+                if not self._serve_buffered():
+                    return
+            sock = self.sock
+            while True:
+                if self.state is State.PAUSING and self.session.handover_blocker() is None:
+                    if not self._park():
+                        return
+                self._idle = True
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except _Interrupt:
+                    continue
+                finally:
+                    self._idle = False
+                if not data:
+                    self.close_reason = self.close_reason or "client closed"
+                    return
+                self.framer.feed(data)
+                if not self._serve_buffered():
+                    return
+        except stdlib_socket.timeout:
+            self.close_reason = "idle timeout"
+        except OSError as error:
+            self.close_reason = f"client socket error: {error.strerror or error}"
+        except gevent.GreenletExit:
+            self.close_reason = self.close_reason or "stopped"
+        except Exception:
+            log.exception("connection from %s failed", self.peer)
+            self.close_reason = "internal error"
+        finally:
+            if self.state is not State.HANDED_OVER:
+                self._close()
+
+    def _serve_buffered(self) -> bool:
+        """Serve every complete request buffered. False when the connection must end."""
+        framed, error = self.framer.pop_requests()
+        if framed:
+            requests = [Message(raw, name) for raw, name in framed]
+            self._in_batch = True
+            try:
+                replies = self.chain.process(requests)
+            finally:
+                self._in_batch = False
+            session = self.session
+            quit_requested = False
+            for request, reply in zip(requests, replies):
+                name = request.command
+                if name in _SESSION_COMMANDS:
+                    session.observe(request, reply)
+                    if name == "QUIT":
+                        quit_requested = True
+            if len(replies) == 1:
+                payload = replies[0].raw
+            else:
+                payload = b"".join([reply.raw for reply in replies])
+            self._write(payload)
+            if quit_requested:
+                self.close_reason = "client sent QUIT"
+                return False
+        if error is not None:
+            self._write(resp.error_reply(f"ERR Protocol error: {error}"))
+            log.info("closing connection from %s: protocol error: %s", self.peer, error)
+            self.close_reason = "protocol error"
+            return False
+        if self.framer.pending() > MAX_BUFFERED_BYTES:
+            self._write(resp.error_reply("ERR Protocol error: request larger than the proxy's "
+                                         "query buffer limit"))
+            self.close_reason = "query buffer limit"
+            return False
+        return True
+
+    def _write(self, payload: bytes) -> None:
+        with self._write_lock:
+            if payload:
+                self.sock.sendall(payload)
+            if self._deferred_pushes:
+                pushes, self._deferred_pushes = self._deferred_pushes, []
+                self.sock.sendall(b"".join(pushes))
+
+    def push(self, frame: bytes) -> None:
+        """Deliver a frame that answers no request (pub/sub message, RESP3 push).
+
+        During a batch it waits until that batch's replies are written, so a client never sees a
+        message before the confirmation of the subscription it belongs to.
+        """
+        if self.state in (State.HANDED_OVER, State.CLOSED):
+            return
+        if self._in_batch:
+            self._deferred_pushes.append(frame)
+            return
+        try:
+            self._write(frame)
+        except OSError:
+            pass  # the connection's own greenlet notices and closes
+
+    # ---- handover -----------------------------------------------------------------------------
+
+    def request_pause(self) -> None:
+        """Ask the connection to stop at its next request boundary (see wait for PAUSED)."""
+        if self.state is not State.SERVING:
+            return
+        self.state = State.PAUSING
+        if self._idle:
+            gevent.get_hub().loop.run_callback(self._interrupt_if_idle)
+
+    def _interrupt_if_idle(self) -> None:
+        # Runs in the hub: the connection is either still parked in recv() (safe to interrupt,
+        # nothing was read) or has moved on, in which case it will see PAUSING by itself.
+        greenlet = self.greenlet
+        if self._idle and greenlet is not None and not greenlet.dead:
+            greenlet.throw(_Interrupt())
+
+    def _park(self) -> bool:
+        """Stay paused until resumed (True) or handed over (False)."""
+        self.state = State.PAUSED
+        self._resume.clear()
+        self._state_changed.set()
+        self._resume.wait()
+        self._state_changed.clear()
+        return self.state not in (State.HANDED_OVER, State.CLOSED)
+
+    @property
+    def paused(self) -> bool:
+        return self.state is State.PAUSED
+
+    def handover_blocker(self) -> Optional[str]:
+        """Why this connection cannot be handed over now (None: it can)."""
+        if self.state is State.CLOSED:
+            return "closed"
+        if getattr(self.sock, "_sslobj", None) is not None:
+            return "tls"
+        return self.session.handover_blocker()
+
+    def unread_bytes(self) -> bytes:
+        return self.framer.unread_bytes()
+
+    def resume(self) -> None:
+        """Carry on serving after an aborted upgrade: nothing was lost, nothing is replayed."""
+        if self.state in (State.PAUSING, State.PAUSED):
+            self.state = State.SERVING
+            self._resume.set()
+
+    def freeze(self) -> None:
+        """Hold the write side so that no push can be half-written when the image is replaced."""
+        self._write_lock.acquire()
+
+    def unfreeze(self) -> None:
+        self._write_lock.release()
+
+    def mark_handed_over(self) -> None:
+        """The socket now belongs to the next image: stop without closing it."""
+        self.state = State.HANDED_OVER
+        self._resume.set()
+        self.chain.close()
+
+    def close(self, reason: str) -> None:
+        """Close from outside (drain deadline, shutdown)."""
+        self.close_reason = reason
+        greenlet = self.greenlet
+        if self.state is State.PAUSED:
+            # Its greenlet wakes up, sees CLOSED and closes the socket itself.
+            self.state = State.CLOSED
+            self._resume.set()
+            return
+        if greenlet is not None and not greenlet.dead and greenlet is not gevent.getcurrent():
+            greenlet.kill(block=False)
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        if self.state is State.HANDED_OVER:
+            return
+        self.state = State.CLOSED
+        self._state_changed.set()
+        self.chain.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.source.connection_closed(self)
+

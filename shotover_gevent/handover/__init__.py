@@ -1,0 +1,1 @@
+"""Handing a running proxy's sockets over to its successor across exec."""

@@ -1,0 +1,287 @@
+"""The new image's side of an upgrade: verify the checkpoint, keep only the fds it names, adopt
+listeners and connections onto fresh chains, then report. Anything unusable rolls back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket as stdlib_socket
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Set
+
+import yaml
+from gevent import socket
+
+from .. import __version__, observability
+from ..config import ConfigError, load, parse_config, parse_topology
+from ..session import Session
+from . import checkpoint as checkpoint_format
+from .upgrade import CONTROL_SIGNALS, PREVIOUS_ENV
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RestoreOptions:
+    config_path: str
+    topology_path: str
+    control_path: str
+    log_format: str
+    restore_path: str
+    checkpoint_fd: Optional[int] = None
+    guardian_fd: Optional[int] = None
+    guardian_pid: Optional[int] = None
+    rollback: bool = False
+
+
+class RestoreFailed(Exception):
+    pass
+
+
+def _read_checkpoint(options: RestoreOptions):
+    """In a roll-back, our own in-memory copy comes first: the file may be what went wrong."""
+    sources = []
+    if options.rollback and options.checkpoint_fd is not None:
+        sources.append("memory")
+    sources.append("file")
+    errors = []
+    for where in sources:
+        try:
+            if where == "memory":
+                size = os.fstat(options.checkpoint_fd).st_size
+                return checkpoint_format.decode(os.pread(options.checkpoint_fd, size, 0))
+            return checkpoint_format.read(options.restore_path)
+        except (checkpoint_format.CheckpointError, OSError) as error:
+            errors.append(f"{where}: {error}")
+    raise RestoreFailed("cannot use the checkpoint: " + "; ".join(errors))
+
+
+def roll_back(options: RestoreOptions, reason: str) -> None:
+    """Exec the previous program onto the same checkpoint (once). Does not return."""
+    previous = json.loads(os.environ.get(PREVIOUS_ENV, "null") or "null")
+    if options.rollback or not previous:
+        raise RestoreFailed(f"{reason}; no roll-back left to try")
+    log.error("restore failed (%s): rolling back to %s", reason, previous.get("version"))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    argv = list(previous["argv"]) + ["--restore", options.restore_path, "--rollback"]
+    if options.checkpoint_fd is not None:
+        argv += ["--checkpoint-fd", str(options.checkpoint_fd)]
+    if options.guardian_fd is not None:
+        argv += ["--guardian-fd", str(options.guardian_fd),
+                 "--guardian-pid", str(options.guardian_pid)]
+    os.environ["SHOTOVER_G_ROLLBACK_REASON"] = f"new version {__version__}: {reason}"
+    os.execv(previous["python"], argv)
+
+
+def _close_unnamed_fds(keep: Set[int]) -> int:
+    """Close every inherited fd the checkpoint does not name (nothing else may leak across)."""
+    closed = 0
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in keep:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                os.close(fd)
+                closed += 1
+        except OSError:
+            pass
+    return closed
+
+
+def restore(options: RestoreOptions):
+    """Return a live Proxy serving every adopted connection (or exec a roll-back)."""
+    from ..app import Proxy
+    from ..connection import ClientConnection
+    from ..handover.control import ControlChannel, ControlServer
+    from ..source import Source
+
+    started_ns = time.time_ns()
+    try:
+        cp = _read_checkpoint(options)
+    except RestoreFailed as error:
+        roll_back(options, str(error))
+        raise
+    try:
+        if options.rollback and cp.drain.get("config_text") is not None:
+            # The previous version runs on the configuration it ran with before.
+            config, found = parse_config(yaml.safe_load(cp.drain["config_text"]), options.config_path)
+            topology, found2 = parse_topology(yaml.safe_load(cp.drain["topology_text"]),
+                                              options.topology_path)
+            if config is None or topology is None:
+                raise ConfigError(found.items + found2.items)
+            config.path, topology.path = options.config_path, options.topology_path
+        else:
+            config, topology = load(options.config_path, options.topology_path)
+    except ConfigError as error:
+        roll_back(options, "configuration invalid: " + "; ".join(error.problems))
+        raise
+    observability.set_log_filter(config.main_log_level)
+
+    control = cp.control or {}
+    keep = set(cp.fds())
+    for key in ("channel_fd", "metrics_fd"):
+        if control.get(key) is not None:
+            keep.add(control[key])
+    for fd in (options.checkpoint_fd, options.guardian_fd):
+        if fd is not None:
+            keep.add(fd)
+    leaked = _close_unnamed_fds(keep)
+
+    proxy = Proxy(config, topology, options.control_path, options.log_format)
+    proxy.generation = cp.generation if options.rollback else cp.generation + 1
+    proxy.started_wall = cp.drain.get("started_wall", proxy.started_wall)
+
+    # Listeners: keep a source's socket when the source still listens on that address.
+    by_name = {record.source: record for record in cp.listeners}
+    for source_config in topology.sources:
+        record = by_name.pop(source_config.name, None)
+        listener = None
+        if record is not None:
+            listener = socket.socket(fileno=record.fd)
+            host, port = listener.getsockname()[:2]
+            wanted = source_config.listen_addr
+            if port != wanted[1] and wanted[1] != 0:
+                listener.close()
+                listener = None
+        source = Source(source_config, listener)
+        if listener is None:
+            source.bind()
+        proxy.sources[source.name] = source
+    for record in by_name.values():  # sources the new topology dropped
+        os.close(record.fd)
+
+    closed: Dict[str, int] = dict(cp.drain.get("closed_reasons") or {})
+    adopted = []
+    for record in cp.connections:
+        source = proxy.sources.get(record.source)
+        if source is None:
+            os.close(record.fd)
+            closed["source removed"] = closed.get("source removed", 0) + 1
+            continue
+        client = socket.socket(fileno=record.fd)
+        try:
+            client.getpeername()
+        except OSError:
+            client.close()
+            closed["client left during upgrade"] = closed.get("client left during upgrade", 0) + 1
+            continue
+        adopted.append((source, client, record))
+
+    if control.get("fd") is not None:
+        proxy.control_server = ControlServer(proxy, options.control_path,
+                                             socket.socket(fileno=control["fd"]))
+    else:
+        proxy.control_server = ControlServer(proxy, options.control_path)
+        proxy.control_server.bind()
+    if config.observability_interface is not None:
+        metrics_listener = None
+        if control.get("metrics_fd") is not None:
+            metrics_listener = socket.socket(fileno=control["metrics_fd"])
+            if metrics_listener.getsockname()[1] != config.observability_interface[1]:
+                metrics_listener.close()
+                metrics_listener = None
+        proxy.observability_server = observability.start_observability_server(
+            config.observability_interface, listener=metrics_listener)
+    elif control.get("metrics_fd") is not None:
+        os.close(control["metrics_fd"])
+
+    # Every fd is ours now: release the guardian before any byte is read from a client, so that
+    # a roll-back can never replay requests this image has already served.
+    if options.guardian_fd is not None:
+        try:
+            os.write(options.guardian_fd, b"adopted\n")
+        except OSError:
+            pass
+        os.close(options.guardian_fd)
+        if options.guardian_pid:
+            _reap_later(options.guardian_pid)
+
+    for source, client, record in adopted:
+        source.adopt(client, record.peer, Session.from_dict(record.session), record.unread)
+    proxy.go_live()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
+
+    quiesce_ns = cp.drain.get("quiesce_started_ns") or cp.created_ns
+    blackout_ms = (time.time_ns() - quiesce_ns) / 1e6
+    keep_path = cp.drain.get("keep_checkpoint")
+    _dispose_checkpoint(options.restore_path, keep_path)
+    if options.checkpoint_fd is not None:
+        os.close(options.checkpoint_fd)
+
+    reason = os.environ.pop("SHOTOVER_G_ROLLBACK_REASON", None)
+    os.environ.pop(PREVIOUS_ENV, None)
+    closed_total = sum(closed.values())
+    closed_text = ", ".join(f"{n} {why}" for why, n in closed.items()) or "none closed"
+    restore_ms = (time.time_ns() - started_ns) / 1e6
+    result = {
+        "event": "result", "ok": not options.rollback,
+        "old_version": cp.written_by, "new_version": __version__, "pid": os.getpid(),
+        "generation": proxy.generation, "kept": len(adopted), "closed": closed_total,
+        "closed_reasons": closed, "blackout_ms": round(blackout_ms, 1),
+        "restore_ms": round(restore_ms, 1), "leaked_fds_closed": leaked,
+    }
+    if options.rollback:
+        result["reason"] = reason or "roll-back"
+        result["summary"] = (f"rolled back: {reason or 'the new version could not restore'}; "
+                             f"{__version__} serving {len(adopted)} kept connections "
+                             f"({closed_text}), blackout {blackout_ms:.0f} ms")
+    else:
+        result["summary"] = (f"upgraded {cp.written_by} -> {__version__}: kept {len(adopted)} "
+                             f"connections, closed {closed_total} ({closed_text}), blackout "
+                             f"{blackout_ms:.0f} ms, pid {os.getpid()}, generation "
+                             f"{proxy.generation}")
+    proxy.last_upgrade = result
+    if result["ok"]:
+        observability.record_upgrade(blackout_ms / 1000)
+    (log.info if result["ok"] else log.error)("%s", result["summary"])
+    if control.get("channel_fd") is not None:
+        channel = ControlChannel(socket.socket(fileno=control["channel_fd"]))
+        channel.send(result)
+        channel.close()
+    _notify_systemd()
+    return proxy
+
+
+def _dispose_checkpoint(path: str, keep_path: Optional[str]) -> None:
+    try:
+        if keep_path:
+            os.replace(path, keep_path)
+        else:
+            os.unlink(path)
+    except OSError as error:
+        log.warning("could not remove checkpoint %s: %s", path, error)
+
+
+def _reap_later(pid: int) -> None:
+    import gevent
+
+    def reap() -> None:
+        for _ in range(200):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                return
+            gevent.sleep(0.05)
+
+    gevent.spawn(reap)
+
+
+def _notify_systemd() -> None:
+    """Tell a Type=notify service manager that the reload is done and which PID serves."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM) as sock:
+            sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
+    except OSError as error:
+        log.warning("systemd notification failed: %s", error)

@@ -1,0 +1,72 @@
+"""A request or reply as it travels through a chain: its exact raw bytes, parsed only on demand.
+
+An unchanged message is forwarded as the very bytes it arrived as; nothing is re-encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from .protocol import resp
+
+
+class Message:
+    """One RESP frame (or, for replies that span several frames, their concatenation)."""
+
+    __slots__ = ("raw", "_name", "_command", "_args")
+
+    def __init__(self, raw: bytes, name: Optional[bytes] = None) -> None:
+        self.raw = raw
+        self._name = name
+        self._command: Optional[str] = None
+        self._args: Optional[List[bytes]] = None
+
+    @classmethod
+    def request(cls, args: List[Any]) -> "Message":
+        encoded = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        message = cls(resp.encode_command(encoded), encoded[0])
+        message._args = encoded
+        return message
+
+    @classmethod
+    def error(cls, text: str) -> "Message":
+        return cls(resp.error_reply(text))
+
+    @property
+    def command(self) -> str:
+        """Upper-cased command name of a request ('' when this is not a request)."""
+        if self._command is None:
+            name = self._name
+            if name is None:
+                args = self.args
+                name = args[0] if args else b""
+            self._command = name.decode("latin-1").upper()
+        return self._command
+
+    @property
+    def args(self) -> List[bytes]:
+        """A request's arguments, command name first."""
+        if self._args is None:
+            self._args = resp.parse_command(self.raw) if self.raw[:1] == b"*" else []
+        return self._args
+
+    def subcommand(self) -> str:
+        args = self.args
+        return args[1].decode("latin-1").upper() if len(args) > 1 else ""
+
+    def value(self) -> Any:
+        """The parsed value of a reply frame."""
+        return resp.parse_frame(self.raw)
+
+    @property
+    def is_error(self) -> bool:
+        first = self.raw[:1]
+        return first == b"-" or first == b"!"
+
+    def __repr__(self) -> str:
+        preview = self.raw[:60]
+        return f"Message({preview!r}{'...' if len(self.raw) > 60 else ''})"
+
+
+#: A reply the client must not see (CLIENT REPLY OFF/SKIP): it still holds its request's place.
+NO_REPLY = Message(b"")

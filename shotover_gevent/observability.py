@@ -1,0 +1,753 @@
+"""Metrics, logging setup and the HTTP observability interface of the proxy.
+
+Metric names and labels follow shotover-proxy so existing dashboards keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+
+from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as _exposition
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
+
+__all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "LATENCY_BUCKETS",
+    "REGISTRY",
+    "ChainMetrics",
+    "GaugeCell",
+    "ObservabilityServer",
+    "TransformMetrics",
+    "available_connections",
+    "chain_metrics",
+    "connections_open",
+    "failed_requests",
+    "parse_log_filter",
+    "query_counter",
+    "record_upgrade",
+    "render_metrics",
+    "set_generation",
+    "set_log_filter",
+    "setup_logging",
+    "start_observability_server",
+    "transform_metrics",
+]
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Metric primitives
+#
+# The hot path touches these once per request batch.  Each labelled series is
+# a tiny object holding plain floats; callers keep a reference to it so an
+# update is an attribute increment, with no lock and no label lookup.  All
+# updates are expected to come from greenlets of the hub thread, which never
+# interleave inside a single increment.
+# ---------------------------------------------------------------------------
+
+#: Latency buckets in seconds: 100 microseconds up to 10 seconds.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+#: Buckets for the number of messages in one batch.
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: Registry holding every metric of the proxy (not prometheus_client's global one).
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class CounterCell:
+    """One series of a counter."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters can only increase")
+        self.value += amount
+
+
+class GaugeCell:
+    """One series of a gauge: `set`, `inc` and `dec` are all available."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def get(self) -> float:
+        return self.value
+
+
+class HistogramCell:
+    """One series of a histogram with fixed upper bounds (the last one is +Inf)."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        # Bucket i counts values v with bounds[i-1] < v <= bounds[i].
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class _Family:
+    """A named metric with a fixed label set, registered on REGISTRY."""
+
+    kind = ""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._series: dict[tuple[str, ...], object] = {}
+        self._lock = threading.Lock()
+        REGISTRY.register(self)
+
+    def _new_cell(self) -> object:
+        raise NotImplementedError
+
+    def labels(self, *values: str):
+        """Return the series for these label values, creating it at zero if needed."""
+        key = tuple(str(v) for v in values)
+        cell = self._series.get(key)
+        if cell is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(
+                    f"{self.name} takes labels {self.labelnames}, got {len(key)} values"
+                )
+            with self._lock:
+                cell = self._series.setdefault(key, self._new_cell())
+        return cell
+
+    def describe(self) -> Iterable[Metric]:
+        return [Metric(self.name, self.documentation, self.kind)]
+
+    def _snapshot(self) -> list[tuple[dict[str, str], object]]:
+        with self._lock:
+            items = list(self._series.items())
+        return [(dict(zip(self.labelnames, key)), cell) for key, cell in items]
+
+
+class _CounterFamily(_Family):
+    kind = "counter"
+
+    def _new_cell(self) -> CounterCell:
+        return CounterCell()
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.documentation, self.kind)
+        for labels, cell in self._snapshot():
+            family.add_sample(self.name, labels, cell.value)
+        yield family
+
+
+class _GaugeFamily(_Family):
+    kind = "gauge"
+
+    def _new_cell(self) -> GaugeCell:
+        return GaugeCell()
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.documentation, self.kind)
+        for labels, cell in self._snapshot():
+            family.add_sample(self.name, labels, cell.value)
+        yield family
+
+
+class _HistogramFamily(_Family):
+    kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+    ) -> None:
+        bounds = tuple(sorted(float(b) for b in buckets))
+        if not bounds or bounds[-1] != float("inf"):
+            bounds += (float("inf"),)
+        self.bounds = bounds
+        super().__init__(name, documentation, labelnames)
+
+    def _new_cell(self) -> HistogramCell:
+        return HistogramCell(self.bounds)
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.documentation, self.kind)
+        for labels, cell in self._snapshot():
+            running = 0
+            for bound, n in zip(cell.bounds, cell.counts):
+                running += n
+                family.add_sample(
+                    self.name + "_bucket", {**labels, "le": floatToGoString(bound)}, running
+                )
+            family.add_sample(self.name + "_count", labels, cell.count)
+            family.add_sample(self.name + "_sum", labels, cell.sum)
+        yield family
+
+
+# ---------------------------------------------------------------------------
+# The metrics themselves
+# ---------------------------------------------------------------------------
+
+_CHAIN_TOTAL = _CounterFamily(
+    "shotover_chain_total_count", "Number of times the chain processed a batch.", ("chain",)
+)
+_CHAIN_FAILURES = _CounterFamily(
+    "shotover_chain_failures_count", "Number of batches for which the chain failed.", ("chain",)
+)
+_CHAIN_LATENCY = _HistogramFamily(
+    "shotover_chain_latency_seconds",
+    "Time taken to run one batch through the chain.",
+    ("chain",),
+    LATENCY_BUCKETS,
+)
+_CHAIN_REQUESTS_BATCH = _HistogramFamily(
+    "shotover_chain_requests_batch_size",
+    "Number of requests in each request batch entering the chain.",
+    ("chain",),
+    BATCH_SIZE_BUCKETS,
+)
+_CHAIN_RESPONSES_BATCH = _HistogramFamily(
+    "shotover_chain_responses_batch_size",
+    "Number of responses in each response batch leaving the chain.",
+    ("chain",),
+    BATCH_SIZE_BUCKETS,
+)
+_TRANSFORM_TOTAL = _CounterFamily(
+    "shotover_transform_total_count", "Number of times the transform was used.", ("transform",)
+)
+_TRANSFORM_FAILURES = _CounterFamily(
+    "shotover_transform_failures_count", "Number of times the transform failed.", ("transform",)
+)
+_TRANSFORM_LATENCY = _HistogramFamily(
+    "shotover_transform_latency_seconds",
+    "Time taken for a batch to pass through the transform and everything after it.",
+    ("transform",),
+    LATENCY_BUCKETS,
+)
+_AVAILABLE_CONNECTIONS = _GaugeFamily(
+    "shotover_available_connections_count",
+    "Client connections currently connected to the source.",
+    ("source",),
+)
+_QUERY_COUNT = _CounterFamily(
+    "shotover_query_count",
+    "Requests seen by a QueryCounter transform, by command.",
+    ("name", "query", "type"),
+)
+_FAILED_REQUESTS = _CounterFamily(
+    "shotover_failed_requests_count",
+    "Requests that a sink transform could not complete.",
+    ("chain", "transform"),
+)
+
+# Metrics specific to this proxy.
+_CONNECTIONS_OPEN = _GaugeFamily(
+    "shotover_g_connections_open",
+    "Client connections currently held open by the source, including ones handed over.",
+    ("source",),
+)
+_UPGRADES = _CounterFamily(
+    "shotover_g_upgrades_total", "In-place upgrades completed by this lineage of processes."
+)
+_UPGRADE_BLACKOUT = _GaugeFamily(
+    "shotover_g_upgrade_blackout_seconds",
+    "How long client traffic was paused during the most recent upgrade.",
+)
+_GENERATION = _GaugeFamily(
+    "shotover_g_generation", "Generation number of the running process (0 for a fresh start)."
+)
+
+
+class ChainMetrics:
+    """Pre-resolved series for one chain; obtain through `chain_metrics`."""
+
+    __slots__ = ("_failures", "_latency", "_requests", "_responses", "_total", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._total = _CHAIN_TOTAL.labels(name)
+        self._failures = _CHAIN_FAILURES.labels(name)
+        self._latency = _CHAIN_LATENCY.labels(name)
+        self._requests = _CHAIN_REQUESTS_BATCH.labels(name)
+        self._responses = _CHAIN_RESPONSES_BATCH.labels(name)
+
+    def record_batch(
+        self,
+        seconds: float,
+        failed: bool,
+        requests: int | None = None,
+        responses: int | None = None,
+    ) -> None:
+        """Account for one batch: its latency, whether it failed and optionally its sizes."""
+        self._total.value += 1
+        if failed:
+            self._failures.value += 1
+        self._latency.observe(seconds)
+        if requests is not None:
+            self._requests.observe(requests)
+        if responses is not None:
+            self._responses.observe(responses)
+
+
+class TransformMetrics:
+    """Pre-resolved series for one transform; obtain through `transform_metrics`."""
+
+    __slots__ = ("_failures", "_latency", "_total", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._total = _TRANSFORM_TOTAL.labels(name)
+        self._failures = _TRANSFORM_FAILURES.labels(name)
+        self._latency = _TRANSFORM_LATENCY.labels(name)
+
+    def record(self, seconds: float, failed: bool) -> None:
+        """Account for one batch passing through the transform."""
+        self._total.value += 1
+        if failed:
+            self._failures.value += 1
+        self._latency.observe(seconds)
+
+
+_chain_cache: dict[str, ChainMetrics] = {}
+_transform_cache: dict[str, TransformMetrics] = {}
+
+
+def chain_metrics(chain_name: str) -> ChainMetrics:
+    """Return the (cached) metrics of a chain; its series appear at zero right away."""
+    found = _chain_cache.get(chain_name)
+    if found is None:
+        found = _chain_cache.setdefault(chain_name, ChainMetrics(chain_name))
+    return found
+
+
+def transform_metrics(transform_name: str) -> TransformMetrics:
+    """Return the (cached) metrics of a transform, labelled by its type name."""
+    found = _transform_cache.get(transform_name)
+    if found is None:
+        found = _transform_cache.setdefault(transform_name, TransformMetrics(transform_name))
+    return found
+
+
+#: Distinct command names tracked per query counter before new ones count as "unknown".
+MAX_QUERY_LABELS = 512
+
+
+def query_counter(counter_name: str, query_type: str = "redis") -> Callable[[str], None]:
+    """Return a function counting one request of the given command name.
+
+    The command is upper-cased (`get` and `GET` share a series).  To keep the number of
+    series bounded against clients sending arbitrary names, once MAX_QUERY_LABELS
+    distinct names have been seen further new ones are counted under `unknown`.
+    """
+    cache: dict[str, CounterCell] = {}
+    unknown = _QUERY_COUNT.labels(counter_name, "unknown", query_type)
+
+    def count(query: str) -> None:
+        cell = cache.get(query)
+        if cell is None:
+            if len(cache) >= MAX_QUERY_LABELS:
+                unknown.value += 1
+                return
+            cell = cache[query] = _QUERY_COUNT.labels(counter_name, query.upper(), query_type)
+        cell.value += 1
+
+    return count
+
+
+def failed_requests(
+    chain_name: str, transform_name: str = "RedisSinkSingle"
+) -> Callable[..., None]:
+    """Return a function adding `n` (default 1) to the failed requests of a sink."""
+    cell = _FAILED_REQUESTS.labels(chain_name, transform_name)
+
+    def add(n: int = 1) -> None:
+        cell.value += n
+
+    return add
+
+
+def available_connections(source_name: str) -> GaugeCell:
+    """Gauge of the client connections connected to a source."""
+    return _AVAILABLE_CONNECTIONS.labels(source_name)
+
+
+def connections_open(source_name: str) -> GaugeCell:
+    """Gauge of the client connections a source holds, including inherited ones."""
+    return _CONNECTIONS_OPEN.labels(source_name)
+
+
+def record_upgrade(blackout_seconds: float) -> None:
+    """Count a completed upgrade and remember how long traffic was paused."""
+    _UPGRADES.labels().value += 1
+    _UPGRADE_BLACKOUT.labels().set(blackout_seconds)
+
+
+def set_generation(generation: int) -> None:
+    """Publish the generation number of this process."""
+    _GENERATION.labels().set(generation)
+
+
+# Unlabelled series exist from the start so they are scraped as 0.
+_UPGRADES.labels()
+_UPGRADE_BLACKOUT.labels()
+_GENERATION.labels()
+
+
+def _escape_label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+_TEXT_TYPES = {"unknown": "untyped", "info": "gauge", "stateset": "gauge",
+               "gaugehistogram": "histogram"}
+
+
+def render_metrics(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """Render a registry in the Prometheus text format (version 0.0.4).
+
+    Unlike prometheus_client's own renderer this keeps counter names as they are
+    (shotover's counters do not end in `_total`); counters created with
+    prometheus_client's Counter class keep their `_total` samples.  OpenMetrics-only
+    `_created` samples are left out.
+    """
+    out: list[str] = []
+    for family in registry.collect():
+        samples = [s for s in family.samples if not s.name.endswith("_created")]
+        exposed = family.name
+        if family.type == "counter":
+            if samples and all(s.name == family.name + "_total" for s in samples):
+                exposed = family.name + "_total"
+        elif family.type == "info":
+            exposed = family.name + "_info"
+        out.append(f"# HELP {exposed} {_escape_help(family.documentation)}\n")
+        out.append(f"# TYPE {exposed} {_TEXT_TYPES.get(family.type, family.type)}\n")
+        for s in samples:
+            if s.labels:
+                body = ",".join(
+                    f'{k}="{_escape_label_value(str(v))}"' for k, v in s.labels.items()
+                )
+                out.append(f"{s.name}{{{body}}} {floatToGoString(s.value)}\n")
+            else:
+                out.append(f"{s.name} {floatToGoString(s.value)}\n")
+    return "".join(out).encode("utf-8")
+
+
+#: Content type of `render_metrics` output.
+METRICS_CONTENT_TYPE: str = getattr(
+    _exposition, "CONTENT_TYPE_PLAIN_0_0_4", _exposition.CONTENT_TYPE_LATEST
+)
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+#: Level used for "off": above every level the standard library emits.
+OFF = logging.CRITICAL + 10
+
+_LEVEL_NAMES = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": OFF,
+}
+
+# Targets naming the proxy itself, whatever the spelling used in the filter.
+_SELF_TARGETS = {"shotover", "shotover_proxy", "shotover_gevent"}
+_SELF_LOGGER = "shotover_gevent"
+
+# target, optional [span{fields}] part (accepted and ignored), optional =level
+_DIRECTIVE = re.compile(r"^(?P<target>[^\[\]=\s]*)(?:\[(?P<span>.*)\])?(?:=(?P<level>[^=\s]*))?$")
+
+_filter_lock = threading.Lock()
+_filtered_loggers: set[str] = set()
+
+
+def _parse_level(text: str, directive: str) -> int:
+    level = _LEVEL_NAMES.get(text.strip().lower())
+    if level is None:
+        choices = ", ".join(sorted(_LEVEL_NAMES))
+        raise ValueError(
+            f"unknown log level {text.strip()!r} in {directive!r}; expected one of {choices}"
+        )
+    return level
+
+
+def _logger_for_target(target: str) -> str:
+    parts = [p for p in re.split(r"::|\.", target) if p]
+    if not parts:
+        raise ValueError(f"empty target in log filter directive {target!r}")
+    if parts[0] in _SELF_TARGETS:
+        parts[0] = _SELF_LOGGER
+    return ".".join(parts)
+
+
+def _looks_like_target(word: str) -> bool:
+    # A bare word that is not a level is read as a target (enabling all its records)
+    # only when it is clearly one; otherwise it is most likely a mistyped level.
+    return "::" in word or "." in word or word in _SELF_TARGETS
+
+
+def parse_log_filter(text: str) -> tuple[int | None, dict[str, int]]:
+    """Parse a filter into (root level or None, {logger name: level}) without applying it.
+
+    Accepted: comma separated directives, each either a bare level (`info`) or
+    `target=level` where target may use `::` or `.` separators (`shotover::codec=debug`).
+    A target without a level (`shotover::codec`) enables all of its records.  A span
+    part in square brackets is accepted and ignored.  Raises ValueError.
+    """
+    if not isinstance(text, str):
+        raise TypeError("log filter must be a string")
+    root: int | None = None
+    targets: dict[str, int] = {}
+    directives = [d.strip() for d in text.split(",")]
+    directives = [d for d in directives if d]
+    if not directives:
+        raise ValueError("log filter is empty; give a level such as 'info'")
+    for directive in directives:
+        match = _DIRECTIVE.match(directive)
+        if match is None:
+            raise ValueError(f"cannot parse log filter directive {directive!r}")
+        target, span, level_text = match.group("target", "span", "level")
+        if level_text is None:
+            if span is None:
+                if target.lower() in _LEVEL_NAMES:
+                    root = _LEVEL_NAMES[target.lower()]
+                    continue
+                if not _looks_like_target(target):
+                    raise ValueError(
+                        f"unknown log level {target!r}; use a level such as 'info' or "
+                        f"'{target}=debug' to set the level of a target"
+                    )
+            level = logging.DEBUG  # a target without level enables everything
+        else:
+            level = _parse_level(level_text, directive)
+        if not target:
+            if span is not None:
+                continue  # span-only filters have no logging equivalent
+            root = level
+            continue
+        targets[_logger_for_target(target)] = level
+    return root, targets
+
+
+def set_log_filter(text: str) -> None:
+    """Apply a log filter such as `info`, `warn,shotover=debug` or `shotover=debug,info`.
+
+    A bare level sets the root logger; `target=level` sets that logger, with the
+    targets `shotover`, `shotover_proxy` and `shotover_gevent` meaning this package.
+    The new filter replaces the previous one: loggers named by an earlier filter but
+    not by this one go back to inheriting from the root.  Nothing changes when the
+    text is invalid (ValueError).
+    """
+    root, targets = parse_log_filter(text)
+    with _filter_lock:
+        for name in _filtered_loggers - targets.keys():
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        for name, level in targets.items():
+            logging.getLogger(name).setLevel(level)
+        _filtered_loggers.clear()
+        _filtered_loggers.update(targets)
+        if root is not None:
+            logging.getLogger().setLevel(root)
+
+
+_DISPLAY_LEVEL = {"WARNING": "WARN"}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+class HumanFormatter(logging.Formatter):
+    """`2026-11-28T09:00:00.123Z INFO shotover_gevent.source: message`"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = _DISPLAY_LEVEL.get(record.levelname, record.levelname)
+        text = f"{_timestamp(record)} {level} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record with the keys ts, level, logger, message (and exc_info)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": _timestamp(record),
+            "level": _DISPLAY_LEVEL.get(record.levelname, record.levelname),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+
+_FORMATTERS = {"human": HumanFormatter, "json": JsonFormatter}
+
+
+def setup_logging(level: str, log_format: str = "human") -> None:
+    """Send all logging to stderr in the given format and apply `level` as a log filter.
+
+    `level` takes the syntax of `set_log_filter` (and of `main_log_level` in
+    config.yaml).  Calling again replaces the handler installed by an earlier call.
+    """
+    formatter_class = _FORMATTERS.get(log_format)
+    if formatter_class is None:
+        raise ValueError(f"unknown log format {log_format!r}; expected 'human' or 'json'")
+    parse_log_filter(level)  # validate before touching any handler
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StderrHandler):
+            root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(formatter_class())
+    root.addHandler(handler)
+    set_log_filter(level)
+
+
+# ---------------------------------------------------------------------------
+# HTTP interface
+# ---------------------------------------------------------------------------
+
+_MAX_FILTER_BYTES = 64 * 1024
+_http_log = logging.getLogger(__name__ + ".http")
+
+
+def _respond(start_response, status: str, body: bytes, content_type: str = "text/plain",
+             extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+    headers.extend(extra)
+    start_response(status, headers)
+    return [body]
+
+
+def _read_body(environ) -> bytes:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ValueError("invalid Content-Length") from None
+    if length > _MAX_FILTER_BYTES:
+        raise OverflowError
+    return environ["wsgi.input"].read(length) if length > 0 else b""
+
+
+def _application(environ, start_response):
+    path = environ.get("PATH_INFO", "")
+    method = environ.get("REQUEST_METHOD", "GET")
+    if path == "/metrics":
+        if method not in ("GET", "HEAD"):
+            return _respond(start_response, "405 Method Not Allowed", b"use GET\n",
+                            extra=[("Allow", "GET, HEAD")])
+        body = render_metrics()
+        if method == "HEAD":
+            start_response("200 OK", [("Content-Type", METRICS_CONTENT_TYPE),
+                                      ("Content-Length", str(len(body)))])
+            return [b""]
+        return _respond(start_response, "200 OK", body, METRICS_CONTENT_TYPE)
+    if path == "/filter":
+        if method != "PUT":
+            return _respond(start_response, "405 Method Not Allowed", b"use PUT\n",
+                            extra=[("Allow", "PUT")])
+        try:
+            text = _read_body(environ).decode("utf-8")
+            set_log_filter(text)
+        except OverflowError:
+            return _respond(start_response, "413 Payload Too Large", b"filter too long\n")
+        except UnicodeDecodeError:
+            return _respond(start_response, "400 Bad Request", b"filter is not valid UTF-8\n")
+        except ValueError as exc:
+            return _respond(start_response, "400 Bad Request", f"{exc}\n".encode())
+        log.info("log filter set to %r", text.strip())
+        return _respond(start_response, "200 OK", b"ok")
+    return _respond(start_response, "404 Not Found", b"not found; try /metrics or /filter\n")
+
+
+class ObservabilityServer:
+    """A running observability HTTP server; see `start_observability_server`."""
+
+    def __init__(self, server: WSGIServer) -> None:
+        self.server = server
+        host, port = server.socket.getsockname()[:2]
+        self.address: tuple[str, int] = (host, port)
+
+    def stop(self, timeout: float | None = 1.0) -> None:
+        """Stop accepting, give in-flight requests `timeout` seconds, close the socket."""
+        self.server.stop(timeout=timeout)
+
+
+def start_observability_server(address: tuple[str, int], listener=None) -> ObservabilityServer:
+    """Serve /metrics and /filter on `address` from the gevent hub and return at once.
+
+    Port 0 picks a free port (see `.address`).  `listener` may be an already bound,
+    listening socket to serve from instead, in which case `address` is ignored.
+    """
+    server = WSGIServer(
+        listener if listener is not None else tuple(address),
+        _application,
+        log=LoggingLogAdapter(_http_log, logging.DEBUG),
+        error_log=LoggingLogAdapter(_http_log, logging.ERROR),
+    )
+    server.start()
+    result = ObservabilityServer(server)
+    log.info("observability interface listening on %s:%d", *result.address)
+    return result

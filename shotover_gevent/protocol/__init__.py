@@ -1,0 +1,1 @@
+"""The Redis wire protocol, without I/O: framing, parsing and encoding of RESP2/RESP3."""

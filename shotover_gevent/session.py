@@ -1,0 +1,211 @@
+"""What a client changed on its server-side connection, tracked from successful replies.
+
+A fresh upstream connection (after an upgrade or a reconnect) is brought back to this state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from .message import Message
+from .protocol import resp
+
+SUBSCRIBE_KINDS = {
+    "SUBSCRIBE": "channels",
+    "UNSUBSCRIBE": "channels",
+    "PSUBSCRIBE": "patterns",
+    "PUNSUBSCRIBE": "patterns",
+    "SSUBSCRIBE": "shard_channels",
+    "SUNSUBSCRIBE": "shard_channels",
+}
+
+#: Commands whose successful reply changes the session; every other reply is not looked at.
+TRACKED_COMMANDS = frozenset(
+    {"SELECT", "HELLO", "AUTH", "CLIENT", "READONLY", "READWRITE", "RESET", "MULTI", "EXEC",
+     "DISCARD", "WATCH", "UNWATCH", "MONITOR"}
+) | frozenset(SUBSCRIBE_KINDS)
+
+
+class Session:
+    __slots__ = ("selected_db", "resp_version", "client_name", "auth_username", "auth_password",
+                 "readonly", "channels", "patterns", "shard_channels", "in_multi", "watching",
+                 "monitor", "tracking")
+
+    def __init__(self) -> None:
+        self.selected_db = 0
+        self.resp_version = 2
+        self.client_name: Optional[bytes] = None
+        self.auth_username: Optional[bytes] = None
+        self.auth_password: Optional[bytes] = None
+        self.readonly = False
+        self.channels: set = set()
+        self.patterns: set = set()
+        self.shard_channels: set = set()
+        self.in_multi = False
+        self.watching = False
+        self.monitor = False
+        self.tracking = False
+
+    # ---- tracking -------------------------------------------------------------------------
+
+    def observe(self, request: Message, reply: Message) -> None:
+        """Update from one request and its reply; only a reply that is not an error counts."""
+        command = request.command
+        if command not in TRACKED_COMMANDS or not reply.raw:
+            return
+        if command in SUBSCRIBE_KINDS:
+            self._observe_subscriptions(reply.raw)
+            return
+        if reply.is_error:
+            if command in ("EXEC", "DISCARD"):
+                self.in_multi = False
+                self.watching = False
+            return
+        args = request.args
+        if command == "SELECT" and len(args) == 2:
+            self.selected_db = int(args[1])
+        elif command == "HELLO":
+            self._observe_hello(args)
+        elif command == "AUTH":
+            if len(args) == 2:
+                self.auth_username, self.auth_password = None, args[1]
+            elif len(args) == 3:
+                self.auth_username, self.auth_password = args[1], args[2]
+        elif command == "CLIENT":
+            sub = request.subcommand()
+            if sub == "SETNAME" and len(args) == 3:
+                self.client_name = args[2] or None
+            elif sub == "TRACKING" and len(args) >= 3:
+                self.tracking = args[2].upper() == b"ON"
+        elif command == "READONLY":
+            self.readonly = True
+        elif command == "READWRITE":
+            self.readonly = False
+        elif command == "MULTI":
+            self.in_multi = True
+        elif command in ("EXEC", "DISCARD"):
+            self.in_multi = False
+            self.watching = False
+        elif command == "WATCH":
+            self.watching = True
+        elif command == "UNWATCH":
+            self.watching = False
+        elif command == "MONITOR":
+            self.monitor = True
+        elif command == "RESET":
+            self.__init__()
+
+    def _observe_hello(self, args: List[bytes]) -> None:
+        if len(args) >= 2:
+            self.resp_version = int(args[1])
+        i = 2
+        while i < len(args):
+            option = args[i].upper()
+            if option == b"AUTH" and i + 2 < len(args):
+                self.auth_username, self.auth_password = args[i + 1], args[i + 2]
+                i += 3
+            elif option == b"SETNAME" and i + 1 < len(args):
+                self.client_name = args[i + 1] or None
+                i += 2
+            else:
+                i += 1
+
+    def _observe_subscriptions(self, raw: bytes) -> None:
+        framer = resp.ReplyFramer()
+        framer.feed(raw)
+        while True:
+            frame = framer.next_frame()
+            if frame is None:
+                return
+            self.observe_subscription_frame(frame)
+
+    def observe_subscription_frame(self, frame: bytes) -> None:
+        """A (un)subscribe confirmation: [kind, channel, count], RESP2 array or RESP3 push."""
+        if frame[:1] not in (b"*", b">"):
+            return
+        value = resp.parse_frame(frame)
+        if not isinstance(value, list) or len(value) != 3:
+            return
+        kind = value[0].decode("latin-1").upper() if isinstance(value[0], bytes) else ""
+        target = SUBSCRIBE_KINDS.get(kind)
+        if target is None or value[1] is None:
+            return
+        members = getattr(self, target)
+        if kind.startswith(("UNSUB", "PUNSUB", "SUNSUB")):
+            members.discard(value[1])
+        else:
+            members.add(value[1])
+
+    # ---- handover -------------------------------------------------------------------------
+
+    @property
+    def subscribed(self) -> bool:
+        return bool(self.channels or self.patterns or self.shard_channels)
+
+    def handover_blocker(self) -> Optional[str]:
+        """Why this session cannot move to a new upstream connection now, or None if it can."""
+        if self.in_multi:
+            return "transaction"
+        if self.watching:
+            return "watch"
+        if self.monitor:
+            return "monitor"
+        if self.tracking:
+            return "client-tracking"
+        return None
+
+    def replay_commands(self) -> List[List[bytes]]:
+        """Commands that bring a fresh upstream connection to this session's state, in order."""
+        commands: List[List[bytes]] = []
+        if self.auth_password is not None:
+            if self.auth_username is None:
+                commands.append([b"AUTH", self.auth_password])
+            else:
+                commands.append([b"AUTH", self.auth_username, self.auth_password])
+        if self.resp_version != 2:
+            commands.append([b"HELLO", str(self.resp_version).encode()])
+        if self.selected_db:
+            commands.append([b"SELECT", str(self.selected_db).encode()])
+        if self.client_name:
+            commands.append([b"CLIENT", b"SETNAME", self.client_name])
+        if self.readonly:
+            commands.append([b"READONLY"])
+        for command, members in ((b"SUBSCRIBE", self.channels), (b"PSUBSCRIBE", self.patterns),
+                                 (b"SSUBSCRIBE", self.shard_channels)):
+            if members:
+                commands.append([command, *sorted(members)])
+        return commands
+
+    def to_dict(self) -> Dict[str, Any]:
+        auth = None
+        if self.auth_password is not None:
+            auth = {"username": self.auth_username, "password": self.auth_password}
+        return {
+            "db": self.selected_db,
+            "resp": self.resp_version,
+            "client_name": self.client_name,
+            "auth": auth,
+            "readonly": self.readonly,
+            "subscriptions": {
+                "channels": sorted(self.channels),
+                "patterns": sorted(self.patterns),
+                "shard_channels": sorted(self.shard_channels),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Session":
+        session = cls()
+        session.selected_db = int(data.get("db", 0))
+        session.resp_version = int(data.get("resp", 2))
+        session.client_name = data.get("client_name")
+        auth = data.get("auth")
+        if auth:
+            session.auth_username = auth.get("username")
+            session.auth_password = auth.get("password")
+        session.readonly = bool(data.get("readonly", False))
+        subscriptions = data.get("subscriptions") or {}
+        session.channels = set(subscriptions.get("channels", ()))
+        session.patterns = set(subscriptions.get("patterns", ()))
+        session.shard_channels = set(subscriptions.get("shard_channels", ()))
+        return session

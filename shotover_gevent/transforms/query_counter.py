@@ -1,0 +1,60 @@
+"""QueryCounter: counts requests by command name in `shotover_query_count{name=...}`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from .. import observability
+from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
+from ..config import Problems, take_mapping
+from ..message import Message
+from . import TransformType, register
+
+
+@dataclass
+class QueryCounterConfig:
+    counter_name: str
+
+
+def parse(settings: Any, where: str, problems: Problems) -> Optional[QueryCounterConfig]:
+    # shotover names the counter with `name`; `counter_name` is accepted as a synonym.
+    values = take_mapping(settings, where, problems, required={},
+                          optional={"name": (str, None), "counter_name": (str, None)})
+    if values is None:
+        return None
+    name = values["name"] or values["counter_name"]
+    if values["name"] and values["counter_name"]:
+        problems.add(where, "give the counter name once: `name` or `counter_name`, not both")
+    if not name:
+        problems.add(f"{where}.name", "required key is missing (the counter's name)")
+        return None
+    return QueryCounterConfig(name)
+
+
+class QueryCounterBuilder(TransformBuilder):
+    terminating = False
+
+    def __init__(self, config: QueryCounterConfig, name: str, chain_name: str) -> None:
+        self.name = name
+        self.count = observability.query_counter(config.counter_name)
+
+    def build(self, context: ConnectionContext) -> Transform:
+        return QueryCounter(self.count)
+
+
+class QueryCounter(Transform):
+    __slots__ = ("count",)
+
+    def __init__(self, count) -> None:
+        self.count = count
+
+    def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
+        count = self.count
+        for request in requests:
+            count(request.command)
+        return call_next(requests)
+
+
+KIND = register(TransformType(("QueryCounter",), False, parse, QueryCounterBuilder,
+                              takes_display_name=False))

@@ -1,0 +1,87 @@
+"""RedisSinkSingle (alias ValkeySinkSingle): each client connection gets its own upstream
+connection to one server, opened on the first batch and reopened after a failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from .. import observability
+from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
+from ..config import Address, Problems, parse_address, take_mapping
+from ..message import Message
+from ..tls import TlsConnectorConfig, parse_tls_connector
+from ..upstream import UpstreamConnection, UpstreamError
+from . import TransformType, register
+
+
+@dataclass
+class RedisSinkSingleConfig:
+    remote_address: Address
+    connect_timeout_ms: int = 3000
+    tls: Optional[TlsConnectorConfig] = None
+
+
+def parse(settings: Any, where: str, problems: Problems) -> Optional[RedisSinkSingleConfig]:
+    values = take_mapping(settings, where, problems, required={"remote_address": str},
+                          optional={"connect_timeout_ms": (int, 3000), "tls": (dict, None)})
+    if values is None:
+        return None
+    address = parse_address(values["remote_address"], f"{where}.remote_address", problems)
+    if values["connect_timeout_ms"] <= 0:
+        problems.add(f"{where}.connect_timeout_ms", "must be a positive number of milliseconds")
+    tls = None
+    if values["tls"] is not None:
+        tls = parse_tls_connector(values["tls"], f"{where}.tls", problems)
+    if address is None:
+        return None
+    return RedisSinkSingleConfig(address, values["connect_timeout_ms"], tls)
+
+
+class RedisSinkSingleBuilder(TransformBuilder):
+    terminating = True
+
+    def __init__(self, config: RedisSinkSingleConfig, name: str, chain_name: str) -> None:
+        self.config = config
+        self.name = name
+        self.ssl_context = config.tls.client_context() if config.tls else None
+        self.failed_requests = observability.failed_requests(chain_name, "RedisSinkSingle")
+
+    def build(self, context: ConnectionContext) -> Transform:
+        return RedisSinkSingle(self, context)
+
+
+class RedisSinkSingle(Transform):
+    __slots__ = ("builder", "context", "upstream")
+
+    def __init__(self, builder: RedisSinkSingleBuilder, context: ConnectionContext) -> None:
+        self.builder = builder
+        self.context = context
+        self.upstream: Optional[UpstreamConnection] = None
+
+    def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
+        upstream = self.upstream
+        if upstream is None or upstream.closed:
+            config = self.builder.config
+            try:
+                upstream = UpstreamConnection(
+                    config.remote_address, config.connect_timeout_ms / 1000.0,
+                    self.context.session, self.context.push, self.builder.ssl_context,
+                    config.tls.server_hostname(config.remote_address) if config.tls else None)
+            except UpstreamError as error:
+                self.builder.failed_requests(len(requests))
+                return [Message.error(f"ERR {error}")] * len(requests)
+            self.upstream = upstream
+        replies = upstream.call(requests)
+        if upstream.closed:
+            self.builder.failed_requests(sum(1 for r in replies if r.is_error))
+        return replies
+
+    def close(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+
+
+KIND = register(TransformType(("RedisSinkSingle", "ValkeySinkSingle"), True, parse,
+                              RedisSinkSingleBuilder))

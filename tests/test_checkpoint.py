@@ -1,0 +1,453 @@
+"""Tests for the checkpoint file format and the inspect_checkpoint tool."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from shotover_gevent.handover import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL = REPO / "tools" / "inspect_checkpoint.py"
+PASSWORD = "hunter2-Zq81-not-in-output"
+ALL_BYTES = bytes(range(256))
+
+
+def make_checkpoint(**overrides) -> ckpt.Checkpoint:
+    fields = {
+        "written_by": "0.1.0",
+        "created_ns": time.time_ns() - 2_500_000_000,
+        "pid": 4242,
+        "generation": 3,
+        "argv": ["/usr/bin/python3", "-m", "shotover_gevent", "--config", "/etc/shötover.yaml"],
+        "python": "/usr/bin/python3",
+        "config_sha256": hashlib.sha256(b"config").hexdigest(),
+        "listeners": [
+            ckpt.ListenerRecord(fd=3, source="redis_main", address="127.0.0.1:6379"),
+            ckpt.ListenerRecord(fd=4, source="redis_tls", address="[::1]:6380"),
+        ],
+        "connections": [
+            ckpt.ConnectionRecord(
+                fd=7,
+                source="redis_main",
+                peer="10.1.2.3:51234",
+                unread=b"*1\r\n$4\r\nPING\r\n" + ALL_BYTES,
+                session={
+                    "db": 2,
+                    "resp": 3,
+                    "client_name": b"worker-\xff",
+                    "auth": {"username": "alice", "password": PASSWORD},
+                    "readonly": False,
+                    "subscriptions": {
+                        "channels": [b"news"],
+                        "patterns": [b"n*"],
+                        "shard_channels": [],
+                    },
+                    "note": "ünïcødé ✓",
+                },
+            ),
+            ckpt.ConnectionRecord(
+                fd=8, source="redis_tls", peer="[::1]:40000", unread=b"", session={}
+            ),
+        ],
+        "control": {"fd": 5},
+        "drain": {"ms": 120, "closed": 2, "closed_reasons": {"idle": 1, "timeout": 1}},
+        "rollback": False,
+        "guardian": {"deadline_ns": 123, "anything": [1, "two"]},
+    }
+    fields.update(overrides)
+    return ckpt.Checkpoint(**fields)
+
+
+def envelope(body: dict, **changes) -> bytes:
+    """Hand-build an envelope around `body`, with a correct checksum unless overridden."""
+    body_bytes = cbor2.dumps(body)
+    env = {
+        "magic": ckpt.MAGIC,
+        "format": ckpt.FORMAT,
+        "sha256": hashlib.sha256(body_bytes).digest(),
+        "body": body_bytes,
+    }
+    env.update(changes)
+    return cbor2.dumps(env)
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        cwd=str(REPO),
+        timeout=60,
+    )
+
+
+# --- round trip -----------------------------------------------------------------------------
+
+
+def test_round_trip_full_checkpoint():
+    cp = make_checkpoint()
+    back = ckpt.decode(ckpt.encode(cp))
+    assert back == cp
+    assert back.connections[0].unread.endswith(ALL_BYTES)
+    assert back.connections[0].session["client_name"] == b"worker-\xff"
+    assert back.connections[0].session["note"] == "ünïcødé ✓"
+    assert back.argv[-1] == "/etc/shötover.yaml"
+    assert back.control == {"fd": 5}
+    assert back.fds() == [3, 4, 7, 8, 5]
+
+
+def test_round_trip_large_unread(tmp_path):
+    big = os.urandom(1024 * 1024)
+    cp = make_checkpoint(
+        connections=[ckpt.ConnectionRecord(fd=9, source="s", peer="p:1", unread=big, session={})]
+    )
+    path = tmp_path / "cp" / "big.cbor"
+    ckpt.write(str(path), cp)
+    back = ckpt.read(str(path))
+    assert back.connections[0].unread == big
+    assert path.stat().st_size > len(big)
+
+
+def test_defaults_round_trip():
+    cp = ckpt.Checkpoint(
+        written_by="0.1.0",
+        created_ns=1,
+        pid=1,
+        generation=0,
+        argv=[],
+        python="python3",
+        config_sha256="",
+        listeners=[],
+        connections=[],
+    )
+    back = ckpt.decode(ckpt.encode(cp))
+    assert back == cp
+    assert back.control is None and back.drain == {} and back.rollback is False
+    assert back.guardian is None
+
+
+def test_envelope_layout():
+    data = ckpt.encode(make_checkpoint())
+    env = cbor2.loads(data)
+    assert list(env) == ["magic", "format", "sha256", "body"]
+    assert env["magic"] == "shotover-g/checkpoint"
+    assert env["format"] == 1
+    assert env["sha256"] == hashlib.sha256(env["body"]).digest()
+    body = cbor2.loads(env["body"])
+    assert body["rollback"] is False
+    assert body["connections"][0]["peer"] == "10.1.2.3:51234"
+
+
+def test_encode_refuses_invalid_record():
+    cp = make_checkpoint(
+        listeners=[ckpt.ListenerRecord(fd="3", source="s", address="a")]  # type: ignore[arg-type]
+    )
+    with pytest.raises(ckpt.CheckpointError, match=r"listeners\[0\]\.fd"):
+        ckpt.encode(cp)
+
+
+def test_encode_refuses_duplicate_fds():
+    cp = make_checkpoint(control={"fd": 3})
+    with pytest.raises(ckpt.CheckpointError, match="fd 3"):
+        ckpt.encode(cp)
+
+
+# --- write / read ---------------------------------------------------------------------------
+
+
+def test_write_creates_private_file_in_private_dir(tmp_path):
+    directory = tmp_path / "nested" / "shotover-g"
+    path = directory / "cp.cbor"
+    ckpt.write(str(path), make_checkpoint())
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ckpt.read(str(path)) == make_checkpoint(created_ns=ckpt.read(str(path)).created_ns)
+
+
+def test_write_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "cp.cbor"
+    ckpt.write(str(path), make_checkpoint(pid=1))
+    before = path.read_bytes()
+    with pytest.raises(ckpt.CheckpointError, match="already exists"):
+        ckpt.write(str(path), make_checkpoint(pid=2))
+    assert path.read_bytes() == before
+    assert ckpt.read(str(path)).pid == 1
+
+
+def test_write_refuses_world_writable_directory(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ckpt.CheckpointError, match="writable"):
+        ckpt.write(str(shared / "cp.cbor"), make_checkpoint())
+    assert not (shared / "cp.cbor").exists()
+
+
+def test_write_refuses_group_writable_directory(tmp_path):
+    shared = tmp_path / "group"
+    shared.mkdir()
+    shared.chmod(0o770)
+    with pytest.raises(ckpt.CheckpointError, match="writable"):
+        ckpt.write(str(shared / "cp.cbor"), make_checkpoint())
+
+
+def test_read_missing_file(tmp_path):
+    missing = tmp_path / "nope.cbor"
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint file") as info:
+        ckpt.read(str(missing))
+    assert str(missing) in str(info.value)
+
+
+def test_default_directory_and_new_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert ckpt.default_directory() == str(tmp_path / "shotover-g")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert ckpt.default_directory() == f"/tmp/shotover-g-{os.getuid()}"
+
+    paths = {ckpt.new_path(str(tmp_path)) for _ in range(200)}
+    assert len(paths) == 200
+    for p in paths:
+        assert os.path.dirname(p) == str(tmp_path)
+        assert str(os.getpid()) in os.path.basename(p)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert os.path.dirname(ckpt.new_path()) == str(tmp_path / "shotover-g")
+
+
+# --- decode rejects -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [1, 5, 20, 30, 60, 200, -200, -33, -1])
+def test_truncated_is_damaged(cut):
+    data = ckpt.encode(make_checkpoint())
+    with pytest.raises(ckpt.DamagedCheckpoint):
+        ckpt.decode(data[:cut])
+
+
+def test_empty_is_damaged():
+    with pytest.raises(ckpt.DamagedCheckpoint, match="empty"):
+        ckpt.decode(b"")
+
+
+def test_flipped_body_byte_fails_checksum():
+    data = bytearray(ckpt.encode(make_checkpoint()))
+    # Somewhere inside the unread bytes, far from the envelope framing.
+    index = data.index(b"PING") + 1
+    data[index] ^= 0x01
+    with pytest.raises(ckpt.DamagedCheckpoint, match="checksum"):
+        ckpt.decode(bytes(data))
+
+
+def test_trailing_garbage_is_damaged():
+    with pytest.raises(ckpt.DamagedCheckpoint, match="unexpected bytes"):
+        ckpt.decode(ckpt.encode(make_checkpoint()) + b"\x00")
+
+
+def test_wrong_magic_is_foreign():
+    body = make_checkpoint().to_body()
+    with pytest.raises(ckpt.ForeignFile, match="magic"):
+        ckpt.decode(envelope(body, magic="something-else/checkpoint"))
+    no_magic = cbor2.dumps({"format": 1, "body": b""})
+    with pytest.raises(ckpt.ForeignFile, match="no magic"):
+        ckpt.decode(no_magic)
+
+
+def test_random_file_is_rejected():
+    noise = b"\xff\xfe random text that is not CBOR \x00\x01" + os.urandom(64)
+    with pytest.raises(ckpt.ForeignFile):
+        ckpt.decode(noise)
+    with pytest.raises(ckpt.ForeignFile):
+        ckpt.decode(b"#!/bin/sh\necho hello\n")
+    # Valid CBOR that is not a map is just as foreign.
+    with pytest.raises(ckpt.ForeignFile):
+        ckpt.decode(cbor2.dumps([1, 2, 3]))
+
+
+def test_newer_format_refused_with_both_numbers():
+    body = make_checkpoint().to_body()
+    with pytest.raises(ckpt.NewerFormat) as info:
+        ckpt.decode(envelope(body, format=2))
+    message = str(info.value)
+    assert "2" in message and "1" in message
+    assert "\n" not in message
+    # Refused before the checksum is even looked at.
+    with pytest.raises(ckpt.NewerFormat):
+        ckpt.decode(envelope(body, format=7, sha256=b"x" * 32))
+
+
+def test_unknown_older_format_is_damaged():
+    with pytest.raises(ckpt.DamagedCheckpoint, match="format 0"):
+        ckpt.decode(envelope(make_checkpoint().to_body(), format=0))
+
+
+@pytest.mark.parametrize("key", ckpt.BODY_KEYS)
+def test_missing_body_key_is_damaged(key):
+    body = make_checkpoint().to_body()
+    del body[key]
+    with pytest.raises(ckpt.DamagedCheckpoint, match=repr(key)):
+        ckpt.decode(envelope(body))
+
+
+@pytest.mark.parametrize(
+    "path, bad, named",
+    [
+        (("pid",), "4242", "pid"),
+        (("generation",), True, "generation"),
+        (("argv",), "python -m x", "argv"),
+        (("rollback",), 0, "rollback"),
+        (("listeners", 1, "fd"), 4.0, r"listeners\[1\]\.fd"),
+        (("connections", 0, "unread"), "text, not bytes", r"connections\[0\]\.unread"),
+        (("connections", 1, "session"), [], r"connections\[1\]\.session"),
+        (("control",), 5, "control"),
+        (("drain", "closed_reasons"), [], "drain.closed_reasons"),
+        (("guardian",), "opaque", "guardian"),
+    ],
+)
+def test_wrong_type_is_damaged_and_named(path, bad, named):
+    body = make_checkpoint().to_body()
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = bad
+    with pytest.raises(ckpt.DamagedCheckpoint, match=named):
+        ckpt.decode(envelope(body))
+
+
+def test_missing_envelope_checksum_is_damaged():
+    data = cbor2.dumps({"magic": ckpt.MAGIC, "format": 1, "body": b""})
+    with pytest.raises(ckpt.DamagedCheckpoint, match="sha256"):
+        ckpt.decode(data)
+
+
+def test_unknown_keys_are_ignored():
+    cp = make_checkpoint()
+    body = cp.to_body()
+    body["added_in_a_later_release"] = {"x": [1, 2]}
+    body["listeners"][0]["backlog"] = 511
+    body["connections"][0]["tls"] = True
+    body["control"]["kind"] = "unix"
+    back = ckpt.decode(envelope(body, extra_envelope_key="ignored"))
+    assert back.listeners == cp.listeners
+    assert back.connections[0].unread == cp.connections[0].unread
+    assert back.pid == cp.pid
+
+
+# --- redaction ------------------------------------------------------------------------------
+
+
+def test_redact_session_hides_password_keeps_username():
+    session = make_checkpoint().connections[0].session
+    redacted = ckpt.redact_session(session)
+    assert redacted["auth"] == {"username": "alice", "password": "<redacted>"}
+    assert session["auth"]["password"] == PASSWORD  # original untouched
+    assert redacted["db"] == 2 and redacted["client_name"] == b"worker-\xff"
+    assert "auth" in ckpt.SECRET_SESSION_KEYS
+    assert ckpt.redact_session({"auth": None}) == {"auth": None}
+    assert ckpt.redact_session({"auth": ["alice", PASSWORD]}) == {"auth": "<redacted>"}
+
+
+# --- inspect tool ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def written(tmp_path) -> Path:
+    path = tmp_path / "run" / "cp.cbor"
+    ckpt.write(str(path), make_checkpoint())
+    return path
+
+
+def test_tool_human_output(written):
+    result = run_tool(str(written))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "10.1.2.3:51234" in out
+    assert "redis_main" in out and "127.0.0.1:6379" in out
+    unread_len = len(b"*1\r\n$4\r\nPING\r\n" + ALL_BYTES)
+    assert f"{unread_len} bytes" in out
+    assert "b'*1\\r\\n$4\\r\\nPING\\r\\n" in out
+    assert "<redacted>" in out and "alice" in out
+    assert PASSWORD not in out
+    assert "generation   3" in out
+    assert "4242" in out
+    assert "idle: 1" in out
+
+
+def test_tool_show_secrets(written):
+    result = run_tool(str(written), "--show-secrets")
+    assert result.returncode == 0, result.stderr
+    assert PASSWORD in result.stdout
+    assert "<redacted>" not in result.stdout
+
+
+def test_tool_json(written):
+    result = run_tool(str(written), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["format"] == 1
+    assert doc["pid"] == 4242
+    assert [c["peer"] for c in doc["connections"]] == ["10.1.2.3:51234", "[::1]:40000"]
+    first = doc["connections"][0]
+    assert first["unread"].encode("latin-1") == b"*1\r\n$4\r\nPING\r\n" + ALL_BYTES
+    assert first["unread_bytes"] == 14 + 256
+    assert first["session"]["auth"]["password"] == "<redacted>"
+    assert PASSWORD not in result.stdout
+    assert [item["fd"] for item in doc["listeners"]] == [3, 4]
+    shown = json.loads(run_tool(str(written), "--json", "--show-secrets").stdout)
+    assert shown["connections"][0]["session"]["auth"]["password"] == PASSWORD
+
+
+def _assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("inspect_checkpoint: ")
+    for word in words:
+        assert word in lines[0]
+
+
+def test_tool_damaged_file(written):
+    data = bytearray(written.read_bytes())
+    data[data.index(b"PING")] ^= 0x20
+    damaged = written.parent / "damaged.cbor"
+    damaged.write_bytes(bytes(data))
+    _assert_one_line_failure(run_tool(str(damaged)), "checksum")
+    truncated = written.parent / "truncated.cbor"
+    truncated.write_bytes(written.read_bytes()[:100])
+    _assert_one_line_failure(run_tool(str(truncated)), "truncated")
+
+
+def test_tool_foreign_file(tmp_path):
+    foreign = tmp_path / "notes.txt"
+    foreign.write_bytes(b"\xffthis is just some text\n" * 10)
+    _assert_one_line_failure(run_tool(str(foreign)), "not a shotover-g checkpoint")
+    _assert_one_line_failure(run_tool(str(tmp_path / "missing.cbor")), "missing.cbor")
+
+
+def test_tool_newer_format(tmp_path):
+    newer = tmp_path / "newer.cbor"
+    newer.write_bytes(envelope(make_checkpoint().to_body(), format=2))
+    _assert_one_line_failure(run_tool(str(newer)), "format 2", "format 1")
+
+
+def test_tool_usage_error():
+    result = run_tool()
+    assert result.returncode == 2
+    assert "usage" in result.stderr.lower()
+
+
+def test_write_refuses_parent_that_is_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint directory"):
+        ckpt.write(str(blocker / "cp.cbor"), make_checkpoint())
