@@ -104,16 +104,29 @@ def check(config_path: str, topology_path: str, checkpoint_format: Optional[int]
     from .handover import checkpoint
 
     problems = []
+    loaded = None
     try:
-        load(config_path, topology_path)
+        loaded = load(config_path, topology_path)
     except ConfigError as error:
         problems = list(error.problems)
     if checkpoint_format is not None and checkpoint_format > checkpoint.FORMAT:
         problems.append(f"this version ({__version__}) reads checkpoint formats up to "
                         f"{checkpoint.FORMAT}, not {checkpoint_format}")
     if as_json:
-        click.echo(json.dumps({"ok": not problems, "version": __version__,
-                               "checkpoint_format": checkpoint.FORMAT, "problems": problems}))
+        answer = {"ok": not problems, "version": __version__,
+                  "checkpoint_format": checkpoint.FORMAT, "problems": problems,
+                  "sys_path": [p for p in sys.path if p],
+                  "package_root": os.path.dirname(os.path.dirname(
+                      os.path.abspath(__file__)))}
+        if loaded is not None:
+            # The validated data, so that an upgrade's new image need not parse YAML again.
+            answer["config_data"], answer["topology_data"] = loaded[0].raw, loaded[1].raw
+        try:
+            click.echo(json.dumps(answer))
+        except (TypeError, ValueError):
+            answer.pop("config_data", None)
+            answer.pop("topology_data", None)
+            click.echo(json.dumps(answer))
     else:
         for problem in problems:
             click.echo(f"error: {problem}")

@@ -10,8 +10,6 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import yaml
-
 Address = Tuple[str, int]
 
 
@@ -136,6 +134,7 @@ class Config:
     control_socket: Optional[str] = None
     path: str = ""
     text: str = ""
+    raw: Any = None
 
 
 def parse_config(data: Any, name: str = "config.yaml") -> Tuple[Optional[Config], Problems]:
@@ -198,6 +197,8 @@ class Topology:
     sources: List[SourceConfig]
     path: str = ""
     text: str = ""
+    raw: Any = None
+    raw: Any = None
 
 
 SOURCE_KINDS = {"Redis": "Redis", "Valkey": "Redis"}
@@ -320,6 +321,8 @@ def parse_topology(data: Any, name: str = "topology.yaml") -> Tuple[Optional[Top
 
 
 def _read_yaml(path: str, problems: Problems, texts: Dict[str, str]) -> Any:
+    import yaml  # here, not at the top: a restoring image gets its config data pre-parsed
+
     try:
         with open(path, "rb") as handle:
             text = handle.read().decode("utf-8")
@@ -329,7 +332,7 @@ def _read_yaml(path: str, problems: Problems, texts: Dict[str, str]) -> Any:
         problems.add(path, f"not UTF-8 text: {error}")
     except OSError as error:
         problems.add(path, f"cannot read: {error.strerror or error}")
-    except yaml.YAMLError as error:
+    except yaml.YAMLError as error:  # type: ignore[union-attr]
         mark = getattr(error, "problem_mark", None)
         position = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problems.add(path, f"not valid YAML{position}: {getattr(error, 'problem', error)}")
@@ -351,8 +354,21 @@ def load(config_path: str, topology_path: str) -> Tuple[Config, Topology]:
         problems.items += found.items
     if problems.items or config is None or topology is None:
         raise ConfigError(problems.items)
-    config.path, config.text = config_path, texts[config_path]
-    topology.path, topology.text = topology_path, texts[topology_path]
+    config.path, config.text, config.raw = config_path, texts[config_path], raw_config
+    topology.path, topology.text, topology.raw = topology_path, texts[topology_path], raw_topology
+    return config, topology
+
+
+def load_data(config_data: Any, topology_data: Any, config_path: str,
+              topology_path: str) -> Tuple[Config, Topology]:
+    """Validate already-parsed YAML data (as `load` does for files); raise ConfigError."""
+    config, found = parse_config(config_data, config_path)
+    topology, found_topology = parse_topology(topology_data, topology_path)
+    problems = found.items + found_topology.items
+    if problems or config is None or topology is None:
+        raise ConfigError(problems)
+    config.path, config.raw = config_path, config_data
+    topology.path, topology.raw = topology_path, topology_data
     return config, topology
 
 

@@ -14,11 +14,38 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
-from gevent.pywsgi import LoggingLogAdapter, WSGIServer
-from prometheus_client import CollectorRegistry
-from prometheus_client import exposition as _exposition
-from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
+
+# prometheus_client and gevent.pywsgi are imported where they are used: an upgraded image must
+# serve its clients before it spends time loading what only a scrape needs.
+
+
+def _metric(name: str, documentation: str, kind: str):
+    from prometheus_client.metrics_core import Metric
+
+    return Metric(name, documentation, kind)
+
+
+def floatToGoString(value: float) -> str:  # noqa: N802 (prometheus_client's name)
+    from prometheus_client.utils import floatToGoString as render
+
+    return render(value)
+
+
+class CollectorRegistry:
+    """The collectors to render; anything with a `collect()` of prometheus Metric objects."""
+
+    def __init__(self, auto_describe: bool = True) -> None:
+        self._collectors: list = []
+
+    def register(self, collector) -> None:
+        self._collectors.append(collector)
+
+    def unregister(self, collector) -> None:
+        self._collectors.remove(collector)
+
+    def collect(self):
+        for collector in list(self._collectors):
+            yield from collector.collect()
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",
@@ -150,8 +177,8 @@ class _Family:
                 cell = self._series.setdefault(key, self._new_cell())
         return cell
 
-    def describe(self) -> Iterable[Metric]:
-        return [Metric(self.name, self.documentation, self.kind)]
+    def describe(self) -> Iterable:
+        return [_metric(self.name, self.documentation, self.kind)]
 
     def _snapshot(self) -> list[tuple[dict[str, str], object]]:
         with self._lock:
@@ -165,8 +192,8 @@ class _CounterFamily(_Family):
     def _new_cell(self) -> CounterCell:
         return CounterCell()
 
-    def collect(self) -> Iterator[Metric]:
-        family = Metric(self.name, self.documentation, self.kind)
+    def collect(self) -> Iterator:
+        family = _metric(self.name, self.documentation, self.kind)
         for labels, cell in self._snapshot():
             family.add_sample(self.name, labels, cell.value)
         yield family
@@ -178,8 +205,8 @@ class _GaugeFamily(_Family):
     def _new_cell(self) -> GaugeCell:
         return GaugeCell()
 
-    def collect(self) -> Iterator[Metric]:
-        family = Metric(self.name, self.documentation, self.kind)
+    def collect(self) -> Iterator:
+        family = _metric(self.name, self.documentation, self.kind)
         for labels, cell in self._snapshot():
             family.add_sample(self.name, labels, cell.value)
         yield family
@@ -204,8 +231,8 @@ class _HistogramFamily(_Family):
     def _new_cell(self) -> HistogramCell:
         return HistogramCell(self.bounds)
 
-    def collect(self) -> Iterator[Metric]:
-        family = Metric(self.name, self.documentation, self.kind)
+    def collect(self) -> Iterator:
+        family = _metric(self.name, self.documentation, self.kind)
         for labels, cell in self._snapshot():
             running = 0
             for bound, n in zip(cell.bounds, cell.counts):
@@ -470,9 +497,7 @@ def render_metrics(registry: CollectorRegistry = REGISTRY) -> bytes:
 
 
 #: Content type of `render_metrics` output.
-METRICS_CONTENT_TYPE: str = getattr(
-    _exposition, "CONTENT_TYPE_PLAIN_0_0_4", _exposition.CONTENT_TYPE_LATEST
-)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 # ---------------------------------------------------------------------------
@@ -725,7 +750,7 @@ def _application(environ, start_response):
 class ObservabilityServer:
     """A running observability HTTP server; see `start_observability_server`."""
 
-    def __init__(self, server: WSGIServer) -> None:
+    def __init__(self, server) -> None:
         self.server = server
         host, port = server.socket.getsockname()[:2]
         self.address: tuple[str, int] = (host, port)
@@ -741,6 +766,8 @@ def start_observability_server(address: tuple[str, int], listener=None) -> Obser
     Port 0 picks a free port (see `.address`).  `listener` may be an already bound,
     listening socket to serve from instead, in which case `address` is ignored.
     """
+    from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+
     server = WSGIServer(
         listener if listener is not None else tuple(address),
         _application,

@@ -1,9 +1,11 @@
-"""TLS settings in shotover's shape, for sources (server side) and sinks (client side)."""
+"""TLS settings in shotover's shape, for sources (server side) and sinks (client side).
+
+`ssl` is imported only where TLS is configured: most proxies never load it.
+"""
 
 from __future__ import annotations
 
 import os
-import ssl
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -17,7 +19,9 @@ class TlsConnectorConfig:
     private_key_path: Optional[str] = None
     verify_hostname: bool = True
 
-    def client_context(self) -> ssl.SSLContext:
+    def client_context(self):
+        import ssl
+
         context = ssl.create_default_context(cafile=self.certificate_authority_path)
         context.check_hostname = self.verify_hostname
         if self.certificate_path:
@@ -42,7 +46,9 @@ def parse_tls_connector(value: Any, where: str, problems: Problems) -> Optional[
     return TlsConnectorConfig(**values)
 
 
-def server_context(config: TlsAcceptorConfig) -> ssl.SSLContext:
+def server_context(config: TlsAcceptorConfig):
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(config.certificate_path, config.private_key_path)
     if config.certificate_authority_path:

@@ -185,6 +185,9 @@ class Checkpoint:
     drain: dict = field(default_factory=dict)
     rollback: bool = False
     guardian: dict | None = None
+    #: Optional hints for the restoring image (validated config data, timings). Absent in
+    #: files from writers that predate it, so readers must cope without it.
+    restore: dict = field(default_factory=dict)
 
     def fds(self) -> list[int]:
         """Every inherited fd the checkpoint names: listeners, connections, control."""
@@ -208,6 +211,7 @@ class Checkpoint:
             "drain": self.drain,
             "rollback": self.rollback,
             "guardian": self.guardian,
+            "restore": self.restore,
         }
 
     @classmethod
@@ -241,6 +245,7 @@ class Checkpoint:
             drain=_check_drain(body["drain"]),
             rollback=_want(body["rollback"], bool, "rollback"),
             guardian=_want(body["guardian"], (dict, type(None)), "guardian"),
+            restore=_want(body.get("restore", {}), dict, "restore"),
         )
         # Adopting one fd as two different sockets would have both wrappers
         # closing it under each other.

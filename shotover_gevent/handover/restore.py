@@ -12,14 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Set
 
-import yaml
+import gevent
 from gevent import socket
 
 from .. import __version__, observability
-from ..config import ConfigError, load, parse_config, parse_topology
+from ..config import ConfigError, load, load_data
 from ..session import Session
 from . import checkpoint as checkpoint_format
-from .upgrade import CONTROL_SIGNALS, PREVIOUS_ENV
+from .upgrade import CONTROL_SIGNALS, EXEC_TIME_ENV, PREVIOUS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,16 @@ def restore(options: RestoreOptions):
     except RestoreFailed as error:
         roll_back(options, str(error))
         raise
+    hints = cp.restore or {}
+    prefix = "previous_" if options.rollback else ""
     try:
-        if options.rollback and cp.drain.get("config_text") is not None:
-            # The previous version runs on the configuration it ran with before.
-            config, found = parse_config(yaml.safe_load(cp.drain["config_text"]), options.config_path)
-            topology, found2 = parse_topology(yaml.safe_load(cp.drain["topology_text"]),
-                                              options.topology_path)
-            if config is None or topology is None:
-                raise ConfigError(found.items + found2.items)
-            config.path, topology.path = options.config_path, options.topology_path
+        if hints.get(prefix + "config_data") is not None and \
+                hints.get(prefix + "topology_data") is not None:
+            # A roll-back runs on the configuration it ran with before; an upgrade on what its
+            # preflight validated moments ago (no YAML parsing inside the blackout).
+            config, topology = load_data(hints[prefix + "config_data"],
+                                         hints[prefix + "topology_data"],
+                                         options.config_path, options.topology_path)
         else:
             config, topology = load(options.config_path, options.topology_path)
     except ConfigError as error:
@@ -134,7 +135,7 @@ def restore(options: RestoreOptions):
 
     proxy = Proxy(config, topology, options.control_path, options.log_format)
     proxy.generation = cp.generation if options.rollback else cp.generation + 1
-    proxy.started_wall = cp.drain.get("started_wall", proxy.started_wall)
+    proxy.started_wall = hints.get("started_wall", proxy.started_wall)
 
     # Listeners: keep a source's socket when the source still listens on that address.
     by_name = {record.source: record for record in cp.listeners}
@@ -178,17 +179,13 @@ def restore(options: RestoreOptions):
     else:
         proxy.control_server = ControlServer(proxy, options.control_path)
         proxy.control_server.bind()
-    if config.observability_interface is not None:
-        metrics_listener = None
-        if control.get("metrics_fd") is not None:
-            metrics_listener = socket.socket(fileno=control["metrics_fd"])
-            if metrics_listener.getsockname()[1] != config.observability_interface[1]:
-                metrics_listener.close()
-                metrics_listener = None
-        proxy.observability_server = observability.start_observability_server(
-            config.observability_interface, listener=metrics_listener)
-    elif control.get("metrics_fd") is not None:
-        os.close(control["metrics_fd"])
+    metrics_listener = None
+    if control.get("metrics_fd") is not None:
+        metrics_listener = socket.socket(fileno=control["metrics_fd"])
+        if config.observability_interface is None or \
+                metrics_listener.getsockname()[1] != config.observability_interface[1]:
+            metrics_listener.close()
+            metrics_listener = None
 
     # Every fd is ours now: release the guardian before any byte is read from a client, so that
     # a roll-back can never replay requests this image has already served.
@@ -205,10 +202,15 @@ def restore(options: RestoreOptions):
         source.adopt(client, record.peer, Session.from_dict(record.session), record.unread)
     proxy.go_live()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
-
-    quiesce_ns = cp.drain.get("quiesce_started_ns") or cp.created_ns
+    quiesce_ns = hints.get("quiesce_started_ns") or cp.created_ns
     blackout_ms = (time.time_ns() - quiesce_ns) / 1e6
-    keep_path = cp.drain.get("keep_checkpoint")
+    live_ns = time.time_ns()
+    # Clients are served again; what only scrapes need loads now, off the hub's thread.
+    if config.observability_interface is not None:
+        gevent.spawn(_start_observability_later, proxy, config.observability_interface,
+                     metrics_listener)
+
+    keep_path = hints.get("keep_checkpoint")
     _dispose_checkpoint(options.restore_path, keep_path)
     if options.checkpoint_fd is not None:
         os.close(options.checkpoint_fd)
@@ -217,13 +219,19 @@ def restore(options: RestoreOptions):
     os.environ.pop(PREVIOUS_ENV, None)
     closed_total = sum(closed.values())
     closed_text = ", ".join(f"{n} {why}" for why, n in closed.items()) or "none closed"
-    restore_ms = (time.time_ns() - started_ns) / 1e6
+    exec_ns = int(os.environ.pop(EXEC_TIME_ENV, "0") or 0)
+    timings = {
+        "drain_and_checkpoint_ms": round((cp.created_ns - quiesce_ns) / 1e6, 1),
+        "exec_to_restore_ms": round((started_ns - exec_ns) / 1e6, 1) if exec_ns else None,
+        "restore_ms": round((live_ns - started_ns) / 1e6, 1),
+    }
+    restore_ms = timings["restore_ms"]
     result = {
         "event": "result", "ok": not options.rollback,
         "old_version": cp.written_by, "new_version": __version__, "pid": os.getpid(),
         "generation": proxy.generation, "kept": len(adopted), "closed": closed_total,
         "closed_reasons": closed, "blackout_ms": round(blackout_ms, 1),
-        "restore_ms": round(restore_ms, 1), "leaked_fds_closed": leaked,
+        "restore_ms": restore_ms, "timings": timings, "leaked_fds_closed": leaked,
     }
     if options.rollback:
         result["reason"] = reason or "roll-back"
@@ -234,7 +242,10 @@ def restore(options: RestoreOptions):
         result["summary"] = (f"upgraded {cp.written_by} -> {__version__}: kept {len(adopted)} "
                              f"connections, closed {closed_total} ({closed_text}), blackout "
                              f"{blackout_ms:.0f} ms, pid {os.getpid()}, generation "
-                             f"{proxy.generation}")
+                             f"{proxy.generation} (drain+checkpoint "
+                             f"{timings['drain_and_checkpoint_ms']} ms, exec+imports "
+                             f"{timings['exec_to_restore_ms']} ms, adoption "
+                             f"{timings['restore_ms']} ms)")
     proxy.last_upgrade = result
     if result["ok"]:
         observability.record_upgrade(blackout_ms / 1000)
@@ -245,6 +256,19 @@ def restore(options: RestoreOptions):
         channel.close()
     _notify_systemd()
     return proxy
+
+
+def _start_observability_later(proxy, address, listener) -> None:
+    def warm_imports() -> None:
+        import gevent.pywsgi  # noqa: F401
+        import prometheus_client  # noqa: F401
+
+    try:
+        gevent.get_hub().threadpool.apply(warm_imports)
+    except Exception:
+        log.exception("loading the metrics endpoint failed")
+    proxy.observability_server = observability.start_observability_server(address,
+                                                                           listener=listener)
 
 
 def _dispose_checkpoint(path: str, keep_path: Optional[str]) -> None:
@@ -258,8 +282,6 @@ def _dispose_checkpoint(path: str, keep_path: Optional[str]) -> None:
 
 
 def _reap_later(pid: int) -> None:
-    import gevent
-
     def reap() -> None:
         for _ in range(200):
             try:

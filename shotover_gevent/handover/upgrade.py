@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import gevent
-from gevent import subprocess
 
 from .. import __version__
 from ..connection import State
@@ -26,6 +25,8 @@ CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP}
 PREFLIGHT_TIMEOUT = 60.0
 #: Environment variable naming the program to exec back if the new image cannot restore.
 PREVIOUS_ENV = "SHOTOVER_G_PREVIOUS"
+#: When the old image called execv (ns since the epoch), for the new image's timing report.
+EXEC_TIME_ENV = "SHOTOVER_G_EXEC_NS"
 
 
 class UpgradeAborted(Exception):
@@ -93,12 +94,12 @@ def run_upgrade(proxy, request: UpgradeRequest, channel) -> None:
     python = request.python or sys.executable
     paused: List = []
     try:
-        new_version = preflight(proxy, python, report)
+        answer = preflight(proxy, python, report)
         quiesce_started_ns = time.time_ns()
         paused, closed = quiesce(proxy, request.drain_timeout, report)
         path, data, cp = write_checkpoint(proxy, paused, closed, quiesce_started_ns,
-                                          request, report)
-        exec_new_image(proxy, python, path, data, cp, request, report, new_version)
+                                          request, report, answer)
+        exec_new_image(proxy, python, path, data, cp, request, report, answer)
     except UpgradeAborted as error:
         resume(proxy, paused)
         proxy.upgrade_in_progress = False
@@ -114,9 +115,11 @@ def run_upgrade(proxy, request: UpgradeRequest, channel) -> None:
 
 # ---- step 1: preflight ------------------------------------------------------------------------
 
-def preflight(proxy, python: str, report: Reporter) -> str:
+def preflight(proxy, python: str, report: Reporter) -> Dict:
     """Run the new program's `check` in a subprocess: it must import, accept the config and
     read our checkpoint format. Nothing is touched yet."""
+    from gevent import subprocess
+
     report.stage("preflight", f"checking the new version with {python}")
     command = [python, "-m", "shotover_gevent", "check", "-c", os.path.abspath(proxy.config.path),
                "-t", os.path.abspath(proxy.topology.path),
@@ -150,7 +153,7 @@ def preflight(proxy, python: str, report: Reporter) -> str:
     version = answer.get("version", "?")
     report.stage("preflight", f"new version {version} imports, validates the config and reads "
                               f"checkpoint format {checkpoint_format.FORMAT}", new_version=version)
-    return version
+    return answer
 
 
 # ---- step 2: quiesce --------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def resume(proxy, paused: List) -> None:
 # ---- step 3: checkpoint -----------------------------------------------------------------------
 
 def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: UpgradeRequest,
-                     report: Reporter):
+                     report: Reporter, answer: Dict):
     listeners = [checkpoint_format.ListenerRecord(s.listener.fileno(), name, s.address)
                  for name, s in proxy.sources.items()]
     records = [checkpoint_format.ConnectionRecord(c.sock.fileno(), c.source.name, c.peer,
@@ -223,12 +226,17 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
         python=sys.executable, config_sha256=proxy.config_digest(), listeners=listeners,
         connections=records, control=control,
         drain={"ms": int((time.time_ns() - quiesce_started_ns) / 1e6),
-               "closed": sum(closed.values()), "closed_reasons": closed,
-               "quiesce_started_ns": quiesce_started_ns,
-               "keep_checkpoint": request.keep_checkpoint,
-               "started_wall": proxy.started_wall,
-               "config_text": proxy.config.text, "topology_text": proxy.topology.text},
-        rollback=False, guardian=None)
+               "closed": sum(closed.values()), "closed_reasons": closed},
+        rollback=False, guardian=None,
+        restore={"quiesce_started_ns": quiesce_started_ns,
+                 "keep_checkpoint": request.keep_checkpoint,
+                 "started_wall": proxy.started_wall,
+                 # What the new version validated in its preflight: it runs on exactly that.
+                 "config_data": answer.get("config_data"),
+                 "topology_data": answer.get("topology_data"),
+                 # What this version runs on, should it have to take over again.
+                 "previous_config_data": proxy.config.raw,
+                 "previous_topology_data": proxy.topology.raw})
     path = checkpoint_format.new_path()
     try:
         data = checkpoint_format.encode(cp)
@@ -245,7 +253,7 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
 # ---- step 4 + 5: guardian and exec ------------------------------------------------------------
 
 def exec_new_image(proxy, python: str, path: str, data: bytes, cp, request: UpgradeRequest,
-                   report: Reporter, new_version: str) -> None:
+                   report: Reporter, answer: Dict) -> None:
     """Replace this program with `python`'s shotover_gevent. Returns only by raising."""
     # An in-memory copy of the checkpoint travels with the fds, for the roll-back image in case
     # the file is damaged or removed.
@@ -266,18 +274,19 @@ def exec_new_image(proxy, python: str, path: str, data: bytes, cp, request: Upgr
         os.close(guardian_pipe_read)
         for fd in fds | {guardian_pipe_write}:
             os.set_inheritable(fd, True)
-        argv = program_argv(proxy, python) + [
+        argv = fast_start_argv(python, answer) + program_argv(proxy, python)[3:] + [
             "--restore", path, "--checkpoint-fd", str(memfd),
             "--guardian-fd", str(guardian_pipe_write), "--guardian-pid", str(guardian.pid)]
         os.environ[PREVIOUS_ENV] = json.dumps({"python": sys.executable,
                                                "argv": program_argv(proxy, sys.executable),
                                                "version": __version__})
-        report.stage("exec", f"exec {python} (new version {new_version}) in place, pid "
-                             f"{os.getpid()}")
+        report.stage("exec", f"exec {python} (new version {answer.get('version')}) in place, "
+                             f"pid {os.getpid()}")
         for handler in logging.getLogger().handlers:
             handler.flush()
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         blocked = True
+        os.environ[EXEC_TIME_ENV] = str(time.time_ns())
         os.execv(python, argv)
     except OSError as error:
         reason = f"exec {python} failed: {error.strerror or error}"
@@ -306,10 +315,29 @@ def exec_new_image(proxy, python: str, path: str, data: bytes, cp, request: Upgr
     raise UpgradeAborted(reason)
 
 
+def fast_start_argv(python: str, answer: Dict) -> List[str]:
+    """The start of the new image's command line.
+
+    With the search path its preflight reported, the new interpreter skips site-packages
+    processing (-S): that start-up time would otherwise be client-visible blackout.
+    """
+    sys_path = answer.get("sys_path")
+    root = answer.get("package_root")
+    if not isinstance(sys_path, list) or not isinstance(root, str) or \
+            not all(isinstance(p, str) for p in sys_path):
+        return [python, "-m", "shotover_gevent"]
+    paths = [root] + [p for p in sys_path[1:] if p != root]
+    boot = (f"import sys; sys.path[:] = {paths!r}; "
+            "from shotover_gevent.__main__ import _run; _run()")
+    return [python, "-S", "-c", boot]
+
+
 def spawn_guardian(proxy, path: str, memfd: int, fds: List[int], pipe_read: int,
                    timeout: float):
     """A small process holding copies of every handed-over fd; if the new image dies before it
     has adopted them, the guardian execs this version back onto the same checkpoint."""
+    from gevent import subprocess
+
     command = [sys.executable, "-m", "shotover_gevent.handover.guardian",
                "--pipe-fd", str(pipe_read), "--pid", str(os.getpid()),
                "--timeout", str(timeout), "--", *program_argv(proxy, sys.executable),

@@ -1,0 +1,59 @@
+"""Entry point of an image exec'ed by an upgrade: reads the machine-written arguments without the
+CLI framework (every millisecond here is client-visible blackout) and restores."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Dict, List
+
+_VALUED = {"-c", "--config", "-t", "--topology", "--log-format", "--control-socket", "--restore",
+           "--checkpoint-fd", "--guardian-fd", "--guardian-pid"}
+
+
+def parse(argv: List[str]) -> Dict[str, object]:
+    options: Dict[str, object] = {"--rollback": False}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--rollback":
+            options["--rollback"] = True
+            i += 1
+        elif arg in _VALUED and i + 1 < len(argv):
+            options[arg] = argv[i + 1]
+            i += 2
+        else:
+            raise SystemExit(f"shotover-g: unexpected argument {arg!r} on the restore path")
+    return options
+
+
+def main(argv: List[str]) -> None:
+    from .. import observability
+    from .restore import RestoreFailed, RestoreOptions, restore
+
+    options = parse(argv)
+    log_format = str(options.get("--log-format", "human"))
+    observability.setup_logging("info", log_format)
+
+    def number(key: str):
+        value = options.get(key)
+        return int(value) if value is not None else None
+
+    restore_options = RestoreOptions(
+        config_path=os.path.abspath(str(options.get("-c", options.get("--config",
+                                                                       "conf/config.yaml")))),
+        topology_path=os.path.abspath(str(options.get("-t", options.get("--topology",
+                                                                         "conf/topology.yaml")))),
+        control_path=os.path.abspath(str(options.get("--control-socket", "shotover-g.sock"))),
+        log_format=log_format, restore_path=str(options["--restore"]),
+        checkpoint_fd=number("--checkpoint-fd"), guardian_fd=number("--guardian-fd"),
+        guardian_pid=number("--guardian-pid"), rollback=bool(options["--rollback"]))
+    try:
+        proxy = restore(restore_options)
+    except RestoreFailed as error:
+        logging.getLogger("shotover_gevent").critical("cannot restore from %s: %s",
+                                                      restore_options.restore_path, error)
+        sys.exit(1)
+    proxy.serve_forever()
+    sys.exit(0)
