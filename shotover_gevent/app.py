@@ -72,6 +72,7 @@ class Proxy:
             extra = f"; metrics on http://{format_address(self.observability_server.address)}/metrics"
         log.info("shotover-g %s (pid %d, generation %d) accepting connections on %s%s",
                  __version__, os.getpid(), self.generation, addresses, extra)
+        notify_service_manager()
 
     def install_signal_handlers(self) -> None:
         gevent.signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
@@ -139,3 +140,20 @@ class Proxy:
 
     def serve_forever(self) -> None:
         self.stopped.wait()
+
+
+def notify_service_manager() -> None:
+    """Tell a Type=notify service manager that we serve, and which PID does (it changes when
+    the guardian had to restore the previous version)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket as stdlib_socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM) as sock:
+            sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
+    except OSError as error:
+        log.warning("service manager notification failed: %s", error)

@@ -42,6 +42,10 @@ class Transform:
     def close(self) -> None:
         """Release upstream resources (called when the client leaves or is handed over)."""
 
+    def prepare(self) -> None:
+        """Called once before the first request of a connection adopted in an upgrade: a sink
+        whose session expects unsolicited messages (subscriptions) connects right away."""
+
 
 class TransformBuilder:
     """Made once per transform in the topology; builds one Transform per client connection."""
@@ -92,6 +96,10 @@ class Chain:
             return replies
         finally:
             self._metrics.record_batch(time.perf_counter() - started, failed)
+
+    def prepare(self) -> None:
+        for transform in self.transforms:
+            transform.prepare()
 
     def close(self) -> None:
         for transform in self.transforms:

@@ -75,6 +75,8 @@ class ClientConnection:
 
     def run(self) -> None:
         try:
+            if self.session.subscribed:
+                self.chain.prepare()
             if self.framer.pending():
                 if not self._serve_buffered():
                     return

@@ -246,7 +246,7 @@ class UpstreamConnection:
         self._reader = gevent.spawn(self._read_loop)
 
     def _call_via_reader(self, requests: List[Message], counts: List[int]) -> List[Message]:
-        slots = [[count, []] for count in counts]
+        slots = [[count, [], r.command == "MONITOR"] for count, r in zip(counts, requests)]
         for slot in slots:
             if slot[0]:
                 self._waiting.append(slot)
@@ -259,7 +259,7 @@ class UpstreamConnection:
             self._all_done.wait()
         replies = []
         for slot in slots:
-            count, frames = slot
+            count, frames = slot[0], slot[1]
             if len(frames) < count:
                 replies.append(Message.error(f"ERR {self._failure or 'upstream connection closed'}"))
             elif count == 0:
@@ -283,10 +283,10 @@ class UpstreamConnection:
                     continue
                 slot = self._waiting[0]
                 slot[1].append(frame)
-                if frame.startswith(b"+OK") and self.monitor is False and slot[0] == 1 \
-                        and getattr(self, "_monitor_pending", False):
-                    pass
                 if len(slot[1]) >= slot[0]:
+                    if slot[2] and not frame[:1] == b"-":
+                        # From MONITOR's +OK on, everything the server sends is a push.
+                        self.monitor = True
                     self._waiting.popleft()
                     if not self._waiting:
                         self._all_done.set()

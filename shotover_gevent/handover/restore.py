@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket as stdlib_socket
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Set
@@ -254,7 +253,6 @@ def restore(options: RestoreOptions):
         channel = ControlChannel(socket.socket(fileno=control["channel_fd"]))
         channel.send(result)
         channel.close()
-    _notify_systemd()
     return proxy
 
 
@@ -293,17 +291,3 @@ def _reap_later(pid: int) -> None:
             gevent.sleep(0.05)
 
     gevent.spawn(reap)
-
-
-def _notify_systemd() -> None:
-    """Tell a Type=notify service manager that the reload is done and which PID serves."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM) as sock:
-            sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
-    except OSError as error:
-        log.warning("systemd notification failed: %s", error)

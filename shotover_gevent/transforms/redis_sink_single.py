@@ -3,6 +3,7 @@ connection to one server, opened on the first batch and reopened after a failure
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -13,6 +14,8 @@ from ..message import Message
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import UpstreamConnection, UpstreamError
 from . import TransformType, register
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,19 +62,30 @@ class RedisSinkSingle(Transform):
         self.context = context
         self.upstream: Optional[UpstreamConnection] = None
 
+    def _connect(self) -> UpstreamConnection:
+        config = self.builder.config
+        self.upstream = UpstreamConnection(
+            config.remote_address, config.connect_timeout_ms / 1000.0,
+            self.context.session, self.context.push, self.builder.ssl_context,
+            config.tls.server_hostname(config.remote_address) if config.tls else None)
+        return self.upstream
+
+    def prepare(self) -> None:
+        if self.context.session.subscribed:
+            try:
+                self._connect()
+            except UpstreamError as error:
+                log.warning("could not resubscribe %s after the upgrade: %s", self.context.peer,
+                            error)
+
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         upstream = self.upstream
         if upstream is None or upstream.closed:
-            config = self.builder.config
             try:
-                upstream = UpstreamConnection(
-                    config.remote_address, config.connect_timeout_ms / 1000.0,
-                    self.context.session, self.context.push, self.builder.ssl_context,
-                    config.tls.server_hostname(config.remote_address) if config.tls else None)
+                upstream = self._connect()
             except UpstreamError as error:
                 self.builder.failed_requests(len(requests))
                 return [Message.error(f"ERR {error}")] * len(requests)
-            self.upstream = upstream
         replies = upstream.call(requests)
         if upstream.closed:
             self.builder.failed_requests(sum(1 for r in replies if r.is_error))
