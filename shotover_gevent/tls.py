@@ -20,7 +20,9 @@ class TlsConnectorConfig:
     verify_hostname: bool = True
 
     def client_context(self):
-        import ssl
+        # gevent's SSLContext makes sockets that wait cooperatively; the stdlib's would block
+        # the whole hub.
+        from gevent import ssl
 
         context = ssl.create_default_context(cafile=self.certificate_authority_path)
         context.check_hostname = self.verify_hostname
@@ -47,7 +49,7 @@ def parse_tls_connector(value: Any, where: str, problems: Problems) -> Optional[
 
 
 def server_context(config: TlsAcceptorConfig):
-    import ssl
+    from gevent import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(config.certificate_path, config.private_key_path)
