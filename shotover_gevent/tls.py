@@ -24,8 +24,15 @@ class TlsConnectorConfig:
         # the whole hub.
         from gevent import ssl
 
-        context = ssl.create_default_context(cafile=self.certificate_authority_path)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.certificate_authority_path:
+            context.load_verify_locations(self.certificate_authority_path)
+        else:
+            context.load_default_certs()
         context.check_hostname = self.verify_hostname
+        if not self.verify_hostname:
+            # Without a name to check, the certificate chain is still verified.
+            context.verify_mode = ssl.CERT_REQUIRED
         if self.certificate_path:
             context.load_cert_chain(self.certificate_path, self.private_key_path)
         return context
