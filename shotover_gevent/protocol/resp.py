@@ -64,73 +64,102 @@ class _Buffer:
         return bytes(self.data[self.offset :])
 
 
-def scan_frame(buf: bytearray, pos: int, max_bulk_len: int = DEFAULT_MAX_BULK_LEN) -> int:
+class _ScanState:
+    """Where scanning an incomplete frame stopped, relative to the frame's start, so that a
+    large aggregate arriving in many reads is scanned once rather than once per read."""
+
+    __slots__ = ("offset", "owed", "stack")
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.owed = 1
+        self.stack: List[int] = []
+
+
+def scan_frame(buf: bytearray, pos: int, max_bulk_len: int = DEFAULT_MAX_BULK_LEN,
+               state: Optional[_ScanState] = None) -> int:
     """Return the end offset of the complete RESP frame starting at `pos`, or -1 if incomplete.
 
-    Iterative (a count of frames still owed), so deep nesting cannot exhaust the C stack.
+    Iterative (a count of frames still owed), so deep nesting cannot exhaust the C stack. With
+    `state`, an incomplete scan records where it stopped and a later call resumes there.
     """
-    owed = 1
-    depth_stack: List[int] = []
+    start = pos
+    if state is not None:
+        pos = start + state.offset
+        owed = state.owed
+        depth_stack = state.stack
+    else:
+        owed = 1
+        depth_stack = []
     end = len(buf)
     while owed:
         if pos >= end:
-            return -1
+            break
         kind = buf[pos]
         nl = buf.find(_CRLF, pos + 1)
         if nl < 0:
             if end - pos > MAX_INLINE_LEN:
                 raise ProtocolError("too big line without CRLF")
-            return -1
-        owed -= 1
+            break
         if kind in _LINE_TYPES:
-            pos = nl + 2
+            next_pos = nl + 2
         elif kind in _BLOB_TYPES:
             length = _parse_length(buf, pos + 1, nl, "bulk")
             if length == -1 and kind == 0x24:  # $-1: RESP2 null bulk
-                pos = nl + 2
+                next_pos = nl + 2
             elif length < 0 or length > max_bulk_len:
                 raise ProtocolError(f"invalid bulk length {length}")
             else:
                 payload_end = nl + 2 + length
                 if payload_end + 2 > end:
-                    return -1
+                    break
                 if buf[payload_end : payload_end + 2] != _CRLF:
                     raise ProtocolError("bulk payload not followed by CRLF")
-                pos = payload_end + 2
+                next_pos = payload_end + 2
         elif kind in _AGGREGATE_TYPES or kind in _PAIR_TYPES:
             count = _parse_length(buf, pos + 1, nl, "multibulk")
-            pos = nl + 2
+            next_pos = nl + 2
             if count == -1 and kind == 0x2A:  # *-1: RESP2 null array
-                pass
+                count = 0
             elif count < 0 or count > MAX_MULTIBULK_LEN:
                 raise ProtocolError(f"invalid multibulk length {count}")
-            else:
-                if kind in _PAIR_TYPES:
-                    count *= 2
-                if kind == 0x7C:  # an attribute is followed by the value it annotates
-                    count += 1
-                if count:
-                    depth_stack.append(owed)
-                    if len(depth_stack) > MAX_DEPTH:
-                        raise ProtocolError("reply nested too deeply")
-                    owed = count
+            if kind in _PAIR_TYPES:
+                count *= 2
+            if kind == 0x7C:  # an attribute is followed by the value it annotates
+                count += 1
+            if count:
+                owed -= 1
+                depth_stack.append(owed)
+                if len(depth_stack) > MAX_DEPTH:
+                    raise ProtocolError("reply nested too deeply")
+                owed = count + 1  # the decrement below consumes the extra one
         else:
             raise ProtocolError(f"unexpected RESP type byte {bytes([kind])!r}")
+        pos = next_pos
+        owed -= 1
         while not owed and depth_stack:
             owed = depth_stack.pop()
+    if owed:
+        if state is not None:
+            state.offset = pos - start
+            state.owed = owed
+            state.stack = depth_stack
+        return -1
     return pos
 
 
 class ReplyFramer:
     """Splits a server's byte stream into whole RESP2/RESP3 frames (raw bytes each)."""
 
-    __slots__ = ("_buf", "max_bulk_len")
+    __slots__ = ("_buf", "max_bulk_len", "_state")
 
     def __init__(self, max_bulk_len: int = DEFAULT_MAX_BULK_LEN) -> None:
         self._buf = _Buffer()
         self.max_bulk_len = max_bulk_len
+        self._state: Optional[_ScanState] = None
 
     def feed(self, data: bytes) -> None:
+        # Scan state is relative to the frame start, so compaction inside feed() is harmless.
         self._buf.feed(data)
 
     def next_frame(self) -> Optional[bytes]:
@@ -140,15 +169,21 @@ class ReplyFramer:
         if start >= len(data):
             return None
         # Fast path for the commonest replies: one line (+OK, :1, -ERR ...).
-        if data[start] in _LINE_TYPES:
+        if self._state is None and data[start] in _LINE_TYPES:
             nl = data.find(_CRLF, start + 1)
             if nl < 0:
+                if len(data) - start > MAX_INLINE_LEN:
+                    raise ProtocolError("too big line without CRLF")
                 return None
             buf.offset = nl + 2
             return bytes(data[start : nl + 2])
-        end = scan_frame(data, start, self.max_bulk_len)
+        state = self._state
+        if state is None and (data[start] in _AGGREGATE_TYPES or data[start] in _PAIR_TYPES):
+            state = self._state = _ScanState()
+        end = scan_frame(data, start, self.max_bulk_len, state)
         if end < 0:
             return None
+        self._state = None
         buf.offset = end
         return bytes(data[start:end])
 
