@@ -200,11 +200,14 @@ class RequestFramer:
     Each request comes out as (raw, name): `name` is the command's first word as sent.
     """
 
-    __slots__ = ("_buf", "max_bulk_len")
+    __slots__ = ("_buf", "max_bulk_len", "_resume")
 
     def __init__(self, max_bulk_len: int = DEFAULT_MAX_BULK_LEN) -> None:
         self._buf = _Buffer()
         self.max_bulk_len = max_bulk_len
+        # (offset from the request's start, arguments already scanned, count, name) of an
+        # incomplete multibulk, so a huge request is not rescanned on every read.
+        self._resume: Optional[Tuple[int, int, int, bytes]] = None
 
     def feed(self, data: bytes) -> None:
         self._buf.feed(data)
@@ -242,21 +245,27 @@ class RequestFramer:
                     if args:
                         out.append((encode_command(args), args[0]))
                     continue
-                nl = data.find(_CRLF, pos + 1)
-                if nl < 0:
-                    if end - pos > MAX_INLINE_LEN:
-                        raise ProtocolError("too big mbulk count string")
-                    break
-                count = _parse_length(data, pos + 1, nl, "multibulk")
-                if count > MAX_MULTIBULK_LEN:
-                    raise ProtocolError("invalid multibulk length")
-                p = nl + 2
-                if count <= 0:  # Redis ignores "*0" and "*-1" requests
-                    pos = p
-                    continue
-                name = b""
+                resume = self._resume
+                if resume is not None:
+                    self._resume = None
+                    p, first, count, name = pos + resume[0], resume[1], resume[2], resume[3]
+                else:
+                    nl = data.find(_CRLF, pos + 1)
+                    if nl < 0:
+                        if end - pos > MAX_INLINE_LEN:
+                            raise ProtocolError("too big mbulk count string")
+                        break
+                    count = _parse_length(data, pos + 1, nl, "multibulk")
+                    if count > MAX_MULTIBULK_LEN:
+                        raise ProtocolError("invalid multibulk length")
+                    p = nl + 2
+                    if count <= 0:  # Redis ignores "*0" and "*-1" requests
+                        pos = p
+                        continue
+                    first, name = 0, b""
                 complete = True
-                for index in range(count):
+                for index in range(first, count):
+                    item_start = p
                     if p >= end:
                         complete = False
                         break
@@ -274,6 +283,7 @@ class RequestFramer:
                     payload = nl + 2
                     p = payload + length + 2
                     if p > end:
+                        p = item_start
                         complete = False
                         break
                     if data[p - 2 : p] != _CRLF:
@@ -281,6 +291,8 @@ class RequestFramer:
                     if index == 0:
                         name = bytes(data[payload : payload + length])
                 if not complete:
+                    if index >= 64:
+                        self._resume = (p - pos, index, count, name)
                     break
                 out.append((bytes(data[pos:p]), name))
                 pos = p
