@@ -95,7 +95,6 @@ def _close_unnamed_fds(keep: Set[int]) -> int:
 def restore(options: RestoreOptions):
     """Return a live Proxy serving every adopted connection (or exec a roll-back)."""
     from ..app import Proxy
-    from ..connection import ClientConnection
     from ..handover.control import ControlChannel, ControlServer
     from ..source import Source
 

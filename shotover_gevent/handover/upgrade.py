@@ -134,7 +134,8 @@ def preflight(proxy, python: str, report: Reporter) -> Dict:
     except subprocess.TimeoutExpired:
         child.kill()
         child.communicate()
-        raise UpgradeAborted(f"preflight: {python} did not answer within {PREFLIGHT_TIMEOUT:g} s")
+        raise UpgradeAborted(f"preflight: {python} did not answer within {PREFLIGHT_TIMEOUT:g} s") \
+            from None
     answer = None
     for line in out.decode("utf-8", "replace").splitlines():
         if line.startswith("{"):
