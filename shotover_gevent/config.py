@@ -48,17 +48,20 @@ def take_mapping(value: Any, where: str, problems: Problems, required: Dict[str,
         return None
     out: Dict[str, Any] = {}
     ok = True
+    # At a file's top level (where is just "file.yaml") the key follows a colon.
+    join = ": " if ":" not in where else "."
     for key in value:
         if key not in required and key not in optional:
             valid = ", ".join(sorted(list(required) + list(optional))) or "none"
-            problems.add(f"{where}.{key}", f"unknown key; valid keys here: {valid}")
+            problems.add(f"{where}{join}{key}", f"unknown key; valid keys here: {valid}")
             ok = False
     for key, kind in required.items():
         if key not in value:
-            problems.add(f"{where}.{key}", "required key is missing")
+            problems.add(f"{where}{join}{key}", "required key is missing")
             ok = False
         elif not _is(value[key], kind):
-            problems.add(f"{where}.{key}", f"expected {_type_name(kind)}, got {_describe(value[key])}")
+            problems.add(f"{where}{join}{key}",
+                         f"expected {_type_name(kind)}, got {_describe(value[key])}")
             ok = False
         else:
             out[key] = value[key]
@@ -66,7 +69,8 @@ def take_mapping(value: Any, where: str, problems: Problems, required: Dict[str,
         if key not in value or (value[key] is None and default is None):
             out[key] = default
         elif not _is(value[key], kind):
-            problems.add(f"{where}.{key}", f"expected {_type_name(kind)}, got {_describe(value[key])}")
+            problems.add(f"{where}{join}{key}",
+                         f"expected {_type_name(kind)}, got {_describe(value[key])}")
             ok = False
         else:
             out[key] = value[key]

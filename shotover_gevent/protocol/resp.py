@@ -303,8 +303,14 @@ class RequestFramer:
         return out, None
 
 
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"a": b"\a"}
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
 def split_inline(line: bytes) -> List[bytes]:
-    """Split an inline command like Redis does: whitespace-separated, with "..." and '...' quoting."""
+    """Split an inline command as Redis does: words separated by blanks; "..." with backslash
+    escapes (\\n, \\xHH, ...), '...' with only \\' escaped; a quote may open mid-word and a
+    closing quote must be followed by a blank or the end of the line."""
     if b'"' not in line and b"'" not in line:
         return line.split()
     args: List[bytes] = []
@@ -315,39 +321,41 @@ def split_inline(line: bytes) -> List[bytes]:
         if i >= n:
             return args
         current = bytearray()
-        quote = line[i : i + 1] if line[i : i + 1] in (b'"', b"'") else b""
-        if quote:
-            i += 1
+        quote = b""
         while True:
             if i >= n:
                 if quote:
                     raise ProtocolError("unbalanced quotes in request")
                 break
             ch = line[i : i + 1]
-            if quote:
-                if ch == b"\\" and quote == b'"' and i + 1 < n:
+            if quote == b'"':
+                if ch == b"\\" and i + 3 < n and line[i + 1 : i + 2] == b"x" \
+                        and line[i + 2] in _HEX and line[i + 3] in _HEX:
+                    current.append(int(line[i + 2 : i + 4], 16))
+                    i += 4
+                    continue
+                if ch == b"\\" and i + 1 < n:
                     nxt = line[i + 1 : i + 2]
-                    if nxt == b"x" and i + 3 < n:
-                        try:
-                            current.append(int(line[i + 2 : i + 4], 16))
-                            i += 4
-                            continue
-                        except ValueError:
-                            pass
-                    current += {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"a": b"\a"}.get(
-                        nxt, nxt
-                    )
+                    current += _ESCAPES.get(nxt, nxt)
                     i += 2
                     continue
+            elif quote == b"'":
+                if ch == b"\\" and line[i + 1 : i + 2] == b"'":
+                    current += b"'"
+                    i += 2
+                    continue
+            if quote:
                 if ch == quote:
                     i += 1
                     if i < n and not line[i : i + 1].isspace():
                         raise ProtocolError("unbalanced quotes in request")
                     break
                 current += ch
+            elif ch.isspace():
+                break
+            elif ch in (b'"', b"'"):
+                quote = ch
             else:
-                if ch.isspace():
-                    break
                 current += ch
             i += 1
         args.append(bytes(current))
