@@ -373,6 +373,11 @@ _chain_cache: dict[str, ChainMetrics] = {}
 _transform_cache: dict[str, TransformMetrics] = {}
 
 
+def counter(name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> _CounterFamily:
+    """A further counter family on REGISTRY (for transforms with metrics of their own)."""
+    return _CounterFamily(name, documentation, labelnames)
+
+
 def chain_metrics(chain_name: str) -> ChainMetrics:
     """Return the (cached) metrics of a chain; its series appear at zero right away."""
     found = _chain_cache.get(chain_name)

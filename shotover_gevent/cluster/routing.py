@@ -1,36 +1,5 @@
 """Where each command goes in a cluster: the table of key positions and the routing kinds
-(keyed, split per slot, every master, any node, answered locally, refused).
-
-How commands are routed (hiding mode; handling mode differs as noted in `route`):
-
-* keyed: sent to the master owning the slot of its first key. Commands with several keys
-  (RENAME, SMOVE, SUNIONSTORE, EVAL with keys, ...) go by the first key and the server itself
-  refuses keys in different slots (CROSSSLOT), as it would for any cluster client.
-  Key positions: argument 1 for most commands; every argument for SDIFF/SINTER/SUNION/PFCOUNT/...;
-  `numkeys` counted for EVAL/EVALSHA/FCALL (keys after argument 2), ZUNION/ZINTER/ZDIFF/
-  SINTERCARD/ZINTERCARD/LMPOP/ZMPOP (after argument 1), ZUNIONSTORE/ZINTERSTORE/ZDIFFSTORE
-  (destination plus keys after argument 2), BLMPOP/BZMPOP (after argument 2); after STREAMS
-  for XREAD/XREADGROUP; argument 2 for XGROUP/XINFO/OBJECT/MEMORY USAGE; from argument 2 for
-  BITOP. EVAL-style commands without keys go to any master. A command not in the table is
-  routed by argument 1 when it has one (module commands usually put their key there).
-* split: MGET, DEL, EXISTS, UNLINK, TOUCH and MSET are cut into one command per slot and the
-  replies put back together (MGET in key order, counts summed, MSET +OK when every part is).
-* fan-out: DBSIZE (summed), KEYS (joined), FLUSHALL, FLUSHDB, SCRIPT LOAD/FLUSH, FUNCTION
-  LOAD/DELETE/FLUSH/RESTORE, SAVE, BGSAVE, BGREWRITEAOF (the first error, else the common
-  reply), SCRIPT EXISTS (a script exists when every master has it), RANDOMKEY (a key from
-  the first master that has one) go to every master.
-* any: keyless commands that read server-wide facts (INFO, TIME, COMMAND, CLUSTER ..., CONFIG
-  GET, PUBLISH, PUBSUB, FUNCTION LIST, ...) go to one master. CLUSTER COUNTKEYSINSLOT and
-  GETKEYSINSLOT go to the owner of the slot they name.
-* local: PING, ECHO, SELECT 0, QUIT, READONLY, READWRITE, CLIENT SETNAME/GETNAME/SETINFO
-  are answered by the proxy.
-* blocking: BLPOP, BRPOP, BLMOVE, BRPOPLPUSH, BZPOPMIN, BZPOPMAX, BLMPOP, BZMPOP and XREAD/
-  XREADGROUP with BLOCK are keyed, but run on a connection of their own, never a shared one.
-* refused with an error naming the command: transactions (MULTI, EXEC, DISCARD, WATCH,
-  UNWATCH), subscriptions (SUBSCRIBE family) and MONITOR, SCAN, MOVE, SWAPDB, SELECT of a
-  database other than 0, WAIT/WAITAOF, MIGRATE, replication and shutdown commands, and
-  CLIENT subcommands that change a connection's state.
-"""
+(keyed, split per slot, every master, any node, answered locally, refused)."""
 
 from __future__ import annotations
 
@@ -254,7 +223,44 @@ def _is_blocking_stream_read(args: List[bytes]) -> bool:
 
 def route(args: List[bytes], handling: bool = False) -> Route:
     """Classify one request. In handling mode (a direct destination), split and fan-out
-    commands are not cut up: keyed ones go by their first key, the rest to the destination."""
+    commands are not cut up: keyed ones go by their first key, the rest to the destination.
+
+    How commands are routed in hiding mode:
+
+    * keyed: sent to the master owning the slot of its first key. Commands with several keys
+      (RENAME, SMOVE, SUNIONSTORE, EVAL with keys, ...) go by the first key and the server itself
+      refuses keys in different slots (CROSSSLOT), as it would for any cluster client.
+      Key positions: argument 1 for most commands; every argument for SDIFF, SINTER, SUNION,
+      PFCOUNT, ...; `numkeys` counted for EVAL/EVALSHA/FCALL (keys after argument 2),
+      ZUNION/ZINTER/ZDIFF/SINTERCARD/ZINTERCARD/LMPOP/ZMPOP (after argument 1),
+      ZUNIONSTORE/ZINTERSTORE/ZDIFFSTORE (destination plus keys after argument 2), BLMPOP/BZMPOP
+      (after argument 2); after STREAMS for XREAD/XREADGROUP; argument 2 for XGROUP/XINFO/OBJECT/
+      MEMORY USAGE; from argument 2 for BITOP. EVAL-style commands without keys go to any
+      master. A command not in the table is routed by argument 1 when it has one (module
+      commands usually put their key there).
+    * split: MGET, DEL, EXISTS, UNLINK, TOUCH and MSET are cut into one command per slot and the
+      replies put back together (MGET in key order, counts summed, MSET +OK when every part is).
+    * fan-out: DBSIZE (summed), KEYS (joined), FLUSHALL, FLUSHDB, SCRIPT LOAD/FLUSH, FUNCTION
+      LOAD/DELETE/FLUSH/RESTORE, SAVE, BGSAVE, BGREWRITEAOF (the first error, else the common
+      reply), SCRIPT EXISTS (a script exists when every master has it), RANDOMKEY (a key from
+      the first master that has one) go to every master.
+    * any: keyless commands that read server-wide facts (INFO, TIME, COMMAND, CLUSTER ..., CONFIG
+      GET, PUBLISH, PUBSUB, FUNCTION LIST, ...) go to one master. CLUSTER COUNTKEYSINSLOT and
+      GETKEYSINSLOT go to the owner of the slot they name.
+    * local: PING, ECHO, SELECT 0, QUIT, READONLY, READWRITE, CLIENT SETNAME/GETNAME/SETINFO
+      are answered by the proxy.
+    * blocking: BLPOP, BRPOP, BLMOVE, BRPOPLPUSH, BZPOPMIN, BZPOPMAX, BLMPOP, BZMPOP and XREAD/
+      XREADGROUP with BLOCK are keyed, but run on a connection of their own, never a shared one.
+    * refused with an error naming the command: transactions (MULTI, EXEC, DISCARD, WATCH,
+      UNWATCH), subscriptions (SUBSCRIBE family) and MONITOR, SCAN, MOVE, SWAPDB, SELECT of a
+      database other than 0, WAIT/WAITAOF, MIGRATE, replication and shutdown commands, and
+      CLIENT subcommands that change a connection's state.
+
+    In handling mode the same keyed and blocking routing applies; everything else that is not
+    refused (including SCAN, MOVE, fan-out commands and CLIENT ID/INFO/LIST) goes to the direct
+    destination, and transactions, subscriptions, MONITOR and WAIT are still refused because
+    upstream connections are shared.
+    """
     if not args:
         return Route(REFUSED, reason="empty command")
     command = _upper(args[0])

@@ -1,0 +1,638 @@
+"""RedisSinkCluster (alias ValkeySinkCluster): a whole Redis Cluster behind the proxy, hidden as
+one server (default) or, with `direct_destination`, handled like `redis-cli -c` would."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import gevent
+
+from .. import observability
+from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
+from ..cluster import routing
+from ..cluster.node import (
+    Address,
+    AuthError,
+    Credentials,
+    NodeConnection,
+    NodeError,
+    NodePool,
+    client_ssl_context,
+)
+from ..cluster.slotmap import SlotMap, parse_redirect
+from ..cluster.slots import key_slot
+from ..cluster.topology import ClusterState, ClusterUnavailable
+from ..config import Problems, parse_address, take_mapping
+from ..message import Message
+from ..protocol import resp
+from ..tls import TlsConnectorConfig, parse_tls_connector
+from . import TransformType, register
+
+log = logging.getLogger(__name__)
+
+#: How long requests are retried while a node is unreachable or the cluster is reconfiguring.
+RETRY_WINDOW = 5.0
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 0.5
+#: MOVED/ASK redirections followed for one request before its last error is returned.
+MAX_REDIRECTS = 8
+#: A MOVED reply triggers a full slot map refresh at most this often (seconds).
+MOVED_REFRESH_INTERVAL = 1.0
+
+_ASKING = resp.encode_command([b"ASKING"])
+_OK = b"+OK\r\n"
+_NULLS = (b"$-1\r\n", b"_\r\n", b"*-1\r\n")
+
+
+@dataclass
+class RedisSinkClusterConfig:
+    first_contact_points: List[Address]
+    connect_timeout_ms: int = 3000
+    direct_destination: Optional[Address] = None
+    connection_count: int = 1
+    tls: Optional[TlsConnectorConfig] = None
+
+
+def parse(settings: Any, where: str, problems: Problems) -> Optional[RedisSinkClusterConfig]:
+    values = take_mapping(settings, where, problems, required={"first_contact_points": list},
+                          optional={"connect_timeout_ms": (int, 3000),
+                                    "direct_destination": (str, None),
+                                    "direct_connection": (str, None),
+                                    "connection_count": (int, 1), "tls": (dict, None)})
+    if values is None:
+        return None
+    points = []
+    if not values["first_contact_points"]:
+        problems.add(f"{where}.first_contact_points", "needs at least one \"host:port\"")
+    for index, text in enumerate(values["first_contact_points"]):
+        address = parse_address(text, f"{where}.first_contact_points[{index}]", problems)
+        if address is not None:
+            points.append(address)
+    if values["connect_timeout_ms"] <= 0:
+        problems.add(f"{where}.connect_timeout_ms", "must be a positive number of milliseconds")
+    if values["connection_count"] < 1:
+        problems.add(f"{where}.connection_count", "must be at least 1")
+    direct = None
+    if values["direct_destination"] is not None and values["direct_connection"] is not None:
+        problems.add(f"{where}.direct_connection", "give direct_destination or its older "
+                                                   "spelling direct_connection, not both")
+    direct_text = values["direct_destination"] or values["direct_connection"]
+    if direct_text is not None:
+        key = "direct_destination" if values["direct_destination"] else "direct_connection"
+        direct = parse_address(direct_text, f"{where}.{key}", problems)
+    tls = None
+    if values["tls"] is not None:
+        tls = parse_tls_connector(values["tls"], f"{where}.tls", problems)
+    return RedisSinkClusterConfig(points, values["connect_timeout_ms"], direct,
+                                  values["connection_count"], tls)
+
+
+class RedisSinkClusterBuilder(TransformBuilder):
+    terminating = True
+
+    def __init__(self, config: RedisSinkClusterConfig, name: str, chain_name: str) -> None:
+        self.config = config
+        self.name = name
+        ssl_context = client_ssl_context(config.tls) if config.tls else None
+        self.pool = NodePool(config.connect_timeout_ms / 1000.0, config.connection_count,
+                             ssl_context)
+        contacts = list(config.first_contact_points)
+        if config.direct_destination is not None and config.direct_destination not in contacts:
+            contacts.insert(0, config.direct_destination)
+        self.state = ClusterState(self.pool, contacts)
+        self.failed_requests = observability.failed_requests(chain_name, "RedisSinkCluster")
+
+    def build(self, context: ConnectionContext) -> Transform:
+        return RedisSinkCluster(self, context)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class _Part:
+    """One command sent to one node on behalf of (part of) a client request."""
+
+    __slots__ = ("raw", "slot", "target", "ask", "frame", "failure", "last_error", "redirects",
+                 "retry_safe", "dedicated", "sent_to")
+
+    def __init__(self, raw: bytes, slot: Optional[int] = None, target: Optional[Address] = None,
+                 retry_safe: bool = False, dedicated: bool = False) -> None:
+        self.raw = raw
+        self.slot = slot
+        self.target = target
+        self.ask: Optional[Address] = None
+        self.frame: Optional[bytes] = None
+        self.failure: Optional[Tuple[str, bool]] = None
+        self.last_error: Optional[bytes] = None
+        self.redirects = 0
+        self.retry_safe = retry_safe
+        self.dedicated = dedicated
+        self.sent_to: Optional[Address] = None
+
+
+class _Job:
+    """One client request: its parts and how their replies make its reply."""
+
+    __slots__ = ("index", "command", "combine", "parts", "positions", "reply")
+
+    def __init__(self, index: int, command: str, combine: str = "") -> None:
+        self.index = index
+        self.command = command
+        self.combine = combine
+        self.parts: List[_Part] = []
+        self.positions: List[List[int]] = []
+        self.reply: Optional[bytes] = None
+
+
+class RedisSinkCluster(Transform):
+    """Routing is described in cluster/routing.py. Upstream connections come from a pool owned by
+    the builder and shared by every client connection of the source: per node and credential set at
+    most `connection_count`, each lent to one batch at a time. A batch is cut per node; each node's
+    share goes out in one write, all nodes at once (one greenlet per node), and the replies are put
+    back in request order. MOVED updates the shared slot map and sends the request again; ASK sends
+    ASKING plus the request to the named node once. When a node cannot be reached (a failover), the
+    slot map is fetched again and the request retried with backoff for up to RETRY_WINDOW seconds.
+    A request that was written to a node that then failed before replying is retried only when it
+    changes no data; otherwise the client gets an error saying it may or may not have run. Blocking
+    commands (BLPOP, ...) run on a connection of the client's own, opened on first use and closed
+    with the client connection, so they never hold a shared one. AUTH (and HELLO ... AUTH) is
+    checked against a node; from then on the client's requests use connections authenticated with
+    those credentials (pooled per credential set). A failed AUTH leaves the previous credentials in
+    force. A client that switched to RESP3 (HELLO 3) is served by connections that did the same
+    (the pool is keyed by protocol too)."""
+
+    def __init__(self, builder: RedisSinkClusterBuilder, context: ConnectionContext) -> None:
+        self.builder = builder
+        self.pool = builder.pool
+        self.state = builder.state
+        self.direct = builder.config.direct_destination
+        self.handling = self.direct is not None
+        session = context.session
+        # After an upgrade the session carries the client's credentials and name.
+        self.credentials: Credentials = None
+        if session.auth_password is not None:
+            self.credentials = (session.auth_username, session.auth_password)
+        self.client_name: Optional[bytes] = session.client_name
+        self.protocol = session.resp_version
+        self._dedicated: Dict[Address, NodeConnection] = {}
+        self._failed = 0
+
+    # ---- the batch ----------------------------------------------------------------------------
+
+    def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
+        replies: List[Optional[bytes]] = [None] * len(requests)
+        phase: List[_Job] = []
+        self._failed = 0
+        for index, request in enumerate(requests):
+            args = request.args
+            where = routing.route(args, self.handling)
+            kind = where.kind
+            if kind == routing.LOCAL:
+                replies[index] = self._local(request.command, args)
+            elif kind == routing.REFUSED:
+                replies[index] = resp.error_reply(
+                    f"ERR RedisSinkCluster does not support {request.command or 'this command'}"
+                    f" ({where.reason})")
+            elif kind == routing.AUTH:
+                self._run(phase, replies)
+                phase = []
+                replies[index] = self._auth_command(args)
+            elif kind == routing.HELLO:
+                self._run(phase, replies)
+                phase = []
+                replies[index] = self._hello(index, args)
+            elif kind == routing.BLOCKING:
+                if len({key_slot(key) for key in where.keys}) > 1:
+                    replies[index] = resp.error_reply(
+                        f"ERR RedisSinkCluster cannot run {request.command} on keys of different "
+                        f"slots: it would wait on one node only (give the keys a common hash tag)")
+                    continue
+                # Alone, after everything before it, on the client's own connection.
+                self._run(phase, replies)
+                phase = []
+                self._run([self._plan(index, request, where)], replies)
+            else:
+                phase.append(self._plan(index, request, where))
+        self._run(phase, replies)
+        if self._failed:
+            self.builder.failed_requests(self._failed)
+        lost = Message.error("ERR RedisSinkCluster lost this request's reply")
+        return [Message(reply) if reply is not None else lost for reply in replies]
+
+    def _plan(self, index: int, request: Message, where: routing.Route) -> _Job:
+        command = request.command
+        job = _Job(index, command, where.combine)
+        retry_safe = command in routing.READ_ONLY
+        kind = where.kind
+        if kind in (routing.KEYED, routing.BLOCKING):
+            slot = where.slot if where.slot is not None else key_slot(where.keys[0])
+            job.parts.append(_Part(request.raw, slot, retry_safe=retry_safe,
+                                   dedicated=kind == routing.BLOCKING))
+        elif kind == routing.SPLIT:
+            self._plan_split(job, request, where, retry_safe)
+        elif kind == routing.FANOUT:
+            try:
+                current = self.state.get(self.credentials)
+            except ClusterUnavailable as error:
+                job.reply = error.reply
+                self._failed += 1
+                return job
+            for master in current.masters:
+                job.parts.append(_Part(request.raw, current.first_slots[master],
+                                       retry_safe=True))
+        else:  # any node: the direct destination in handling mode
+            job.parts.append(_Part(request.raw, target=self.direct, retry_safe=retry_safe))
+        return job
+
+    def _plan_split(self, job: _Job, request: Message, where: routing.Route,
+                    retry_safe: bool) -> None:
+        args = request.args
+        by_slot: Dict[int, List[int]] = {}
+        for position, key in enumerate(where.keys):
+            by_slot.setdefault(key_slot(key), []).append(position)
+        if len(by_slot) == 1:
+            slot = next(iter(by_slot))
+            job.combine = ""
+            job.parts.append(_Part(request.raw, slot, retry_safe=retry_safe))
+            return
+        name = args[0]
+        for slot, positions in by_slot.items():
+            if where.step == 2:  # MSET key value pairs
+                sub = [name]
+                for position in positions:
+                    sub.extend(args[1 + 2 * position : 3 + 2 * position])
+            else:
+                sub = [name] + [where.keys[position] for position in positions]
+            job.parts.append(_Part(resp.encode_command(sub), slot, retry_safe=retry_safe))
+            job.positions.append(positions)
+
+    def _run(self, jobs: List[_Job], replies: List[Optional[bytes]]) -> None:
+        if not jobs:
+            return
+        parts = [part for job in jobs for part in job.parts]
+        if parts:
+            self._execute(parts)
+        for job in jobs:
+            if job.reply is None:
+                job.reply = self._combine(job)
+            replies[job.index] = job.reply
+
+    # ---- sending, redirections and retries ----------------------------------------------------
+
+    def _execute(self, parts: List[_Part]) -> None:
+        pending = parts
+        deadline: Optional[float] = None
+        backoff = BACKOFF_FIRST
+        while pending:
+            try:
+                current = self.state.get(self.credentials)
+            except ClusterUnavailable as error:
+                for part in pending:
+                    part.frame = error.reply
+                self._failed += len(pending)
+                return
+            version = self.state.version
+            groups: Dict[Tuple[Address, bool], List[_Part]] = {}
+            unroutable = set()
+            for part in pending:
+                address = self._address_for(part, current)
+                if address is None:
+                    unroutable.add(id(part))
+                    part.last_error = resp.error_reply(
+                        f"CLUSTERDOWN RedisSinkCluster knows no node serving slot {part.slot}")
+                else:
+                    groups.setdefault((address, part.dedicated), []).append(part)
+            self._send_all(groups)
+            retry: List[_Part] = []
+            wait = refresh = bool(unroutable)
+            moved = False
+            for part in pending:
+                if id(part) in unroutable:
+                    retry.append(part)
+                    continue
+                part.ask = None
+                failure, part.failure = part.failure, None
+                if failure is not None:
+                    text, sent = failure
+                    if sent and not part.retry_safe:
+                        part.frame = resp.error_reply(
+                            f"ERR RedisSinkCluster: {text}; the command may or may not have run")
+                        self._failed += 1
+                        continue
+                    part.last_error = resp.error_reply(f"ERR RedisSinkCluster: {text}")
+                    retry.append(part)
+                    wait = refresh = True
+                    continue
+                frame = part.frame
+                if frame[:1] != b"-":
+                    continue
+                if frame.startswith((b"-MOVED ", b"-ASK ")):
+                    redirect = parse_redirect(frame, part.sent_to)
+                    if redirect is not None and part.redirects < MAX_REDIRECTS:
+                        part.redirects += 1
+                        part.last_error, part.frame = frame, None
+                        kind, slot, address = redirect
+                        log.debug("%s redirection of slot %d to %s:%d", kind, slot, *address)
+                        if kind == "MOVED":
+                            self.state.apply_moved(slot, address)
+                            moved = True
+                        else:
+                            part.ask = address
+                        retry.append(part)
+                elif frame.startswith((b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING")):
+                    part.last_error, part.frame = frame, None
+                    retry.append(part)
+                    wait = True
+                    refresh = refresh or frame.startswith(b"-CLUSTERDOWN")
+            if not retry:
+                return
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + RETRY_WINDOW
+            if now >= deadline:
+                for part in retry:
+                    part.frame = part.last_error
+                    if not part.last_error.startswith((b"-MOVED", b"-ASK", b"-TRYAGAIN",
+                                                       b"-CLUSTERDOWN", b"-LOADING")):
+                        self._failed += 1
+                return
+            if refresh:
+                self.state.refresh(self.credentials, version)
+            elif moved:
+                self.state.refresh(self.credentials, version, MOVED_REFRESH_INTERVAL)
+            if wait:
+                gevent.sleep(min(backoff, max(0.0, deadline - now)))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            pending = retry
+
+    def _address_for(self, part: _Part, current: SlotMap) -> Optional[Address]:
+        if part.ask is not None:
+            return part.ask
+        if part.slot is not None:
+            return current.owners[part.slot]
+        if part.target is not None:
+            return part.target
+        return current.any_master()
+
+    def _send_all(self, groups: Dict[Tuple[Address, bool], List[_Part]]) -> None:
+        items = list(groups.items())
+        if len(items) == 1:
+            (address, dedicated), parts = items[0]
+            self._send_group(address, dedicated, parts)
+            return
+        others = [gevent.spawn(self._send_group, address, dedicated, parts)
+                  for (address, dedicated), parts in items[1:]]
+        (address, dedicated), parts = items[0]
+        self._send_group(address, dedicated, parts)
+        gevent.joinall(others)
+
+    def _send_group(self, address: Address, dedicated: bool, parts: List[_Part]) -> None:
+        raws: List[bytes] = []
+        for part in parts:
+            if part.ask is not None:
+                raws.append(_ASKING)
+            raws.append(part.raw)
+            part.sent_to = address
+            part.frame = None
+        try:
+            connection = (self._dedicated_connection(address) if dedicated
+                          else self.pool.acquire(address, self.credentials, self.protocol))
+        except AuthError as error:
+            for part in parts:
+                part.frame = resp.error_reply(str(error))
+            return
+        except NodeError as error:
+            for part in parts:
+                part.failure = (str(error), False)
+            return
+        frames: List[bytes] = []
+        failure: Optional[Tuple[str, bool]] = None
+        try:
+            frames = connection.call(raws)
+        except NodeError as error:
+            frames = error.replies
+            failure = (str(error), error.sent)
+        except Exception as error:  # a bug must not leave the client without replies
+            log.exception("sending to cluster node %s failed", address)
+            connection.close()
+            failure = (f"internal error: {error}", True)
+        finally:
+            if not dedicated:
+                self.pool.release(connection)
+            elif connection.closed:
+                self._dedicated.pop(address, None)
+        position = 0
+        for part in parts:
+            if part.ask is not None:
+                position += 1  # ASKING's own +OK
+            if position < len(frames):
+                part.frame = frames[position]
+            else:
+                part.failure = failure or ("the node sent too few replies", True)
+            position += 1
+
+    def _dedicated_connection(self, address: Address) -> NodeConnection:
+        connection = self._dedicated.get(address)
+        if connection is not None and (connection.credentials != self.credentials
+                                       or connection.protocol != self.protocol
+                                       or not connection.alive()):
+            connection.close()
+            connection = None
+        if connection is None:
+            connection = self.pool.connect(address, self.credentials, self.protocol)
+            self._dedicated[address] = connection
+        return connection
+
+    # ---- putting replies together -------------------------------------------------------------
+
+    def _combine(self, job: _Job) -> bytes:
+        frames = [part.frame for part in job.parts]
+        if not job.combine:
+            return frames[0]
+        for frame in frames:
+            if frame[:1] == b"-":
+                return frame
+        if job.combine == "sum":
+            total = 0
+            for frame in frames:
+                if frame[:1] != b":":
+                    return _unexpected(job.command, frame)
+                total += int(frame[1:].strip())
+            return b":%d\r\n" % total
+        if job.combine == "all_ok":
+            for frame in frames:
+                if frame != _OK:
+                    return frame
+            return _OK
+        if job.combine == "same":
+            if all(frame == frames[0] for frame in frames):
+                return frames[0]
+            return resp.error_reply(f"ERR RedisSinkCluster: the masters replied differently to "
+                                    f"{job.command}")
+        if job.combine == "join":
+            count = 0
+            bodies = []
+            for frame in frames:
+                if frame[:1] != b"*":
+                    return _unexpected(job.command, frame)
+                end = frame.index(b"\r\n")
+                items = int(frame[1:end])
+                if items > 0:
+                    count += items
+                    bodies.append(frame[end + 2 :])
+            return b"*%d\r\n" % count + b"".join(bodies)
+        if job.combine == "mget":
+            total = sum(len(positions) for positions in job.positions)
+            values: List[Optional[bytes]] = [None] * total
+            for positions, frame in zip(job.positions, frames):
+                parsed = resp.parse_frame(frame)
+                if not isinstance(parsed, list) or len(parsed) != len(positions):
+                    return _unexpected(job.command, frame)
+                for position, value in zip(positions, parsed):
+                    values[position] = value
+            null = self._null()
+            return b"*%d\r\n" % total + b"".join(null if v is None else resp.bulk_reply(v)
+                                                 for v in values)
+        if job.combine == "all_true":
+            merged: Optional[List[int]] = None
+            for frame in frames:
+                parsed = resp.parse_frame(frame)
+                if not isinstance(parsed, list):
+                    return _unexpected(job.command, frame)
+                merged = parsed if merged is None else [min(a, b) for a, b in zip(merged, parsed)]
+            return resp.encode_value(merged or [])
+        if job.combine == "first_value":
+            for frame in frames:
+                if frame not in _NULLS:
+                    return frame
+            return self._null()
+        return frames[0]
+
+    def _null(self) -> bytes:
+        return b"_\r\n" if self.protocol == 3 else b"$-1\r\n"
+
+    # ---- answered here ------------------------------------------------------------------------
+
+    def _local(self, command: str, args: List[bytes]) -> bytes:
+        count = len(args)
+        if command == "PING":
+            if count == 1:
+                return b"+PONG\r\n"
+            if count == 2:
+                return resp.bulk_reply(args[1])
+        elif command == "ECHO":
+            if count == 2:
+                return resp.bulk_reply(args[1])
+        elif command == "SELECT":
+            if count == 2:
+                return _OK
+        elif command in ("QUIT", "READONLY", "READWRITE"):
+            return _OK
+        elif command == "CLIENT":
+            sub = args[1].upper() if count > 1 else b""
+            if sub == b"SETNAME" and count == 3:
+                name = args[2]
+                if any(byte <= 32 or byte > 126 for byte in name):
+                    return resp.error_reply("ERR Client names cannot contain spaces, newlines "
+                                            "or special characters.")
+                self.client_name = name or None
+                return _OK
+            if sub == b"GETNAME" and count == 2:
+                return self._null() if self.client_name is None else \
+                    resp.bulk_reply(self.client_name)
+            if sub == b"SETINFO" and count == 4:
+                return _OK
+            return resp.error_reply(f"ERR wrong number of arguments for 'client|"
+                                    f"{sub.decode('latin-1').lower()}' command")
+        return resp.error_reply(f"ERR wrong number of arguments for '{command.lower()}' command")
+
+    def _auth_command(self, args: List[bytes]) -> bytes:
+        if len(args) == 2:
+            credentials: Credentials = (None, args[1])
+        elif len(args) == 3:
+            credentials = (args[1], args[2])
+        else:
+            return resp.error_reply("ERR wrong number of arguments for 'auth' command")
+        return self._authenticate(credentials)
+
+    def _authenticate(self, credentials: Credentials) -> bytes:
+        """Check credentials on a node; on success the client's requests use them from now on."""
+        candidates: List[Address] = []
+        if self.direct is not None:
+            candidates.append(self.direct)
+        for address in self.state.candidates():
+            if address not in candidates:
+                candidates.append(address)
+        problem = "no contact points"
+        for address in candidates:
+            try:
+                connection = self.pool.acquire(address, credentials)
+            except AuthError as error:
+                return resp.error_reply(str(error))
+            except NodeError as error:
+                problem = str(error)
+                continue
+            self.pool.release(connection)
+            self.credentials = credentials
+            return _OK
+        self._failed += 1
+        return resp.error_reply(f"ERR RedisSinkCluster could not check the credentials on any "
+                                f"node: {problem}")
+
+    def _hello(self, index: int, args: List[bytes]) -> bytes:
+        version = self.protocol
+        if len(args) > 1:
+            try:
+                version = int(args[1])
+            except ValueError:
+                return resp.error_reply("ERR Protocol version is not an integer or out of range")
+            if version not in (2, 3):
+                return resp.error_reply("NOPROTO sorry, this protocol version is not supported.")
+        credentials: Credentials = None
+        name: Optional[bytes] = None
+        position = 2
+        while position < len(args):
+            option = args[position].upper()
+            if option == b"AUTH" and position + 2 < len(args):
+                credentials = (args[position + 1], args[position + 2])
+                position += 3
+            elif option == b"SETNAME" and position + 1 < len(args):
+                name = args[position + 1]
+                position += 2
+            else:
+                return resp.error_reply(f"ERR Syntax error in HELLO option "
+                                        f"'{args[position].decode('latin-1')}'")
+        if credentials is not None:
+            outcome = self._authenticate(credentials)
+            if outcome != _OK:
+                return outcome
+        # A node answers (in the new protocol) over a connection speaking that protocol.
+        previous, self.protocol = self.protocol, version
+        job = _Job(index, "HELLO")
+        job.parts.append(_Part(resp.encode_command([b"HELLO", str(version).encode()]),
+                               target=self.direct, retry_safe=True))
+        holder: List[Optional[bytes]] = [None] * (index + 1)
+        self._run([job], holder)
+        reply = holder[index]
+        if reply[:1] == b"-":
+            self.protocol = previous
+        elif name is not None:
+            self.client_name = name or None
+        return reply
+
+    def close(self) -> None:
+        for connection in self._dedicated.values():
+            connection.close()
+        self._dedicated.clear()
+
+
+def _unexpected(command: str, frame: bytes) -> bytes:
+    return resp.error_reply(f"ERR RedisSinkCluster: unexpected reply to {command} from a node: "
+                            f"{frame[:60]!r}")
+
+
+KIND = register(TransformType(("RedisSinkCluster", "ValkeySinkCluster"), True, parse,
+                              RedisSinkClusterBuilder))

@@ -1,0 +1,527 @@
+"""RedisSinkCluster and RedisClusterPortsRewrite against a real 6-node Redis Cluster, through a
+real proxy process: routing, splitting, fan-out, resharding, failover, handling mode, upgrade."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import hiredis
+import pytest
+import redis
+import redis.cluster
+
+from cluster_support import Cluster, cluster_sink, start_cluster
+from helpers import HOST, RawClient, ProxyProcess, free_port, redis_client, source_entry, wait_for
+from shotover_gevent.cluster.slots import key_slot
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    built = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield built
+    built.stop()
+
+
+@pytest.fixture
+def clean_cluster(cluster: Cluster) -> Cluster:
+    """The module's cluster, healthy (a node a test killed is back) and without data."""
+    for node in cluster.nodes:
+        if not node.running:
+            node.start()
+    cluster.wait_healthy()
+    cluster.flushall()
+    return cluster
+
+
+@pytest.fixture
+def make_proxy(tmp_path, clean_cluster):
+    """make_proxy(chain=None, **sink_options) -> a started proxy whose chain ends in a
+    RedisSinkCluster for the cluster; stopped at the end of the test (it must exit 0)."""
+    proxies: List[ProxyProcess] = []
+    counter = itertools.count()
+
+    def make(chain_prefix=(), port: Optional[int] = None, **sink_options) -> ProxyProcess:
+        port = port or free_port()
+        chain = list(chain_prefix) + [cluster_sink(clean_cluster, **sink_options)]
+        topology = {"sources": [source_entry("redis", port, chain)]}
+        proxy = ProxyProcess(tmp_path / f"proxy-{next(counter)}", topology)
+        proxies.append(proxy)
+        return proxy.start()
+
+    yield make
+    problems = []
+    for proxy in proxies:
+        try:
+            if proxy.running:
+                proxy.stop(expect_code=0)
+        except AssertionError as error:
+            problems.append(str(error))
+        finally:
+            proxy.cleanup()
+    if problems:
+        pytest.fail("a proxy did not shut down cleanly:\n" + "\n".join(problems))
+
+
+def error_text(reply: Any) -> str:
+    assert isinstance(reply, hiredis.ReplyError), f"expected an error, got {reply!r}"
+    return str(reply)
+
+
+def keys_per_master(cluster: Cluster, keys: List[str]) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for key in keys:
+        master = cluster.master_for_slot(key_slot(key.encode())).address
+        counts[master] = counts.get(master, 0) + 1
+    return counts
+
+
+# ---- hiding mode: a plain client sees one server -------------------------------------------------
+
+def test_set_get_across_many_keys(make_proxy, clean_cluster):
+    proxy = make_proxy()
+    client = proxy.client()
+    keys = [f"key:{i}" for i in range(300)]
+    for index, key in enumerate(keys):
+        assert client.set(key, f"value-{index}") is True
+    for index, key in enumerate(keys):
+        assert client.get(key) == f"value-{index}".encode()
+    spread = keys_per_master(clean_cluster, keys)
+    assert len(spread) == 3 and min(spread.values()) > 50, spread
+    direct = clean_cluster.client()
+    try:
+        assert direct.get("key:7") == b"value-7"
+    finally:
+        direct.close()
+    assert client.incr("counter") == 1 and client.incrby("counter", 9) == 10
+    assert client.hset("hash", mapping={"a": "1", "b": "2"}) == 2
+    assert client.hgetall("hash") == {b"a": b"1", b"b": b"2"}
+    assert client.rpush("list", "x", "y", "z") == 3 and client.lrange("list", 0, -1) == [
+        b"x", b"y", b"z"]
+    assert client.ping() is True and client.echo("hi") == b"hi"
+
+
+def test_resp2_client(make_proxy):
+    proxy = make_proxy()
+    client = redis_client(proxy.port, protocol=2)
+    assert client.set("r2", "v") is True
+    assert client.mget("r2", "missing-1", "missing-2") == [b"v", None, None]
+    assert client.client_getname() is None
+    assert client.client_setname("tester") is True
+    assert client.client_getname() in ("tester", b"tester")
+    with RawClient(proxy.port) as raw:
+        assert raw.call("HELLO", "3")[b"proto"] == 3
+        assert raw.call("MGET", "r2", "nope-a", "nope-b") == [b"v", None, None]
+        hello = raw.call("HELLO", "2")
+        assert hello[hello.index(b"proto") + 1] == 2
+        assert "NOPROTO" in error_text(raw.call("HELLO", "4"))
+
+
+def test_hash_tags_keep_keys_together(make_proxy, clean_cluster):
+    client = make_proxy().client()
+    keys = [f"{{user:42}}.field{i}" for i in range(20)]
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+    assert client.mset({k: str(i) for i, k in enumerate(keys)}) is True
+    assert client.rename(keys[0], "{user:42}.renamed") is True
+    assert client.get("{user:42}.renamed") == b"0"
+    assert client.sadd("{tag}a", "1", "2") == 2 and client.sadd("{tag}b", "2", "3") == 2
+    assert client.sunionstore("{tag}dest", ["{tag}a", "{tag}b"]) == 3
+    assert client.smembers("{tag}dest") == {b"1", b"2", b"3"}
+    # Keys of different slots in one command that cannot be split: the node says CROSSSLOT.
+    with pytest.raises(redis.exceptions.ClusterCrossSlotError):
+        client.rename("plain-a-key", "another-plain-key-in-another-slot")
+    owner = clean_cluster.master_for_slot(key_slot(b"user:42"))
+    with owner.client() as direct:
+        assert direct.get("{user:42}.field5") == b"5"
+
+
+def test_multi_key_commands_across_slots(make_proxy):
+    client = make_proxy().client()
+    mapping = {f"mk:{i}": f"v{i}" for i in range(60)}
+    assert len({key_slot(k.encode()) for k in mapping}) > 50
+    assert client.mset(mapping) is True
+    wanted = []
+    for i in range(60):
+        wanted.append(f"mk:{i}")
+        if i % 7 == 0:
+            wanted.append(f"absent:{i}")
+    expected = [mapping.get(k, None) for k in wanted]
+    assert client.mget(wanted) == [None if v is None else v.encode() for v in expected]
+    assert client.exists(*wanted) == 60
+    assert client.touch(*[f"mk:{i}" for i in range(10)], "absent:x") == 10
+    assert client.delete(*[f"mk:{i}" for i in range(0, 60, 2)], "absent:y") == 30
+    assert client.unlink(*[f"mk:{i}" for i in range(60)]) == 30
+    assert client.exists(*mapping) == 0
+    # Within one slot the command goes whole.
+    assert client.mset({"{s}1": "a", "{s}2": "b"}) is True
+    assert client.mget("{s}1", "{s}2", "{s}3") == [b"a", b"b", None]
+
+
+def test_fan_out_commands(make_proxy, clean_cluster):
+    client = make_proxy().client()
+    keys = [f"fan:{i}" for i in range(90)]
+    client.mset({k: "1" for k in keys})
+    assert client.dbsize() == 90 == clean_cluster.dbsize()
+    assert sorted(client.keys("fan:*")) == sorted(k.encode() for k in keys)
+    assert client.keys("nothing-matches-*") == []
+    assert client.randomkey() in {k.encode() for k in keys}
+    sha = client.script_load("return redis.call('GET', KEYS[1])")
+    assert client.script_exists(sha, "0" * 40) == [True, False]
+    # The script exists on every master, so EVALSHA works for keys of every slot.
+    for key in keys[:30]:
+        assert client.evalsha(sha, 1, key) == b"1"
+    assert client.eval("return 7", 0) == 7
+    assert client.flushall() is True
+    assert client.dbsize() == 0 == clean_cluster.dbsize()
+    assert client.script_flush() is True
+    assert client.script_exists(sha) == [False]
+
+
+def test_pipeline_of_a_thousand_commands(make_proxy, clean_cluster):
+    client = make_proxy().client()
+    pipe = client.pipeline(transaction=False)
+    for i in range(1000):
+        if i % 3 == 0:
+            pipe.set(f"pipe:{i}", i)
+        elif i % 3 == 1:
+            pipe.incr(f"pipe:{i - 1}")
+        else:
+            pipe.get(f"pipe:{i - 2}")
+    replies = pipe.execute()
+    assert len(replies) == 1000
+    for i, reply in enumerate(replies):
+        base = i - i % 3
+        if i % 3 == 0:
+            assert reply is True
+        elif i % 3 == 1:
+            assert reply == base + 1
+        else:
+            assert reply == str(base + 1).encode()
+    assert clean_cluster.dbsize() == 334
+
+
+def test_upstream_connections_are_pooled_across_clients(make_proxy, clean_cluster):
+    before: Dict[str, set] = {}
+    for master in clean_cluster.masters():
+        with master.client() as direct:
+            before[master.address] = {int(c["id"]) for c in direct.client_list()}
+    proxy = make_proxy(connection_count=2)
+    threads = []
+    failures: List[str] = []
+
+    def traffic(n: int) -> None:
+        try:
+            with redis_client(proxy.port) as client:
+                for round_ in range(20):
+                    pipe = client.pipeline(transaction=False)
+                    for i in range(30):
+                        pipe.set(f"pool:{n}:{i}", round_)
+                    assert pipe.execute() == [True] * 30
+        except Exception as error:  # reported below, in the test's thread
+            failures.append(repr(error))
+
+    for n in range(8):
+        threads.append(threading.Thread(target=traffic, args=(n,)))
+        threads[-1].start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    assert clean_cluster.dbsize() == 8 * 30
+    for master in clean_cluster.masters():
+        with master.client() as direct:
+            me = direct.client_id()
+            normal = [c for c in direct.client_list() if c["flags"] == "N" and
+                      int(c["id"]) != me and int(c["id"]) not in before[master.address]]
+        assert 1 <= len(normal) <= 2, normal
+
+
+def test_unsupported_commands_are_named(make_proxy):
+    proxy = make_proxy()
+    with RawClient(proxy.port) as raw:
+        for command in (["MULTI"], ["EXEC"], ["WATCH", "k"], ["SELECT", "1"], ["SCAN", "0"],
+                        ["SUBSCRIBE", "channel"], ["MOVE", "k", "1"], ["SWAPDB", "0", "1"],
+                        ["MONITOR"], ["CLIENT", "KILL", "ID", "1"],
+                        ["BLPOP", "list-one", "list-two", "1"]):
+            text = error_text(raw.call(*command))
+            assert text.startswith("ERR") and command[0] in text, text
+        # The connection is still fine afterwards.
+        assert raw.call("SELECT", "0") == b"OK"
+        assert raw.call("SET", "still", "ok") == b"OK"
+        assert raw.call("GET", "still") == b"ok"
+
+
+def test_blocking_commands_do_not_hold_shared_connections(make_proxy, clean_cluster):
+    proxy = make_proxy()
+    owner = clean_cluster.master_for_slot(key_slot(b"queue:a"))
+    result: Dict[str, Any] = {}
+
+    def blocked() -> None:
+        with redis_client(proxy.port) as client:
+            result["value"] = client.blpop(["queue:a", "{queue:a}b"], timeout=10)
+
+    waiter = threading.Thread(target=blocked)
+    waiter.start()
+    try:
+        other = proxy.client()
+        with owner.client() as direct:
+            wait_for(lambda: int(direct.info("clients")["blocked_clients"]) >= 1, 10,
+                     "BLPOP to block on its node")
+        # The pooled connection to that node still serves everybody else.
+        started = time.monotonic()
+        for i in range(50):
+            assert other.set(f"{{queue:a}}free:{i}", i) is True
+        assert time.monotonic() - started < 5
+        assert other.rpush("queue:a", "job") == 1
+        waiter.join(10)
+        assert result["value"] == (b"queue:a", b"job")
+    finally:
+        waiter.join(15)
+
+
+def test_auth_uses_connections_with_the_clients_credentials(make_proxy, clean_cluster):
+    for node in clean_cluster.nodes:
+        with node.client() as direct:
+            direct.execute_command("ACL", "SETUSER", "alice", "on", ">secret", "~*", "+@all")
+    try:
+        proxy = make_proxy()
+        with RawClient(proxy.port) as raw:
+            assert raw.call("ACL", "WHOAMI") == b"default"
+            text = error_text(raw.call("AUTH", "alice", "wrong"))
+            assert text.startswith("WRONGPASS"), text
+            assert raw.call("ACL", "WHOAMI") == b"default"  # a failed AUTH changes nothing
+            assert raw.call("AUTH", "alice", "secret") == b"OK"
+            assert raw.call("ACL", "WHOAMI") == b"alice"
+            assert raw.call("SET", "authed", "yes") == b"OK"
+            for i in range(20):
+                assert raw.call("SET", f"authed:{i}", i) == b"OK"
+            assert raw.call("HELLO", "3", "AUTH", "alice", "secret")[b"proto"] == 3
+            assert raw.call("ACL", "WHOAMI") == b"alice"
+        with RawClient(proxy.port) as other:
+            assert other.call("ACL", "WHOAMI") == b"default"
+            assert other.call("GET", "authed") == b"yes"
+    finally:
+        for node in clean_cluster.nodes:
+            with node.client() as direct:
+                direct.execute_command("ACL", "DELUSER", "alice")
+
+
+# ---- topology changes ----------------------------------------------------------------------------
+
+class Writer(threading.Thread):
+    """Writes keys through the proxy until stopped; remembers what was acknowledged."""
+
+    def __init__(self, port: int, prefix: str, keys_per_round: int = 1) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.prefix = prefix
+        self.acknowledged: List[str] = []
+        self.errors: List[tuple] = []
+        self.stop_event = threading.Event()
+        self.keys_per_round = keys_per_round
+
+    def run(self) -> None:
+        client = redis_client(self.port, socket_timeout=30)
+        i = 0
+        deadline = time.monotonic() + 120
+        while not self.stop_event.is_set() and time.monotonic() < deadline:
+            key = f"{self.prefix}{i}"
+            try:
+                if client.set(key, i) is True:
+                    self.acknowledged.append(key)
+            except redis.RedisError as error:
+                self.errors.append((time.monotonic(), key, repr(error)))
+                if isinstance(error, redis.ConnectionError):
+                    client = redis_client(self.port, socket_timeout=30)
+            i += 1
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(30)
+        assert not self.is_alive()
+
+
+def test_moved_and_ask_during_resharding(make_proxy, clean_cluster):
+    proxy = make_proxy()
+    client = proxy.client()
+    prefix = "{migrating}:"
+    slot = key_slot(b"migrating")
+    source = clean_cluster.master_for_slot(slot)
+    target = next(m for m in clean_cluster.masters() if m.address != source.address)
+    for i in range(300):
+        client.set(f"{prefix}seed{i}", i)
+    writer = Writer(proxy.port, prefix)
+    writer.start()
+    try:
+        wait_for(lambda: len(writer.acknowledged) > 50, 10, "writes before the migration")
+        seen = len(writer.acknowledged)
+
+        def let_writes_interleave() -> None:
+            wait_for(lambda: len(writer.acknowledged) > let_writes_interleave.count + 3, 10,
+                     "writes during the migration")
+            let_writes_interleave.count = len(writer.acknowledged)
+
+        let_writes_interleave.count = seen
+        moved = clean_cluster.migrate_slot(slot, target, batch=40,
+                                           between_batches=let_writes_interleave)
+        assert moved >= 300
+        after = len(writer.acknowledged)
+        wait_for(lambda: len(writer.acknowledged) > after + 50, 10, "writes after the migration")
+    finally:
+        writer.stop()
+    assert writer.errors == []
+    assert clean_cluster.master_for_slot(slot).address == target.address
+    reader = proxy.client()
+    keys = writer.acknowledged
+    values = reader.mget(keys)
+    assert all(v is not None for v in values), "an acknowledged write is missing"
+    with target.client() as direct:
+        assert direct.exists(*keys[:100]) == 100
+        assert direct.get(f"{prefix}seed7") == b"7"
+    with source.client() as direct:
+        assert direct.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+
+
+def test_handling_mode_with_direct_destination(make_proxy, clean_cluster):
+    direct_node = clean_cluster.masters()[0]
+    proxy = make_proxy(direct_destination=direct_node.address)
+    client = proxy.client()
+    keys = [f"handled:{i}" for i in range(100)]
+    for key in keys:
+        assert client.set(key, key) is True
+    assert client.get("handled:42") == b"handled:42"
+    # Keyless commands go to the direct destination only.
+    assert client.execute_command("CLUSTER", "MYID").decode() == direct_node.node_id()
+    with direct_node.client() as direct:
+        assert client.dbsize() == direct.dbsize() < 100
+    # Multi-key commands are not split: like redis-cli -c, the node refuses other slots.
+    with pytest.raises(redis.exceptions.ClusterCrossSlotError):
+        client.mget("handled:1", "handled:2", "handled:3", "handled:4")
+    assert client.mget("{h}1", "{h}2") == [None, None]
+
+
+def test_ports_rewrite_with_a_cluster_aware_client(make_proxy, clean_cluster):
+    port = free_port()
+    proxy = make_proxy(chain_prefix=[{"RedisClusterPortsRewrite": {"new_port": port}}],
+                       port=port)
+    plain = proxy.client()
+    slots = plain.execute_command("CLUSTER", "SLOTS")
+    ports = {int(node[1]) for entry in slots for node in entry[2:]}
+    assert ports == {port}
+    assert sum(int(e[1]) - int(e[0]) + 1 for e in slots) == 16384
+    nodes_text = plain.execute_command("CLUSTER", "NODES")
+    nodes_text = nodes_text.decode() if isinstance(nodes_text, bytes) else nodes_text
+    if isinstance(nodes_text, dict):  # redis-py may parse the text itself
+        addresses = list(nodes_text)
+    else:
+        addresses = [line.split()[1] for line in nodes_text.splitlines() if line.strip()]
+    bus_ports = {node.bus_port for node in clean_cluster.nodes}
+    assert len(addresses) == 6
+    for address in addresses:
+        client_part, _, bus_part = address.partition("@")
+        assert client_part.rsplit(":", 1)[1] == str(port), address
+        if bus_part:
+            assert int(bus_part.split(",")[0]) in bus_ports, address
+    with RawClient(port) as raw:
+        shards = raw.call("CLUSTER", "SHARDS")
+        shard_ports = set()
+        for shard in shards:
+            shard = dict(zip(shard[::2], shard[1::2])) if isinstance(shard, list) else shard
+            for node in shard[b"nodes"]:
+                node = dict(zip(node[::2], node[1::2])) if isinstance(node, list) else node
+                shard_ports.add(node[b"port"])
+        assert shard_ports == {port}
+        replicas = raw.call("CLUSTER", "REPLICAS", clean_cluster.masters()[0].node_id())
+        assert replicas and all(f":{port}@" in line.decode() for line in replicas)
+    aware = redis.cluster.RedisCluster(host=HOST, port=port, socket_timeout=10)
+    try:
+        assert {node.port for node in aware.get_nodes()} == {port}
+        for i in range(100):
+            assert aware.set(f"aware:{i}", i) is True
+        assert [aware.get(f"aware:{i}") for i in range(100)] == [
+            str(i).encode() for i in range(100)]
+        assert aware.mget_nonatomic([f"aware:{i}" for i in range(20)]) == [
+            str(i).encode() for i in range(20)]
+    finally:
+        aware.close()
+    assert clean_cluster.dbsize() == 100
+
+
+def test_upgrade_while_cluster_traffic_runs(make_proxy, clean_cluster):
+    proxy = make_proxy()
+    pid = proxy.pid
+    writers = [Writer(proxy.port, f"upgrade:{n}:") for n in range(4)]
+    for writer in writers:
+        writer.start()
+    try:
+        wait_for(lambda: all(len(w.acknowledged) > 20 for w in writers), 15,
+                 "traffic before the upgrade")
+        result = subprocess.run([sys.executable, "-m", "shotover_gevent", "upgrade",
+                                 "--control-socket", proxy.control_socket],
+                                capture_output=True, text=True, timeout=120,
+                                cwd=str(proxy.directory))
+        assert result.returncode == 0, (result.stdout, result.stderr, proxy.log_text()[-4000:])
+        marks = [len(w.acknowledged) for w in writers]
+        wait_for(lambda: all(len(w.acknowledged) > m + 20 for w, m in zip(writers, marks)), 15,
+                 "traffic after the upgrade")
+    finally:
+        for writer in writers:
+            writer.stop()
+    assert proxy.running and proxy.pid == pid
+    assert "generation 1" in proxy.log_text()
+    print("upgrade log tail:", proxy.log_text()[-1500:])
+    for writer in writers:
+        assert writer.errors == [], writer.errors[:5]
+    keys = [key for writer in writers for key in writer.acknowledged]
+    reader = clean_cluster.client()
+    try:
+        values = reader.mget_nonatomic(keys)
+    finally:
+        reader.close()
+    missing = [k for k, v in zip(keys, values) if v is None]
+    assert missing == []
+
+
+def test_failover_after_a_master_dies(make_proxy, clean_cluster):
+    proxy = make_proxy()
+    client = redis_client(proxy.port, socket_timeout=30)
+    victim_key = "failover:victim"
+    slot = key_slot(victim_key.encode())
+    victim = clean_cluster.master_for_slot(slot)
+    replica = clean_cluster.replicas_of(victim)[0]
+    keys = [f"failover:{i}" for i in range(60)] + [victim_key]
+    for key in keys:
+        client.set(key, "before")
+    clean_cluster.wait_replicated()
+    victim.kill()
+    killed_at = time.monotonic()
+    outcomes: List[tuple] = []
+    successes_in_a_row = 0
+    deadline = killed_at + 40
+    while time.monotonic() < deadline and successes_in_a_row < 3 * len(keys):
+        for key in keys:
+            try:
+                client.set(key, "after")
+                assert client.get(key) == b"after"
+                outcomes.append((time.monotonic(), True, ""))
+                successes_in_a_row += 1
+            except redis.RedisError as error:
+                outcomes.append((time.monotonic(), False, str(error)))
+                successes_in_a_row = 0
+                if isinstance(error, redis.ConnectionError):
+                    client = redis_client(proxy.port, socket_timeout=30)
+    assert successes_in_a_row >= 3 * len(keys), outcomes[-5:]
+    errors = [(t - killed_at, text) for t, ok, text in outcomes if not ok]
+    print("failover: errors", len(errors), errors[:3], "first success at",
+          next((t - killed_at for t, ok, _ in outcomes if ok), None), "ops", len(outcomes))
+    assert all(t < 20 for t, _text in errors), errors[:5]
+    assert clean_cluster.master_for_slot(slot).address == replica.address
+    assert client.get(victim_key) == b"after"
+    # Errors, if any, say what went wrong rather than being a closed connection.
+    assert all("RedisSinkCluster" in text or "CLUSTERDOWN" in text for _t, text in errors)
+    victim.start()
+    clean_cluster.wait_healthy()
+    assert victim.role() == "slave"
