@@ -5,7 +5,8 @@ A fresh upstream connection (after an upgrade or a reconnect) is brought back to
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .message import Message
 from .protocol import resp
@@ -26,10 +27,16 @@ TRACKED_COMMANDS = frozenset(
 ) | frozenset(SUBSCRIBE_KINDS)
 
 
+# Commands run at once inside MULTI; every other one is queued until EXEC.
+_RUN_IN_MULTI = frozenset({"EXEC", "DISCARD", "MULTI", "WATCH", "RESET", "QUIT"})
+_QUEUED = b"+QUEUED\r\n"
+_OK = Message(b"+OK\r\n")
+
+
 class Session:
     __slots__ = ("selected_db", "resp_version", "client_name", "auth_username", "auth_password",
-                 "readonly", "channels", "patterns", "shard_channels", "in_multi", "watching",
-                 "monitor", "tracking")
+                 "readonly", "no_evict", "channels", "patterns", "shard_channels", "in_multi",
+                 "watching", "monitor", "tracking", "reply_mode", "_queued", "_exec_results")
 
     def __init__(self) -> None:
         self.selected_db = 0
@@ -38,6 +45,7 @@ class Session:
         self.auth_username: Optional[bytes] = None
         self.auth_password: Optional[bytes] = None
         self.readonly = False
+        self.no_evict = False
         self.channels: set = set()
         self.patterns: set = set()
         self.shard_channels: set = set()
@@ -45,22 +53,46 @@ class Session:
         self.watching = False
         self.monitor = False
         self.tracking = False
+        # CLIENT REPLY: "ON", "OFF" or "SKIP" (the next reply is skipped). Only the sink that
+        # counts replies knows when a SKIP has been used up, so it keeps this current.
+        self.reply_mode = "ON"
+        # Inside MULTI: the tracked commands the server queued, applied when EXEC succeeds.
+        self._queued: List[Message] = []
+        # What EXEC answered for each of them, as reported by the sink that read the reply.
+        self._exec_results: Deque[List[Tuple[Message, Optional[bytes]]]] = deque(maxlen=4)
 
     # ---- tracking -------------------------------------------------------------------------
 
     def observe(self, request: Message, reply: Message) -> None:
         """Update from one request and its reply; only a reply that is not an error counts."""
         command = request.command
-        if command not in TRACKED_COMMANDS or not reply.raw:
+        if command not in TRACKED_COMMANDS:
+            return
+        if self.in_multi and command not in _RUN_IN_MULTI:
+            if reply.raw == _QUEUED:
+                self._queued.append(request)
+            return
+        if not reply.raw:
+            # CLIENT REPLY OFF/SKIP: nothing to judge by. Modes that keep a connection from
+            # being handed over are assumed to be on, which is the safe side.
+            if command == "MONITOR" or (command == "CLIENT" and request.subcommand() == "TRACKING"
+                                        and len(request.args) > 2):
+                self._apply(request, _OK)
             return
         if command in SUBSCRIBE_KINDS:
             self._observe_subscriptions(reply.raw)
             return
         if reply.is_error:
-            if command in ("EXEC", "DISCARD"):
+            if command in ("EXEC", "DISCARD") and self.in_multi:
+                # EXECABORT (and the like) ends the transaction and its WATCHes.
                 self.in_multi = False
                 self.watching = False
+                self._queued = []
             return
+        self._apply(request, reply)
+
+    def _apply(self, request: Message, reply: Message) -> None:
+        command = request.command
         args = request.args
         if command == "SELECT" and len(args) == 2:
             self.selected_db = int(args[1])
@@ -77,15 +109,25 @@ class Session:
                 self.client_name = args[2] or None
             elif sub == "TRACKING" and len(args) >= 3:
                 self.tracking = args[2].upper() == b"ON"
+            elif sub == "NO-EVICT" and len(args) == 3:
+                self.no_evict = args[2].upper() == b"ON"
         elif command == "READONLY":
             self.readonly = True
         elif command == "READWRITE":
             self.readonly = False
         elif command == "MULTI":
             self.in_multi = True
-        elif command in ("EXEC", "DISCARD"):
+            self._queued = []
+        elif command == "EXEC":
+            queued, self._queued = self._queued, []
             self.in_multi = False
             self.watching = False
+            if reply.raw[:1] == b"*" and not reply.raw.startswith(b"*-1\r\n"):
+                self._observe_exec(queued)
+        elif command == "DISCARD":
+            self.in_multi = False
+            self.watching = False
+            self._queued = []
         elif command == "WATCH":
             self.watching = True
         elif command == "UNWATCH":
@@ -95,8 +137,42 @@ class Session:
         elif command == "RESET":
             self.__init__()
 
+    def exec_results(self, results: List[Tuple[Message, Optional[bytes]]]) -> None:
+        """From the sink: what a successful EXEC answered for each tracked command it ran."""
+        self._exec_results.append(results)
+
+    def _observe_exec(self, queued: List[Message]) -> None:
+        results = self._exec_results.popleft() if self._exec_results else None
+        if results is not None and [r.raw for r, _ in results] == [r.raw for r in queued]:
+            for request, result in results:
+                if result is not None and result[:1] not in (b"-", b"!"):
+                    self._apply(request, Message(result))
+            return
+        # Without the individual results: assume success, except for credentials, which a
+        # reconnect would replay and fail on.
+        for request in queued:
+            command = request.command
+            if command in SUBSCRIBE_KINDS:
+                self._observe_queued_subscription(request)
+            elif command == "AUTH" or (command == "HELLO" and any(
+                    a.upper() == b"AUTH" for a in request.args[2:])):
+                continue
+            elif command != "SELECT" or request.args[-1].isdigit():
+                self._apply(request, _OK)
+
+    def _observe_queued_subscription(self, request: Message) -> None:
+        command = request.command
+        members = getattr(self, SUBSCRIBE_KINDS[command])
+        targets = request.args[1:]
+        if command.startswith(("SUB", "PSUB", "SSUB")):
+            members.update(targets)
+        elif targets:
+            members.difference_update(targets)
+        else:
+            members.clear()
+
     def _observe_hello(self, args: List[bytes]) -> None:
-        if len(args) >= 2:
+        if len(args) >= 2 and args[1] in (b"2", b"3"):
             self.resp_version = int(args[1])
         i = 2
         while i < len(args):
@@ -144,10 +220,19 @@ class Session:
 
     def handover_blocker(self) -> Optional[str]:
         """Why this session cannot move to a new upstream connection now, or None if it can."""
+        return self.drain_blocker() or self.permanent_blocker()
+
+    def drain_blocker(self) -> Optional[str]:
+        """A reason that goes away once the client finishes what it started (worth waiting for
+        during a drain), or None."""
         if self.in_multi:
             return "transaction"
         if self.watching:
             return "watch"
+        return None
+
+    def permanent_blocker(self) -> Optional[str]:
+        """A reason that lasts as long as the client wants (not worth waiting for), or None."""
         if self.monitor:
             return "monitor"
         if self.tracking:
@@ -170,10 +255,14 @@ class Session:
             commands.append([b"CLIENT", b"SETNAME", self.client_name])
         if self.readonly:
             commands.append([b"READONLY"])
+        if self.no_evict:
+            commands.append([b"CLIENT", b"NO-EVICT", b"ON"])
         for command, members in ((b"SUBSCRIBE", self.channels), (b"PSUBSCRIBE", self.patterns),
                                  (b"SSUBSCRIBE", self.shard_channels)):
             if members:
                 commands.append([command, *sorted(members)])
+        if self.reply_mode != "ON":  # last: it silences what follows
+            commands.append([b"CLIENT", b"REPLY", self.reply_mode.encode()])
         return commands
 
     def to_dict(self) -> Dict[str, Any]:
@@ -186,6 +275,8 @@ class Session:
             "client_name": self.client_name,
             "auth": auth,
             "readonly": self.readonly,
+            "no_evict": self.no_evict,
+            "reply_mode": self.reply_mode,
             "subscriptions": {
                 "channels": sorted(self.channels),
                 "patterns": sorted(self.patterns),
@@ -204,6 +295,9 @@ class Session:
             session.auth_username = auth.get("username")
             session.auth_password = auth.get("password")
         session.readonly = bool(data.get("readonly", False))
+        session.no_evict = bool(data.get("no_evict", False))
+        if data.get("reply_mode") in ("OFF", "SKIP"):
+            session.reply_mode = data["reply_mode"]
         subscriptions = data.get("subscriptions") or {}
         session.channels = set(subscriptions.get("channels", ()))
         session.patterns = set(subscriptions.get("patterns", ()))

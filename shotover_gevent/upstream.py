@@ -1,14 +1,15 @@
 """One connection to a Redis/Valkey server: connect, replay a session, send a batch, read replies.
 
-Knows how many reply frames each request produces (pub/sub, CLIENT REPLY) and tells pushes apart.
+Knows how many reply frames each request produces (pub/sub, MULTI, CLIENT REPLY) and tells pushes apart.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import socket as stdlib_socket
 from collections import deque
-from typing import Callable, Deque, List, Optional
+from typing import Callable, Deque, Dict, List, Optional
 
 import gevent
 from gevent import socket
@@ -16,7 +17,7 @@ from gevent.event import Event
 
 from .message import NO_REPLY, Message
 from .protocol import resp
-from .session import SUBSCRIBE_KINDS, Session
+from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,47 @@ _SUBSCRIBE_FRAME_KINDS = frozenset(k.lower().encode() for k in SUBSCRIBE_KINDS)
 # RESP2 pub/sub deliveries start with one of these exact prefixes.
 _RESP2_DELIVERY_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n",
                             b"*3\r\n$8\r\nsmessage\r\n")
-# Commands that make the server send frames nobody asked for.
-PUSH_COMMANDS = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR"})
+# What MONITOR streams: `+<unix time> [<db> <client>] "command" ...`.
+_MONITOR_LINE = re.compile(rb"\+\d+\.\d+ \[")
+# Commands whose replies or effects change how later replies are counted or recognised; every
+# other request gets exactly one reply frame.
+_SPECIAL = frozenset({"CLIENT", "HELLO", "RESET", "MULTI", "EXEC", "DISCARD", "MONITOR", "QUIT"}) \
+    | frozenset(SUBSCRIBE_KINDS)
+# Run at once inside MULTI instead of being queued.
+_RUN_IN_MULTI = frozenset({"EXEC", "DISCARD", "MULTI", "WATCH", "QUIT", "RESET"})
+# All a RESP2 connection with subscriptions may run; anything else gets an error, no effect.
+_RESP2_SUBSCRIBED_ALLOWED = frozenset(SUBSCRIBE_KINDS) | {"PING", "QUIT", "RESET"}
+_QUEUED = b"+QUEUED\r\n"
+# Redis answers CLIENT REPLY inside a transaction with a truncated EXEC reply that no client can
+# parse; the proxy refuses it instead of forwarding it.
+_CLIENT_REPLY_IN_MULTI = "ERR CLIENT REPLY is not supported inside MULTI by the proxy"
 
 
 class UpstreamError(Exception):
     """The server could not be reached or the connection broke; the text goes to clients."""
 
 
+class _Pending:
+    """A request whose reply frames are being collected (push mode)."""
+
+    __slots__ = ("request", "count", "frames", "prefix", "apply", "done")
+
+    def __init__(self, request: Message) -> None:
+        self.request = request
+        self.count = -1  # not known until every earlier reply has been read
+        self.frames: List[bytes] = []
+        self.prefix = b""  # pushes that came just before the reply
+        self.apply = None
+        self.done = False
+
+
 class UpstreamConnection:
-    """A connection to one server, used by one client connection at a time."""
+    """A connection to one server, used by one client connection at a time.
+
+    The reply count of a request is decided when every earlier reply has been read, from the
+    connection's state as the server has it at that point: protocol, CLIENT REPLY mode,
+    subscriptions, MULTI, MONITOR. Effects are applied once a request's frames are all read.
+    """
 
     def __init__(self, address, connect_timeout: float, session: Session,
                  on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None) -> None:
@@ -43,14 +75,24 @@ class UpstreamConnection:
         self.session = session
         self.on_push = on_push
         self.framer = resp.ReplyFramer()
-        self.reply_mode = b"ON"
+        # The server's view of this connection.
+        self.resp_version = 2
+        self.reply_off = False
         self.skip_next = False
+        self.subscriptions: Dict[str, set] = {"channels": set(), "patterns": set(),
+                                              "shard_channels": set()}
         self.monitor = False
-        # Subscriptions as the server will see them once every request sent so far has run.
-        self.predicted = {"channels": set(), "patterns": set(), "shard_channels": set()}
+        self.tracking = False
+        self.multi: Optional[List[Message]] = None  # requests queued by the server
+        self._plain = True  # none of the above is in effect: every request is one frame
+        self._deliveries = False  # pub/sub messages may arrive
+        self._quitting = False
         self.push_mode = False
         self._reader: Optional[gevent.Greenlet] = None
-        self._waiting: Deque[list] = deque()
+        self._pending: Deque[_Pending] = deque()
+        # Pushes read while a batch is in flight: each goes out in front of the next reply, as
+        # Redis orders them; the session-changing replies are kept clean of them.
+        self._held: List[bytes] = []
         self._all_done = Event()
         self._failure: Optional[str] = None
         self.closed = False
@@ -78,62 +120,204 @@ class UpstreamConnection:
         if not commands:
             return
         requests = [Message.request(args) for args in commands]
-        counts = [self._frames_for(request) for request in requests]
-        self._send(b"".join(r.raw for r in requests))
-        for request, count in zip(requests, counts):
-            frames = [self._read_frame() for _ in range(count)]
-            for frame in frames:
-                if frame[:1] in (b"-", b"!"):
-                    self.close()
-                    text = frame[1:].strip().decode("utf-8", "replace")
-                    raise UpstreamError(f"could not restore the session on a new upstream "
-                                        f"connection ({request.command}): {text}")
-        if any(r.command in PUSH_COMMANDS for r in requests):
+        replies = self._call_direct(requests)
+        for request, reply in zip(requests, replies):
+            if reply.is_error:
+                self.close()
+                text = reply.raw[1:].strip().decode("utf-8", "replace")
+                raise UpstreamError(f"could not restore the session on a new upstream "
+                                    f"connection ({request.command}): {text}")
+        if self._wants_push():
             self._enter_push_mode()
 
     # ---- reply accounting ---------------------------------------------------------------------
 
-    def _frames_for(self, request: Message) -> int:
-        """How many frames the server will send in reply to `request` (0 for none)."""
+    def _expect(self, request: Message):
+        """(frames the server sends for `request`, effect to apply once they are read).
+
+        Called when every earlier reply has been read, so the state is the server's.
+        """
         command = request.command
-        if self.reply_mode == b"OFF" or self.skip_next:
-            self.skip_next = False
-            if command == "CLIENT" and request.subcommand() == "REPLY":
-                return self._client_reply(request)
-            return 0
-        if command == "CLIENT" and request.subcommand() == "REPLY":
-            return self._client_reply(request)
+        if self._plain and command not in _SPECIAL:
+            return 1, None
+        silent = self.reply_off or self.skip_next
+        self.skip_next = False
+        one = 0 if silent else 1
+        if self.multi is not None and command not in _RUN_IN_MULTI:
+            return one, self._queue
+        if self.resp_version == 2 and self._deliveries and command not in _RESP2_SUBSCRIBED_ALLOWED:
+            return one, None  # refused with an error: no effect
+        if command not in _SPECIAL:
+            return one, None
         kind = SUBSCRIBE_KINDS.get(command)
-        if kind is None:
-            if command == "RESET":
-                for members in self.predicted.values():
-                    members.clear()
-                self.reply_mode = b"ON"
-            return 1
-        members = self.predicted[kind]
+        if kind is not None:
+            # Confirmations are sent even with CLIENT REPLY OFF/SKIP; argument errors are not.
+            targets = request.args[1:]
+            if command.startswith(("SUB", "PSUB", "SSUB")):
+                return (len(targets) if targets else one), self._subscription_changed
+            if targets:
+                return len(targets), self._subscription_changed
+            return max(1, len(self.subscriptions[kind])), self._subscription_changed
+        if command == "CLIENT":
+            sub = request.subcommand()
+            if sub == "REPLY" and len(request.args) == 3:
+                mode = request.args[2].upper()
+                if mode == b"ON":
+                    return 1, self._client_reply  # the +OK is sent even after OFF/SKIP
+                if mode in (b"OFF", b"SKIP"):
+                    self._client_reply(request, [])
+                    return 0, None
+            elif sub == "TRACKING" and silent:
+                self._client_tracking(request, [b"+OK\r\n"])
+                return 0, None
+            elif sub == "TRACKING":
+                return 1, self._client_tracking
+            return one, None
+        if command == "RESET":
+            return 1, self._reset  # +RESET is sent even with CLIENT REPLY OFF
+        if command == "EXEC":
+            if self.multi is None:
+                return one, None
+            if silent:
+                self._exec(request, [])
+                return 0, None
+            return 1, self._exec
+        if command == "QUIT":
+            self._quitting = True
+            return one, None
+        if silent:
+            # Nothing comes back to judge by: assume the command did what it asks.
+            effect = {"HELLO": self._hello, "MULTI": self._multi, "DISCARD": self._discard,
+                      "MONITOR": self._monitor}[command]
+            effect(request, [b"+OK\r\n"])
+            return 0, None
+        return 1, getattr(self, "_" + command.lower())
+
+    def _exec_extra(self, queued: List[Message]) -> int:
+        """Frames a successful EXEC sends after its array: a queued subscription command that
+        confirms several channels puts its later confirmations there."""
+        extra = 0
+        for request in queued:
+            count, apply = self._expect_queued(request)
+            extra += max(0, count - 1)
+            if apply is not None:
+                apply(request, [_QUEUED])
+        return extra
+
+    def _expect_queued(self, request: Message):
+        command = request.command
+        kind = SUBSCRIBE_KINDS.get(command)
+        if kind is not None:
+            targets = request.args[1:]
+            if targets or command.startswith(("SUB", "PSUB", "SSUB")):
+                return max(1, len(targets)), self._subscription_changed
+            return max(1, len(self.subscriptions[kind])), self._subscription_changed
+        if command == "HELLO":
+            return 1, self._hello_queued
+        if command == "CLIENT" and request.subcommand() == "TRACKING":
+            return 1, self._client_tracking
+        return 1, None
+
+    # Effects, applied once a request's frames have all been read.
+
+    def _state_changed(self) -> None:
+        self._deliveries = any(self.subscriptions.values())
+        self._plain = not (self.reply_off or self.skip_next or self.multi is not None
+                           or (self._deliveries and self.resp_version == 2))
+
+    def _queue(self, request: Message, frames: List[bytes]) -> None:
+        if self.multi is not None and (not frames or frames[0] == _QUEUED):
+            self.multi.append(request)
+
+    def _subscription_changed(self, request: Message, frames: List[bytes]) -> None:
+        command = request.command
+        members = self.subscriptions[SUBSCRIBE_KINDS[command]]
         targets = request.args[1:]
         if command.startswith(("SUB", "PSUB", "SSUB")):
             members.update(targets)
-            return max(1, len(targets))
-        if targets:
+        elif targets:
             members.difference_update(targets)
-            return len(targets)
-        count = len(members)
-        members.clear()
-        return max(1, count)
+        else:
+            members.clear()
+        self._state_changed()
 
-    def _client_reply(self, request: Message) -> int:
-        mode = request.args[2].upper() if len(request.args) > 2 else b""
+    def _client_reply(self, request: Message, frames: List[bytes]) -> None:
+        mode = request.args[2].upper()
         if mode == b"ON":
-            self.reply_mode = b"ON"
-            return 1
-        if mode == b"OFF":
-            self.reply_mode = b"OFF"
-            return 0
-        if mode == b"SKIP":
+            self.reply_off = self.skip_next = False
+        elif mode == b"OFF":
+            self.reply_off = True
+        elif not self.reply_off:
             self.skip_next = True
-            return 0
-        return 1 if self.reply_mode == b"ON" else 0
+        self.session.reply_mode = "OFF" if self.reply_off else "SKIP" if self.skip_next else "ON"
+        self._state_changed()
+
+    def _client_tracking(self, request: Message, frames: List[bytes]) -> None:
+        if frames and frames[0][:1] not in (b"-", b"!") and len(request.args) > 2:
+            self.tracking = request.args[2].upper() == b"ON"
+
+    def _hello(self, request: Message, frames: List[bytes]) -> None:
+        first = frames[0][:1] if frames else b""
+        if first == b"%":
+            self.resp_version = 3
+        elif first == b"*":
+            self.resp_version = 2
+        elif first == b"+" and len(request.args) > 1 and request.args[1] in (b"2", b"3"):
+            self.resp_version = int(request.args[1])  # assumed (no reply seen)
+        self._state_changed()
+
+    def _hello_queued(self, request: Message, frames: List[bytes]) -> None:
+        if len(request.args) > 1 and request.args[1] in (b"2", b"3"):
+            self.resp_version = int(request.args[1])
+            self._state_changed()
+
+    def _reset(self, request: Message, frames: List[bytes]) -> None:
+        self.resp_version = 2
+        self.reply_off = self.skip_next = False
+        for members in self.subscriptions.values():
+            members.clear()
+        self.monitor = self.tracking = False
+        self.multi = None
+        self.session.reply_mode = "ON"
+        self._state_changed()
+
+    def _multi(self, request: Message, frames: List[bytes]) -> None:
+        if frames and frames[0][:1] == b"+":
+            self.multi = []
+            self._state_changed()
+
+    def _discard(self, request: Message, frames: List[bytes]) -> None:
+        self.multi = None
+        self._state_changed()
+
+    def _exec(self, request: Message, frames: List[bytes]) -> None:
+        # Called with the first frame only: its queued commands' effects (and the frames
+        # they add) count from here.
+        queued, self.multi = self.multi or [], None
+        self._state_changed()
+        if frames and frames[0][:1] == b"*" and not frames[0].startswith(b"*-1\r\n"):
+            self._exec_outcomes(queued, frames[0])
+            return self._exec_extra(queued)
+        return 0
+
+    def _exec_outcomes(self, queued: List[Message], array: bytes) -> None:
+        """Tell the session what each queued command it tracks answered (SELECT, SETNAME...)."""
+        if not any(r.command in TRACKED_COMMANDS for r in queued):
+            return
+        if any(r.command in SUBSCRIBE_KINDS for r in queued):
+            return  # several frames per command: the session applies them as queued
+        framer = resp.ReplyFramer()
+        framer.feed(array[array.index(b"\r\n") + 2:])
+        results = [framer.next_frame() for _ in queued]
+        self.session.exec_results([(r, result) for r, result in zip(queued, results)
+                                   if r.command in TRACKED_COMMANDS])
+
+    def _monitor(self, request: Message, frames: List[bytes]) -> None:
+        if frames and frames[0][:1] == b"+":
+            self.monitor = True
+
+    def _wants_push(self) -> bool:
+        return self._deliveries or self.monitor or self.tracking
 
     def _is_push(self, frame: bytes) -> bool:
         first = frame[:1]
@@ -141,10 +325,11 @@ class UpstreamConnection:
             value = resp.parse_frame(frame)
             kind = value[0] if isinstance(value, list) and value else b""
             return not (isinstance(kind, bytes) and kind.lower() in _SUBSCRIBE_FRAME_KINDS)
-        if self.monitor:
-            return True
-        if first == b"*" and self.push_mode:
-            return frame.startswith(_RESP2_DELIVERY_PREFIXES)
+        if first == b"*":
+            return self._deliveries and self.resp_version == 2 and \
+                frame.startswith(_RESP2_DELIVERY_PREFIXES)
+        if first == b"+":
+            return self.monitor and _MONITOR_LINE.match(frame) is not None
         return False
 
     # ---- I/O ----------------------------------------------------------------------------------
@@ -176,10 +361,33 @@ class UpstreamConnection:
                 raise UpstreamError(self._failure)
             framer.feed(data)
 
+    def _read_reply_frame(self) -> bytes:
+        """The next frame that answers a request; pushes on the way are held."""
+        frame = self._read_frame()
+        while self._is_push(frame):
+            self._held.append(frame)
+            frame = self._read_frame()
+        return frame
+
+    def _take_held(self, request: Message) -> bytes:
+        if not self._held or request.command in TRACKED_COMMANDS:
+            return b""
+        held = b"".join(self._held)
+        self._held.clear()
+        return held
+
+    def _release_held(self) -> None:
+        """Deliver held pushes that no later reply can carry (they follow every reply)."""
+        while self._held:
+            held, self._held = self._held, []
+            for frame in held:
+                self.on_push(frame)
+
     def _broken(self, reason: str) -> None:
         if self._failure is None:
             self._failure = reason
-            log.warning("%s", reason)
+            # After QUIT the server closing the connection is the expected outcome.
+            (log.debug if self._quitting else log.warning)("%s", reason)
         self.close()
 
     def close(self) -> None:
@@ -201,43 +409,67 @@ class UpstreamConnection:
         upstream trouble: requests without a reply get an -ERR naming the failure."""
         if self.closed:
             return [Message.error(f"ERR {self._failure or 'upstream connection closed'}")] * len(requests)
-        counts = [self._frames_for(r) for r in requests]
-        enters_push = any(r.command in PUSH_COMMANDS for r in requests)
-        if enters_push and not self.push_mode:
-            if self._waiting:
-                return self._fail_all(requests)
-            self._enter_push_mode()
+        refused = self._refused(requests)
+        if refused:
+            sent = [r for i, r in enumerate(requests) if i not in refused]
+            answers = iter(self._call(sent) if sent else [])
+            return [refused[i] if i in refused else next(answers) for i in range(len(requests))]
+        return self._call(requests)
+
+    def _refused(self, requests: List[Message]) -> Dict[int, Message]:
+        """Requests the proxy answers itself instead of forwarding them (by index)."""
+        in_multi = self.multi is not None
+        if not in_multi and not any(r.command == "MULTI" for r in requests):
+            return {}
+        refused = {}
+        for index, request in enumerate(requests):
+            command = request.command
+            if command == "MULTI":
+                in_multi = True
+            elif command in ("EXEC", "DISCARD", "RESET"):
+                in_multi = False
+            elif in_multi and command == "CLIENT" and request.subcommand() == "REPLY":
+                refused[index] = Message.error(_CLIENT_REPLY_IN_MULTI)
+        return refused
+
+    def _call(self, requests: List[Message]) -> List[Message]:
         if self.push_mode:
-            return self._call_via_reader(requests, counts)
+            return self._call_via_reader(requests)
+        replies = self._call_direct(requests)
+        if self._wants_push() and not self.closed:
+            # From now on frames may arrive while the client sends nothing.
+            self._enter_push_mode()
+        return replies
+
+    def _call_direct(self, requests: List[Message]) -> List[Message]:
         payload = requests[0].raw if len(requests) == 1 else b"".join([r.raw for r in requests])
         replies: List[Message] = []
         try:
             self._send(payload)
-            for request, count in zip(requests, counts):
-                if count == 1:
-                    frame = self._read_frame()
-                    while frame[:1] == b">" and self._is_push(frame):
-                        self.on_push(frame)
-                        frame = self._read_frame()
+            for request in requests:
+                count, apply = self._expect(request)
+                if count == 1 and apply is None:
+                    frame = self._read_reply_frame()
+                    if self._held:
+                        frame = self._take_held(request) + frame
                     replies.append(Message(frame))
-                elif count == 0:
-                    replies.append(NO_REPLY)
-                else:
-                    frames = []
-                    while len(frames) < count:
-                        frame = self._read_frame()
-                        if self._is_push(frame):
-                            self.on_push(frame)
-                        else:
-                            frames.append(frame)
-                    replies.append(Message(b"".join(frames)))
+                    continue
+                frames: List[bytes] = []
+                while len(frames) < count:
+                    frames.append(self._read_reply_frame())
+                    if len(frames) == 1 and apply == self._exec:
+                        count += self._exec(request, frames)
+                        apply = None
+                if apply is not None:
+                    apply(request, frames)
+                if frames and self._held:
+                    frames.insert(0, self._take_held(request))
+                replies.append(Message(b"".join(frames)) if frames else NO_REPLY)
         except UpstreamError as error:
             text = f"ERR {error}"
             replies.extend([Message.error(text)] * (len(requests) - len(replies)))
+        self._release_held()
         return replies
-
-    def _fail_all(self, requests: List[Message]) -> List[Message]:
-        return [Message.error("ERR proxy cannot enter pub/sub mode with replies pending")] * len(requests)
 
     # ---- push mode: a reader greenlet owns the socket's read side -------------------------------
 
@@ -245,58 +477,82 @@ class UpstreamConnection:
         self.push_mode = True
         self._reader = gevent.spawn(self._read_loop)
 
-    def _call_via_reader(self, requests: List[Message], counts: List[int]) -> List[Message]:
-        slots = [[count, [], r.command == "MONITOR"] for count, r in zip(counts, requests)]
-        for slot in slots:
-            if slot[0]:
-                self._waiting.append(slot)
+    def _call_via_reader(self, requests: List[Message]) -> List[Message]:
+        entries = [_Pending(request) for request in requests]
+        self._pending.extend(entries)
         self._all_done.clear()
+        self._advance()
         try:
             self._send(b"".join(r.raw for r in requests))
         except UpstreamError:
             pass
-        if self._waiting and not self.closed:
+        if self._pending and not self.closed:
             self._all_done.wait()
         replies = []
-        for slot in slots:
-            count, frames = slot[0], slot[1]
-            if len(frames) < count:
+        for entry in entries:
+            if not entry.done:
                 replies.append(Message.error(f"ERR {self._failure or 'upstream connection closed'}"))
-            elif count == 0:
-                replies.append(NO_REPLY)
+            elif entry.frames:
+                replies.append(Message(entry.prefix + b"".join(entry.frames)))
             else:
-                replies.append(Message(b"".join(frames)))
-        self._waiting.clear()
+                replies.append(NO_REPLY)
+        self._pending.clear()
         return replies
+
+    def _advance(self) -> Optional[_Pending]:
+        """The request the next reply frame belongs to (None: none is waiting); requests that
+        get no reply at all are completed on the way."""
+        pending = self._pending
+        while pending:
+            entry = pending[0]
+            if entry.count < 0:
+                entry.count, entry.apply = self._expect(entry.request)
+            if entry.count > len(entry.frames):
+                return entry
+            self._finish(entry)
+        self._release_held()
+        self._all_done.set()
+        return None
+
+    def _finish(self, entry: _Pending) -> None:
+        self._pending.popleft()
+        if entry.apply is not None:
+            entry.apply(entry.request, entry.frames)
+        entry.done = True
 
     def _read_loop(self) -> None:
         try:
             while True:
                 frame = self._read_frame()
                 if self._is_push(frame):
-                    self.on_push(frame)
+                    if self._pending:
+                        self._held.append(frame)
+                    else:
+                        self.on_push(frame)
                     continue
-                if not self._waiting:
+                entry = self._advance()
+                if entry is None:
                     # A reply nobody waits for means the accounting is off: say so loudly.
                     log.error("upstream %s sent an unexpected reply %r", _fmt(self.address),
                               frame[:80])
                     continue
-                slot = self._waiting[0]
-                slot[1].append(frame)
-                if len(slot[1]) >= slot[0]:
-                    if slot[2] and not frame[:1] == b"-":
-                        # From MONITOR's +OK on, everything the server sends is a push.
-                        self.monitor = True
-                    self._waiting.popleft()
-                    if not self._waiting:
-                        self._all_done.set()
+                if not entry.frames and self._held:
+                    entry.prefix = self._take_held(entry.request)
+                entry.frames.append(frame)
+                if len(entry.frames) == 1 and entry.apply == self._exec:
+                    entry.count += self._exec(entry.request, entry.frames)
+                    entry.apply = None
+                if len(entry.frames) >= entry.count:
+                    self._finish(entry)
+                    self._advance()
         except UpstreamError:
             pass
         except gevent.GreenletExit:
             pass
         finally:
-            self._waiting.clear()
+            self._pending.clear()
             self._all_done.set()
+            self._release_held()
 
 
 def _fmt(address) -> str:
