@@ -145,7 +145,8 @@ def check(config_path: str, topology_path: str, checkpoint_format: Optional[int]
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="seconds to let transactions and blocking commands finish")
 @click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
-              help="seconds to wait for the whole upgrade")
+              help="seconds the new version gets to take over the connections; past that the "
+                   "previous version is restored")
 @click.option("--keep-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="keep a copy of the checkpoint at this path")
 def upgrade(control_socket: str, python: Optional[str], drain_timeout: float, timeout: float,
@@ -155,6 +156,13 @@ def upgrade(control_socket: str, python: Optional[str], drain_timeout: float, ti
 
     if python is not None:
         python = os.path.abspath(python) if os.sep in python else python
+    if keep_checkpoint:
+        directory = os.path.dirname(os.path.abspath(keep_checkpoint))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+            click.echo(f"shotover-g upgrade: cannot keep the checkpoint at "
+                       f"{os.path.abspath(keep_checkpoint)}: {directory} is not a writable "
+                       "directory; nothing was done", err=True)
+            sys.exit(2)
     message = {"command": "upgrade", "python": python, "drain_timeout": drain_timeout,
                "keep_checkpoint": os.path.abspath(keep_checkpoint) if keep_checkpoint else None,
                "restore_timeout": timeout}
@@ -165,10 +173,16 @@ def upgrade(control_socket: str, python: Optional[str], drain_timeout: float, ti
                        f"{event['detail']}")
 
     try:
-        result = request(os.path.abspath(control_socket), message, show, timeout)
+        # The guardian gives the new image `timeout` seconds to adopt the connections, and a
+        # roll-back after that still reports here: wait a little longer than that.
+        result = request(os.path.abspath(control_socket), message, show, timeout + 30)
     except ControlError as error:
         click.echo(f"shotover-g upgrade: {error}", err=True)
-        sys.exit(2 if "cannot reach" in str(error) else 1)
+        if "cannot reach" in str(error):
+            sys.exit(2)
+        click.echo("shotover-g upgrade: the outcome is unknown; `shotover-g status` shows "
+                   "which version serves and the last upgrade's result", err=True)
+        sys.exit(1)
     if result.get("event") == "error":
         click.echo(f"shotover-g upgrade: {result.get('error')}", err=True)
         sys.exit(1)

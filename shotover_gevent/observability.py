@@ -442,9 +442,17 @@ def connections_open(source_name: str) -> GaugeCell:
     return _CONNECTIONS_OPEN.labels(source_name)
 
 
-def record_upgrade(blackout_seconds: float) -> None:
-    """Count a completed upgrade and remember how long traffic was paused."""
-    _UPGRADES.labels().value += 1
+def record_upgrade(blackout_seconds: float, upgrades_so_far: int | None = None) -> None:
+    """Count a completed upgrade and remember how long traffic was paused.
+
+    The counter lives in the process image that an upgrade replaces, so the restoring image
+    passes the lineage's total (carried in the checkpoint) instead of adding one to zero.
+    """
+    cell = _UPGRADES.labels()
+    if upgrades_so_far is None:
+        cell.value += 1
+    else:
+        cell.value = float(upgrades_so_far)
     _UPGRADE_BLACKOUT.labels().set(blackout_seconds)
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket as stdlib_socket
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Set
@@ -142,9 +143,9 @@ def restore(options: RestoreOptions):
         listener = None
         if record is not None:
             listener = socket.socket(fileno=record.fd)
-            host, port = listener.getsockname()[:2]
-            wanted = source_config.listen_addr
-            if port != wanted[1] and wanted[1] != 0:
+            if not same_address(listener.getsockname(), source_config.listen_addr):
+                # The topology moved this source: the old address stops listening first, so
+                # that the new one can be bound even when it overlaps (0.0.0.0 vs 127.0.0.1).
                 listener.close()
                 listener = None
         source = Source(source_config, listener)
@@ -181,7 +182,7 @@ def restore(options: RestoreOptions):
     if control.get("metrics_fd") is not None:
         metrics_listener = socket.socket(fileno=control["metrics_fd"])
         if config.observability_interface is None or \
-                metrics_listener.getsockname()[1] != config.observability_interface[1]:
+                not same_address(metrics_listener.getsockname(), config.observability_interface):
             metrics_listener.close()
             metrics_listener = None
 
@@ -209,7 +210,7 @@ def restore(options: RestoreOptions):
                      metrics_listener)
 
     keep_path = hints.get("keep_checkpoint")
-    _dispose_checkpoint(options.restore_path, keep_path)
+    keep_problem = _dispose_checkpoint(options.restore_path, keep_path)
     if options.checkpoint_fd is not None:
         os.close(options.checkpoint_fd)
 
@@ -244,9 +245,12 @@ def restore(options: RestoreOptions):
                              f"{timings['drain_and_checkpoint_ms']} ms, exec+imports "
                              f"{timings['exec_to_restore_ms']} ms, adoption "
                              f"{timings['restore_ms']} ms)")
+    if keep_problem:
+        result["summary"] += f"; {keep_problem}"
+        result["checkpoint_problem"] = keep_problem
     proxy.last_upgrade = result
     if result["ok"]:
-        observability.record_upgrade(blackout_ms / 1000)
+        observability.record_upgrade(blackout_ms / 1000, upgrades_so_far=proxy.generation)
     (log.info if result["ok"] else log.error)("%s", result["summary"])
     if control.get("channel_fd") is not None:
         channel = ControlChannel(socket.socket(fileno=control["channel_fd"]))
@@ -268,14 +272,46 @@ def _start_observability_later(proxy, address, listener) -> None:
                                                                            listener=listener)
 
 
-def _dispose_checkpoint(path: str, keep_path: Optional[str]) -> None:
+def same_address(bound, wanted) -> bool:
+    """Whether a bound socket address is the configured "host:port" (port 0: any port)."""
+    host, port = bound[0], bound[1]
+    wanted_host, wanted_port = wanted[0], wanted[1]
+    if wanted_port != 0 and port != wanted_port:
+        return False
+    if host == wanted_host:
+        return True
     try:
-        if keep_path:
+        infos = stdlib_socket.getaddrinfo(wanted_host, None, type=stdlib_socket.SOCK_STREAM,
+                                          flags=stdlib_socket.AI_NUMERICHOST)
+    except OSError:
+        try:
+            infos = stdlib_socket.getaddrinfo(wanted_host, None, type=stdlib_socket.SOCK_STREAM)
+        except OSError:
+            return False
+    return any(info[4][0] == host for info in infos)
+
+
+def _dispose_checkpoint(path: str, keep_path: Optional[str]) -> Optional[str]:
+    """Delete the checkpoint, or move it to `keep_path`; return a problem worth reporting."""
+    problem = None
+    if keep_path:
+        try:
             os.replace(path, keep_path)
-        else:
-            os.unlink(path)
+            return None
+        except OSError:
+            # Another file system, most likely: copy it, still private, then delete the original.
+            try:
+                descriptor = os.open(keep_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with open(path, "rb") as source, os.fdopen(descriptor, "wb") as target:
+                    target.write(source.read())
+            except OSError as error:
+                problem = f"checkpoint not kept at {keep_path}: {error.strerror or error}"
+                log.warning("%s", problem)
+    try:
+        os.unlink(path)
     except OSError as error:
         log.warning("could not remove checkpoint %s: %s", path, error)
+    return problem
 
 
 def _reap_later(pid: int) -> None:

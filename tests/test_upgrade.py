@@ -1,0 +1,741 @@
+"""`shotover-g upgrade` as operators use it: a real proxy process in front of a real redis-server
+replaces itself in place while clients keep their connections, and rolls back when the new
+version cannot take over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import hiredis
+import pytest
+import yaml
+
+import shotover_gevent
+from helpers import (
+    HOST,
+    RawClient,
+    encode,
+    free_port,
+    passthrough_topology,
+    sink,
+    source_entry,
+    wait_for,
+)
+from upgrade_support import (
+    BackgroundUpgrade,
+    CounterClient,
+    LaunchedProxy,
+    children,
+    cli,
+    discard_checkpoints,
+    fd_targets,
+    inspect_checkpoint,
+    interpreter_damaging_checkpoint,
+    interpreter_exiting_at_restore,
+    interpreter_hanging_at_restore,
+    interpreter_vanishing_after_preflight,
+    leftover_checkpoints,
+    make_venv,
+    process_gone,
+    read_until,
+    settled_fd_kinds,
+    status,
+    tail,
+    terminate_pid,
+    upgrade,
+    upgrade_ok,
+    wait_until_draining,
+)
+
+VERSION = shotover_gevent.__version__
+
+
+def is_error(reply, prefix: str = "") -> bool:
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith(prefix)
+
+
+def local_peer(client: RawClient) -> str:
+    """How the proxy names this client: its address as the proxy sees it."""
+    host, port = client.sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def serving_pid(proxy) -> int:
+    return status(proxy.control_socket)["pid"]
+
+
+def serving_pid_or_none(proxy):
+    try:
+        return serving_pid(proxy)
+    except (AssertionError, OSError, ValueError):
+        return None
+
+
+def stop_successor(proxy, first_pid: int) -> None:
+    """After a guardian roll-back a process the fixture does not know serves: stop it."""
+    try:
+        pid = wait_for(lambda: serving_pid_or_none(proxy), 15, "the control socket to answer")
+    except AssertionError:
+        return
+    if pid != first_pid:
+        terminate_pid(pid)
+
+
+@pytest.fixture
+def launch(tmp_path, redis_server):
+    """Start proxies with a launcher of the test's choosing; each is stopped (SIGTERM, exit 0)
+    at the end."""
+    launched = []
+
+    def make(launcher, use_checkout: bool = True, topology=None) -> LaunchedProxy:
+        topology = topology or passthrough_topology(redis_server.port, free_port())
+        proxy = LaunchedProxy(tmp_path / f"launched-{len(launched)}", topology, launcher,
+                              use_checkout=use_checkout)
+        launched.append(proxy)
+        return proxy.start()
+
+    yield make
+    problems = []
+    for proxy in launched:
+        try:
+            if proxy.running:
+                proxy.stop(expect_code=0)
+        except AssertionError as error:
+            problems.append(str(error))
+        finally:
+            proxy.cleanup()
+    if problems:
+        pytest.fail("a proxy did not shut down cleanly:\n" + "\n".join(problems))
+
+
+# ---- under load ---------------------------------------------------------------------------------
+
+def test_hundred_pipelining_clients_survive_ten_upgrades(proxy, redis_server):
+    stop = threading.Event()
+    clients = [CounterClient(proxy.port, f"counter:{i}", stop, seed=i) for i in range(100)]
+    for client in clients:
+        client.start()
+    try:
+        for client in clients:
+            assert client.connected.wait(15), f"{client.key} could not connect"
+        wait_for(lambda: all(c.batches > 0 or c.error for c in clients), 30,
+                 "every client to complete a batch")
+        progress = []
+        for round_number in range(1, 11):
+            progress.append(sum(c.received for c in clients))
+            result = upgrade_ok(proxy)
+            assert "kept 100 connections" in result.stdout, result
+            assert "closed 0" in result.stdout, result
+            assert f"generation {round_number}" in result.stdout, result
+            failed = [f"{c.key}: {c.error}" for c in clients if c.error]
+            assert not failed, f"after upgrade {round_number}: {failed[:5]}"
+        assert progress == sorted(set(progress)), f"no traffic between upgrades: {progress}"
+        # Every client must also be served by the last image, not just have survived.
+        marks = {client.key: client.batches for client in clients}
+        wait_for(lambda: all(c.batches >= marks[c.key] + 2 or c.error for c in clients), 60,
+                 "every client to complete two more batches after the last upgrade")
+        after = status(proxy.control_socket)
+        assert after["sources"]["redis"]["connections"] == 100
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(40)
+    assert not any(client.is_alive() for client in clients), "a client thread is stuck"
+    failed = [f"{c.key}: {c.error}" for c in clients if c.error]
+    assert not failed, failed[:5]
+    counts = redis_server.client().mget([client.key for client in clients])
+    assert [int(n or 0) for n in counts] == [client.received for client in clients]
+    assert sum(client.received for client in clients) > 0
+    assert after["pid"] == proxy.pid, "the proxy must upgrade in place, keeping its PID"
+    assert after["generation"] == 10
+    assert after["last_upgrade"]["ok"] is True
+    assert leftover_checkpoints(proxy.pid) == []
+
+
+# ---- request boundaries -------------------------------------------------------------------------
+
+def test_half_sent_command_and_pipeline_spanning_the_pause(proxy, redis_server, tmp_path):
+    half = b"*3\r\n$3\r\nSET\r\n$4\r\nhalf\r\n$5\r\nva"
+    # Long enough for the proxy to remember how far it has scanned an unfinished request.
+    long_command = encode("RPUSH", "long", *range(300))
+    long_half = long_command[:len(long_command) // 2]
+    incr = encode("INCR", "piped")
+    cut = len(incr) - 3
+    kept = tmp_path / "kept.cbor"
+    with RawClient(proxy.port) as half_client, RawClient(proxy.port) as piper, \
+            RawClient(proxy.port) as long_client:
+        # The PING's reply shows that the proxy has read this write, half command included.
+        half_client.send(encode("PING") + half)
+        assert half_client.read_reply() == b"PONG"
+        long_client.send(encode("PING") + long_half)
+        assert long_client.read_reply() == b"PONG"
+        piper.send(incr * 50 + incr[:cut])
+        assert piper.read_replies(50) == list(range(1, 51))
+
+        offset = len(proxy.log_text())
+        run = BackgroundUpgrade(proxy.control_socket, tmp_path, "--keep-checkpoint", str(kept))
+        try:
+            wait_until_draining(proxy, offset)
+            # The rest of the cut command, then more, while connections are paused, while the
+            # checkpoint is written and while the new image starts.
+            piper.send(incr[cut:])
+            sent = 51
+            for _ in range(300):
+                if not run.running:
+                    break
+                piper.send(incr * 5)
+                sent += 5
+                time.sleep(0.01)
+            result = run.wait()
+        finally:
+            run.kill()
+        assert result.returncode == 0, f"{result!r}\n{tail(proxy.log_path)}"
+        assert "kept 3 connections" in result.stdout, result
+        piper.send(incr * 5)
+        sent += 5
+        assert sent > 56, "the upgrade ended before anything was sent during it"
+        assert piper.read_replies(sent - 50, timeout=30) == list(range(51, sent + 1))
+
+        half_client.send(b"lue\r\n")
+        assert half_client.read_reply() == b"OK"
+        assert half_client.call("GET", "half") == b"value"
+        assert redis_server.client().get("half") == b"value"
+        assert int(redis_server.client().get("piped")) == sent
+        long_client.send(long_command[len(long_half):])
+        assert long_client.read_reply() == 300
+        assert redis_server.client().lrange("long", 0, -1) == [str(i).encode()
+                                                               for i in range(300)]
+
+        shown = inspect_checkpoint(kept, "--json")
+        assert shown.returncode == 0, shown.stderr
+        records = {c["peer"]: c for c in json.loads(shown.stdout)["connections"]}
+        assert records[local_peer(half_client)]["unread"].encode("latin-1") == half
+        assert records[local_peer(long_client)]["unread"].encode("latin-1") == long_half
+        assert local_peer(piper) in records
+
+
+# ---- session state ------------------------------------------------------------------------------
+
+def test_session_state_is_carried_over(proxy_factory, redis_server, redis_factory):
+    protected = redis_factory()
+    with protected.client() as admin:
+        admin.config_set("requirepass", "door-pw")
+    with_acl = redis_factory()
+    with with_acl.client() as admin:
+        admin.execute_command("ACL", "SETUSER", "alice", "on", ">alice-pw", "~*", "+@all")
+        admin.config_set("requirepass", "not-alices")
+    ports = [free_port() for _ in range(3)]
+    topology = {"sources": [source_entry("plain", ports[0], [sink(redis_server.port)]),
+                            source_entry("protected", ports[1], [sink(protected.port)]),
+                            source_entry("acl", ports[2], [sink(with_acl.port)])]}
+    proxy = proxy_factory(topology)
+
+    with RawClient(ports[0]) as plain, RawClient(ports[1]) as door, \
+            RawClient(ports[2]) as alice, RawClient(ports[1]) as stranger:
+        assert plain.call("SELECT", 5) == b"OK"
+        assert plain.call("CLIENT", "SETNAME", "keeper") == b"OK"
+        hello = plain.call("HELLO", 3)
+        assert isinstance(hello, dict) and hello[b"proto"] == 3, hello
+        assert plain.call("HSET", "h", "field", "value") == 1
+        assert door.call("AUTH", "door-pw") == b"OK"
+        assert alice.call("AUTH", "alice", "alice-pw") == b"OK"
+        # The passwords matter: without one, the servers refuse.
+        assert is_error(stranger.call("GET", "k"), "NOAUTH"), "the server needs no password?"
+
+        result = upgrade_ok(proxy)
+        assert "kept 4 connections" in result.stdout, result
+
+        # None of them says anything to restore its state: the next commands just work.
+        assert plain.call("CLIENT", "GETNAME") == b"keeper"
+        assert plain.call("HGETALL", "h") == {b"field": b"value"}, "not a RESP3 map"
+        assert plain.call("SET", "written-after", "1") == b"OK"
+        assert redis_server.client(db=5).get("written-after") == b"1"
+        assert redis_server.client(db=0).exists("written-after") == 0
+        assert door.call("SET", "k", "v") == b"OK"
+        assert door.call("ACL", "WHOAMI") == b"default"
+        assert alice.call("ACL", "WHOAMI") == b"alice"
+        assert alice.call("SET", "k", "v") == b"OK"
+        assert is_error(stranger.call("GET", "k"), "NOAUTH")
+
+
+def test_select_queued_in_a_transaction_that_never_ran_is_not_carried_over(proxy,
+                                                                           redis_server):
+    with RawClient(proxy.port) as discarded, RawClient(proxy.port) as aborted:
+        assert discarded.call("MULTI") == b"OK"
+        assert discarded.call("SELECT", 3) == b"QUEUED"
+        assert discarded.call("DISCARD") == b"OK"
+        assert aborted.call("MULTI") == b"OK"
+        assert aborted.call("SELECT", 4) == b"QUEUED"
+        assert is_error(aborted.call("SET", "missing-value"))
+        assert is_error(aborted.call("EXEC"), "EXECABORT")
+        for client, key in ((discarded, "discarded"), (aborted, "aborted")):
+            assert client.call("SET", f"{key}:before", "1") == b"OK"
+            assert redis_server.client(db=0).get(f"{key}:before") == b"1"
+
+        upgrade_ok(proxy)
+
+        for client, key in ((discarded, "discarded"), (aborted, "aborted")):
+            assert client.call("SET", f"{key}:after", "1") == b"OK"
+    for key in ("discarded", "aborted"):
+        assert redis_server.client(db=0).get(f"{key}:after") == b"1", \
+            f"the {key} client's write after the upgrade went to another database"
+
+
+def test_client_reply_off_is_carried_over(proxy, redis_server):
+    direct = redis_server.client()
+    with RawClient(proxy.port) as quiet:
+        quiet.send(encode("CLIENT", "REPLY", "OFF") + encode("SET", "quiet", "1"))
+        wait_for(lambda: direct.get("quiet") == b"1", 10, "the first write")
+        assert quiet.no_reply_within(0.2)
+
+        upgrade_ok(proxy)
+
+        quiet.send(encode("SET", "quiet", "2"))
+        wait_for(lambda: direct.get("quiet") == b"2", 10, "the write after the upgrade")
+        assert quiet.no_reply_within(0.3), "replies the client had turned off are back"
+        quiet.send(encode("CLIENT", "REPLY", "ON"))
+        assert quiet.read_reply() == b"OK"
+        assert quiet.call("GET", "quiet") == b"2"
+
+
+# ---- what cannot be handed over -----------------------------------------------------------------
+
+def test_transaction_finished_within_the_drain_deadline_survives(proxy, redis_server,
+                                                                 tmp_path):
+    with RawClient(proxy.port) as finishing, RawClient(proxy.port) as lingering:
+        assert finishing.call("MULTI") == b"OK"
+        assert finishing.call("SET", "tx", "1") == b"QUEUED"
+        assert lingering.call("MULTI") == b"OK"
+        assert lingering.call("SET", "never", "1") == b"QUEUED"
+
+        offset = len(proxy.log_text())
+        run = BackgroundUpgrade(proxy.control_socket, tmp_path, "--drain-timeout", "4")
+        try:
+            wait_until_draining(proxy, offset)
+            finishing.send(encode("INCR", "tx") + encode("EXEC"))
+            assert finishing.read_replies(2, timeout=10) == [b"QUEUED", [b"OK", 2]]
+            # The drain goes on (for the other transaction): a second upgrade must wait.
+            assert status(proxy.control_socket)["upgrade_in_progress"] is True
+            second = upgrade(proxy.control_socket)
+            assert second.returncode == 1 and "already in progress" in second.stderr, second
+            result = run.wait()
+        finally:
+            run.kill()
+        assert result.returncode == 0, f"{result!r}\n{tail(proxy.log_path)}"
+        assert "closed 1" in result.stdout and "1 transaction" in result.stdout, result
+        assert "kept 1 connections" in result.stdout, result
+
+        # Closed without a stray or half reply; its queued write never ran.
+        assert lingering.wait_eof(timeout=10) == []
+        assert redis_server.client().exists("never") == 0
+        assert finishing.call("PING") == b"PONG"
+        assert finishing.call("GET", "tx") == b"2"
+    assert status(proxy.control_socket)["last_upgrade"]["closed_reasons"] == {"transaction": 1}
+
+
+def test_blocking_command_served_within_the_drain_deadline_survives(proxy, redis_server,
+                                                                    tmp_path):
+    direct = redis_server.client()
+
+    def blocked_clients() -> int:
+        return sum(1 for c in direct.client_list() if c.get("cmd") == "blpop")
+
+    with RawClient(proxy.port, timeout=30) as served, RawClient(proxy.port) as starved:
+        served.send(encode("BLPOP", "queue:served", 0))
+        starved.send(encode("BLPOP", "queue:starved", 0))
+        wait_for(lambda: blocked_clients() == 2, 10, "both BLPOPs to block in redis")
+
+        offset = len(proxy.log_text())
+        run = BackgroundUpgrade(proxy.control_socket, tmp_path, "--drain-timeout", "3")
+        try:
+            wait_until_draining(proxy, offset)
+            assert direct.lpush("queue:served", "job") == 1
+            assert served.read_reply(timeout=10) == [b"queue:served", b"job"]
+            result = run.wait()
+        finally:
+            run.kill()
+        assert result.returncode == 0, f"{result!r}\n{tail(proxy.log_path)}"
+        assert "closed 1" in result.stdout and "command in flight" in result.stdout, result
+        assert "kept 1 connections" in result.stdout, result
+
+        assert starved.wait_eof(timeout=10) == []
+        # Its BLPOP went away with it: a later push is not swallowed by a forgotten pop.
+        wait_for(lambda: blocked_clients() == 0, 10, "the abandoned BLPOP to be cancelled")
+        assert direct.lpush("queue:starved", "job") == 1
+        assert served.call("PING") == b"PONG"
+        assert direct.llen("queue:starved") == 1
+
+
+def test_subscribers_keep_receiving_after_an_upgrade(proxy, redis_server):
+    publisher = redis_server.client()
+    with RawClient(proxy.port) as plain, RawClient(proxy.port) as by_pattern, \
+            socket.create_connection((HOST, proxy.port), timeout=10) as resp3:
+        assert plain.call("SUBSCRIBE", "news") == [b"subscribe", b"news", 1]
+        assert by_pattern.call("PSUBSCRIBE", "news*") == [b"psubscribe", b"news*", 1]
+        resp3.sendall(encode("HELLO", 3) + encode("SUBSCRIBE", "news"))
+        read_until(resp3, b">3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
+        assert publisher.publish("news", "before") == 3
+        assert plain.read_reply() == [b"message", b"news", b"before"]
+        assert by_pattern.read_reply() == [b"pmessage", b"news*", b"news", b"before"]
+        read_until(resp3, b">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$6\r\nbefore\r\n")
+
+        upgrade_ok(proxy)
+
+        # The subscribers send nothing; their subscriptions must be back on their own.
+        # (Messages published during the blackout may be lost; these come after it.)
+        def resubscribed() -> bool:
+            return (publisher.pubsub_numsub("news") == [(b"news", 2)]
+                    and publisher.pubsub_numpat() == 1)
+
+        try:
+            wait_for(resubscribed, 10, "the subscriptions to be re-established upstream")
+        except AssertionError as error:
+            raise AssertionError(f"{error}: PUBLISH after the upgrade reaches "
+                                 f"{publisher.publish('news', 'lost')} of 3 subscribers") from None
+        for text in ("after-1", "after-2"):
+            assert publisher.publish("news", text) == 3
+            assert plain.read_reply(timeout=10) == [b"message", b"news", text.encode()]
+            assert by_pattern.read_reply(timeout=10) == [b"pmessage", b"news*", b"news",
+                                                         text.encode()]
+            # Still a RESP3 push, not a RESP2 array: the protocol version came back first.
+            got = read_until(resp3, f"$4\r\nnews\r\n$7\r\n{text}\r\n".encode())
+            assert got == f">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$7\r\n{text}\r\n".encode()
+        assert plain.no_reply_within(0.2) and by_pattern.no_reply_within(0.01)
+
+
+# ---- roll-back paths ----------------------------------------------------------------------------
+
+def _break_topology(proxy) -> None:
+    """An operator's typo: the sink's address loses its port."""
+    broken = yaml.safe_load(proxy.topology_path.read_text())
+    chain = broken["sources"][0]["Redis"]["chain"]
+    chain[-1]["RedisSinkSingle"]["remote_address"] = "no-port-here"
+    proxy.topology_path.write_text(yaml.safe_dump(broken))
+
+
+ROLL_BACKS = {
+    # kind: (what the CLI must say, whether another process serves afterwards)
+    "broken-interpreter": (["upgrade aborted", "still serving", "cannot run"], False),
+    "invalid-config": (["upgrade aborted", "preflight failed", "remote_address"], False),
+    "exec-fails-after-drain": (["upgrade aborted", "still serving", "No such file"], False),
+    "damaged-checkpoint": (["rolled back", "checksum mismatch"], False),
+    "exits-at-start": (["rolled back", "exited before adopting"], True),
+    "hangs-at-start": (["rolled back", "did not adopt"], True),
+}
+
+
+def _prepare_failure(kind: str, proxy, tmp_path: Path) -> list:
+    """Arrange for the next upgrade to fail the way `kind` says; returns its CLI arguments."""
+    if kind == "broken-interpreter":
+        return ["--python", str(tmp_path / "no-such-dir" / "python3")]
+    if kind == "invalid-config":
+        _break_topology(proxy)
+        return []
+    if kind == "exec-fails-after-drain":
+        return ["--python", interpreter_vanishing_after_preflight(tmp_path)]
+    if kind == "damaged-checkpoint":
+        return ["--python", interpreter_damaging_checkpoint(tmp_path)]
+    if kind == "exits-at-start":
+        return ["--python", interpreter_exiting_at_restore(tmp_path)]
+    if kind == "hangs-at-start":
+        # The guardian gives the new image this long to adopt the connections.
+        return ["--python", interpreter_hanging_at_restore(tmp_path), "--timeout", "3"]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", list(ROLL_BACKS))
+def test_failed_upgrade_rolls_back_and_keeps_serving(kind, proxy, redis_server, tmp_path):
+    expected, moves = ROLL_BACKS[kind]
+    first_pid = proxy.pid
+    get = encode("GET", "before")
+    try:
+        with RawClient(proxy.port) as kept:
+            assert kept.call("SET", "before", kind) == b"OK"
+            # Half a command is waiting in the proxy when the upgrade starts.
+            kept.send(encode("PING") + get[:-4])
+            assert kept.read_reply() == b"PONG"
+            args = _prepare_failure(kind, proxy, tmp_path)
+
+            result = upgrade(proxy.control_socket, *args)
+            assert result.returncode == 1, f"{result!r}\n{tail(proxy.log_path)}"
+            for text in expected:
+                assert text in result.output, (f"{text!r} missing from {result!r}\nproxy log:\n"
+                                               f"{tail(proxy.log_path)}")
+
+            kept.send(get[-4:])
+            assert kept.read_reply() == kind.encode()
+            assert kept.call("INCR", "after") == 1
+            with RawClient(proxy.port) as newcomer:
+                assert newcomer.call("INCR", "after") == 2
+            now = status(proxy.control_socket)
+            assert now["version"] == VERSION
+            assert now["generation"] == 0
+            assert now["sources"]["redis"]["connections"] == 1
+            if moves:
+                # The guardian brought the previous version back as a new process.
+                assert now["pid"] != first_pid
+                assert process_gone(first_pid) and proxy.process.poll() is not None
+                assert now["last_upgrade"]["ok"] is False
+                assert expected[-1] in now["last_upgrade"]["reason"]
+            else:
+                assert now["pid"] == first_pid and proxy.running
+            # Checkpoints hold passwords: none may be left behind, whatever went wrong.
+            assert leftover_checkpoints(first_pid) == []
+    finally:
+        stop_successor(proxy, first_pid)
+        discard_checkpoints(first_pid)
+
+
+@pytest.mark.parametrize("order", [("damaged-checkpoint", "exits-at-start"),
+                                   ("exits-at-start", "damaged-checkpoint")])
+def test_second_roll_back_in_a_row_still_restores(order, proxy, redis_server, tmp_path):
+    first_pid = proxy.pid
+    try:
+        with RawClient(proxy.port) as kept:
+            for attempt, kind in enumerate(order, 1):
+                expected, _moves = ROLL_BACKS[kind]
+                args = _prepare_failure(kind, proxy, tmp_path)
+                result = upgrade(proxy.control_socket, *args)
+                assert result.returncode == 1, f"{result!r}\n{tail(proxy.log_path)}"
+                for text in expected:
+                    assert text in result.output, (f"roll-back {attempt} ({kind}): {text!r} "
+                                                   f"missing from {result!r}\nproxy log:\n"
+                                                   f"{tail(proxy.log_path)}")
+                assert kept.call("INCR", "survivor") == attempt
+            assert status(proxy.control_socket)["version"] == VERSION
+    finally:
+        stop_successor(proxy, first_pid)
+        discard_checkpoints(first_pid)
+
+
+# ---- configuration changes ----------------------------------------------------------------------
+
+def test_new_topology_applies_to_kept_connections(proxy, redis_server):
+    with RawClient(proxy.port) as kept:
+        assert kept.call("SET", "key", "old") == b"OK"
+        topology = yaml.safe_load(proxy.topology_path.read_text())
+        chain = topology["sources"][0]["Redis"]["chain"]
+        chain.insert(0, {"QueryTypeFilter": {"DenyList": ["Write"]}})
+        proxy.topology_path.write_text(yaml.safe_dump(topology))
+
+        upgrade_ok(proxy)
+
+        assert is_error(kept.call("SET", "key", "new")), "the write went through"
+        assert kept.call("GET", "key") == b"old"
+        assert redis_server.client().get("key") == b"old"
+
+
+def test_changed_listen_address_applies(proxy_factory, redis_server):
+    port = free_port()
+    proxy = proxy_factory(passthrough_topology(redis_server.port, port))
+    moved = f"127.0.0.2:{port}"  # another loopback address, same port
+    with RawClient(port) as kept:
+        assert kept.call("SET", "key", "value") == b"OK"
+        topology = yaml.safe_load(proxy.topology_path.read_text())
+        topology["sources"][0]["Redis"]["listen_addr"] = moved
+        proxy.topology_path.write_text(yaml.safe_dump(topology))
+
+        upgrade_ok(proxy)
+
+        assert kept.call("GET", "key") == b"value"
+        assert status(proxy.control_socket)["sources"]["redis"]["address"] == moved
+        with socket.create_connection(("127.0.0.2", port), timeout=10) as newcomer:
+            newcomer.sendall(encode("PING"))
+            assert read_until(newcomer, b"\r\n") == b"+PONG\r\n"
+
+
+# ---- other versions -----------------------------------------------------------------------------
+
+def test_upgrade_to_another_version_and_back(launch, tmp_path):
+    python_a = make_venv(tmp_path / "venv-a", "0.1.1")
+    python_b = make_venv(tmp_path / "venv-b", "0.2.0.dev0")
+    proxy = launch([python_a, "-m", "shotover_gevent"], use_checkout=False)
+    first = status(proxy.control_socket)
+    assert (first["version"], first["python"]) == ("0.1.1", python_a)
+
+    with RawClient(proxy.port) as kept:
+        assert kept.call("INCR", "skew") == 1
+        result = upgrade_ok(proxy, "--python", python_b)
+        assert "0.1.1 -> 0.2.0.dev0" in result.stdout, result
+        now = status(proxy.control_socket)
+        assert (now["version"], now["python"], now["pid"]) == ("0.2.0.dev0", python_b, proxy.pid)
+        assert kept.call("INCR", "skew") == 2
+
+        result = upgrade_ok(proxy, "--python", python_a)
+        assert "0.2.0.dev0 -> 0.1.1" in result.stdout, result
+        now = status(proxy.control_socket)
+        assert (now["version"], now["python"], now["pid"]) == ("0.1.1", python_a, proxy.pid)
+        assert now["generation"] == 2
+        assert kept.call("INCR", "skew") == 3
+
+
+# ---- file descriptors ---------------------------------------------------------------------------
+
+FD_WRAPPER = """\
+import os, runpy, sys
+fd = os.open("/dev/null", os.O_RDONLY)
+os.set_inheritable(fd, True)
+sys.stderr.write(f"extra inheritable fd {fd}\\n")
+sys.argv = ["shotover-g"] + sys.argv[1:]
+runpy.run_module("shotover_gevent", run_name="__main__", alter_sys=True)
+"""
+
+
+def _dev_null_fds(pid: int) -> list:
+    return sorted(fd for fd, target in fd_targets(pid).items() if fd > 2 and
+                  target == os.devnull)
+
+
+def test_upgrades_leak_no_file_descriptors(launch):
+    proxy = launch([sys.executable, "-c", FD_WRAPPER])
+    pid = proxy.pid
+    assert len(_dev_null_fds(pid)) == 1, "the wrapper's extra fd is not there to begin with"
+    with RawClient(proxy.port) as kept:
+        assert kept.call("PING") == b"PONG"
+        before = settled_fd_kinds(pid)
+        upgrade_ok(proxy)
+        assert _dev_null_fds(pid) == [], "an fd the checkpoint does not name was inherited"
+        assert kept.call("PING") == b"PONG"  # its upstream connection is open again
+        baseline = settled_fd_kinds(pid)
+        before.remove(os.devnull)
+        assert baseline == before, "the new image holds other fds than the old one did"
+        for _ in range(3):
+            upgrade_ok(proxy)
+            assert kept.call("PING") == b"PONG"
+            assert settled_fd_kinds(pid) == baseline
+    assert status(proxy.control_socket)["pid"] == pid
+    # Nor processes: every guardian and preflight check has been waited for.
+    wait_for(lambda: children(pid) == [], 15, f"no children of the proxy (has {children(pid)})")
+
+
+# ---- listeners ----------------------------------------------------------------------------------
+
+def test_new_connections_are_never_refused_during_upgrades(proxy, tmp_path):
+    stop = threading.Event()
+    outcome = {"ok": 0, "failures": [], "times": []}
+
+    def connect_loop() -> None:
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline and outcome["ok"] < 20000:
+            began = time.monotonic()
+            try:
+                with socket.create_connection((HOST, proxy.port), timeout=15) as sock:
+                    sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                    answer = b""
+                    while not answer.endswith(b"\r\n"):
+                        chunk = sock.recv(64)
+                        if not chunk:
+                            break
+                        answer += chunk
+                if answer != b"+PONG\r\n":
+                    outcome["failures"].append(f"answer {answer!r}")
+                else:
+                    outcome["ok"] += 1
+                    outcome["times"].append(began)
+            except OSError as error:
+                outcome["failures"].append(repr(error))
+            stop.wait(0.005)
+
+    worker = threading.Thread(target=connect_loop, daemon=True)
+    worker.start()
+    windows = []
+    try:
+        wait_for(lambda: outcome["ok"] > 5 or outcome["failures"], 10, "the first connections")
+        for round_number in range(1, 6):
+            began = time.monotonic()
+            if round_number == 5:
+                # The last one is asked for the way a service manager would: with SIGUSR2.
+                proxy.signal(signal.SIGUSR2)
+                wait_for(lambda: status(proxy.control_socket)["generation"] == 5, 30,
+                         "the SIGUSR2 upgrade to finish")
+            else:
+                upgrade_ok(proxy)
+            windows.append((began, time.monotonic()))
+        stop.wait(0.2)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert not outcome["failures"], outcome["failures"][:5]
+    for began, ended in windows:
+        assert any(began <= t <= ended for t in outcome["times"]), \
+            "no connection was made while an upgrade was running"
+    final = status(proxy.control_socket)
+    assert final["generation"] == 5 and final["pid"] == proxy.pid
+    assert final["last_upgrade"]["ok"] is True
+
+
+# ---- the control socket -------------------------------------------------------------------------
+
+def test_control_socket_is_private_and_status_answers(proxy, tmp_path):
+    mode = os.stat(proxy.control_socket).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    first = status(proxy.control_socket)
+    assert (first["version"], first["pid"], first["generation"]) == (VERSION, proxy.pid, 0)
+    assert first["sources"]["redis"]["connections"] == 0
+
+    upgrade_ok(proxy)
+    mode = os.stat(proxy.control_socket).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    assert status(proxy.control_socket)["generation"] == 1
+
+    nowhere = str(tmp_path / "nobody-listens.sock")
+    result = upgrade(nowhere)
+    assert result.returncode == 2, result
+    assert "cannot reach" in result.stderr, result
+    result = cli("status", "--control-socket", nowhere)
+    assert result.returncode == 2 and "cannot reach" in result.stderr, result
+    assert status(proxy.control_socket)["generation"] == 1
+
+
+# ---- the checkpoint tool ------------------------------------------------------------------------
+
+def test_inspect_checkpoint_shows_peers_and_hides_passwords(proxy_factory, redis_factory,
+                                                            tmp_path):
+    server = redis_factory()
+    with server.client() as admin:
+        admin.execute_command("ACL", "SETUSER", "alice", "on", ">s3cret-Pw", "~*", "+@all")
+    proxy = proxy_factory(passthrough_topology(server.port, free_port()))
+    kept_file = tmp_path / "kept.cbor"
+    with RawClient(proxy.port) as alice:
+        assert alice.call("AUTH", "alice", "s3cret-Pw") == b"OK"
+        upgrade_ok(proxy, "--keep-checkpoint", str(kept_file))
+        assert alice.call("ACL", "WHOAMI") == b"alice"
+        assert stat.S_IMODE(kept_file.stat().st_mode) == 0o600
+        assert leftover_checkpoints(proxy.pid) == []
+
+        as_json = inspect_checkpoint(kept_file, "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        records = json.loads(as_json.stdout)["connections"]
+        assert [r["peer"] for r in records] == [local_peer(alice)]
+        assert records[0]["session"]["auth"] == {"username": "alice", "password": "<redacted>"}
+        as_text = inspect_checkpoint(kept_file)
+        assert as_text.returncode == 0, as_text.stderr
+        assert local_peer(alice) in as_text.stdout
+        for shown in (as_json, as_text):
+            assert "s3cret-Pw" not in shown.stdout + shown.stderr
+        # It was in there all along: only the display hides it.
+        revealed = inspect_checkpoint(kept_file, "--json", "--show-secrets")
+        assert "s3cret-Pw" in revealed.stdout
+
+
+def test_checkpoint_that_cannot_be_kept_is_reported_and_not_left_behind(proxy, tmp_path):
+    target = tmp_path / "no-such-dir" / "kept.cbor"
+    try:
+        with RawClient(proxy.port) as kept:
+            assert kept.call("SET", "key", "value") == b"OK"
+            result = upgrade(proxy.control_socket, "--keep-checkpoint", str(target))
+            assert kept.call("GET", "key") == b"value"
+        # Whether the upgrade refuses the path or goes ahead, the operator must hear of it...
+        assert str(target) in result.output, f"nothing says it was not kept: {result!r}"
+        # ...and the checkpoint (sessions, passwords) must not stay in the default directory.
+        assert leftover_checkpoints(proxy.pid) == []
+    finally:
+        discard_checkpoints(proxy.pid)
