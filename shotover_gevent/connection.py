@@ -33,6 +33,18 @@ MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
 _SESSION_COMMANDS = TRACKED_COMMANDS | {"QUIT"}
 
 
+#: Set whenever a connection stops at a request boundary or closes: what a drain waits on.
+PAUSE_PROGRESS = Event()
+
+
+def send_all(sock, payload: bytes) -> None:
+    """Write everything; one send() in the common case. (gevent's sendall() asks the kernel for
+    the socket's buffer size on every call: a system call per reply that this skips.)"""
+    sent = sock.send(payload)
+    if sent < len(payload):
+        sock.sendall(memoryview(payload)[sent:])
+
+
 class State(enum.Enum):
     SERVING = "serving"
     PAUSING = "pausing"        # asked to stop at the next request boundary
@@ -65,8 +77,9 @@ class ClientConnection:
         # connection's footprint is what 10,000 of them cost.
         self._resume: Optional[Event] = None
         self.greenlet: Optional[gevent.Greenlet] = None
-        context = ConnectionContext(source.name, source.chain_name, peer, self.session, self.push)
-        self.chain = Chain(source.chain_name, source.builders, context)
+        # Built on the first request: an idle connection costs no transforms (and adopting
+        # thousands of connections in an upgrade stays quick).
+        self._chain: Optional[Chain] = None
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -150,13 +163,23 @@ class ClientConnection:
             return False
         return True
 
+    @property
+    def chain(self) -> Chain:
+        chain = self._chain
+        if chain is None:
+            source = self.source
+            context = ConnectionContext(source.name, source.chain_name, self.peer, self.session,
+                                        self.push)
+            chain = self._chain = Chain(source.chain_name, source.builders, context)
+        return chain
+
     def _write(self, payload: bytes) -> None:
         with self._write_lock:
             if payload:
-                self.sock.sendall(payload)
+                send_all(self.sock, payload)
             if self._deferred_pushes:
                 pushes, self._deferred_pushes = self._deferred_pushes, []
-                self.sock.sendall(b"".join(pushes))
+                send_all(self.sock, b"".join(pushes))
 
     def push(self, frame: bytes) -> None:
         """Deliver a frame that answers no request (pub/sub message, RESP3 push).
@@ -194,6 +217,7 @@ class ClientConnection:
     def _park(self) -> bool:
         """Stay paused until resumed (True) or handed over (False)."""
         self.state = State.PAUSED
+        PAUSE_PROGRESS.set()
         self._resume = Event()
         self._resume.wait()
         self._resume = None
@@ -235,7 +259,8 @@ class ClientConnection:
         """The socket now belongs to the next image: stop without closing it."""
         self.state = State.HANDED_OVER
         self._wake()
-        self.chain.close()
+        if self._chain is not None:
+            self._chain.close()
 
     def close(self, reason: str) -> None:
         """Close from outside (drain deadline, shutdown)."""
@@ -255,7 +280,9 @@ class ClientConnection:
         if self.state is State.HANDED_OVER:
             return
         self.state = State.CLOSED
-        self.chain.close()
+        if self._chain is not None:
+            self._chain.close()
+        PAUSE_PROGRESS.set()
         try:
             self.sock.close()
         except OSError:

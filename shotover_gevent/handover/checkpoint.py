@@ -269,15 +269,20 @@ def _migrate(body: dict, found: int) -> dict:
     return body
 
 
-def encode(cp: Checkpoint) -> bytes:
-    """Serialise a checkpoint into its checksummed envelope."""
+def encode(cp: Checkpoint, validate: bool = True) -> bytes:
+    """Serialise a checkpoint into its checksummed envelope.
+
+    `validate=False` skips re-checking the records with the reader's rules: an upgrade does
+    that inside the client-visible pause, and the reader checks everything anyway.
+    """
     body = cp.to_body()
     # Validate with the reader's own rules, so a bad record is reported here,
     # while the old process is still serving, rather than after exec.
-    try:
-        Checkpoint.from_body(body)
-    except DamagedCheckpoint as exc:
-        raise CheckpointError(f"refusing to write an invalid checkpoint: {exc}") from None
+    if validate:
+        try:
+            Checkpoint.from_body(body)
+        except DamagedCheckpoint as exc:
+            raise CheckpointError(f"refusing to write an invalid checkpoint: {exc}") from None
     try:
         body_bytes = cbor2.dumps(body)
     except Exception as exc:
@@ -403,9 +408,12 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def write(path: str, cp: Checkpoint) -> None:
-    """Write a new checkpoint file (mode 0600); never replaces an existing file."""
-    data = encode(cp)
+def write(path: str, cp: Checkpoint | bytes) -> None:
+    """Write a new checkpoint file (mode 0600); never replaces an existing file.
+
+    `cp` may be a Checkpoint or the bytes `encode` already made of one.
+    """
+    data = cp if isinstance(cp, (bytes, bytearray)) else encode(cp)
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):

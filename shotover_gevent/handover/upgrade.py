@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import gevent
 
 from .. import __version__
-from ..connection import State
+from ..connection import PAUSE_PROGRESS, State
 from . import checkpoint as checkpoint_format
 
 log = logging.getLogger(__name__)
@@ -168,11 +168,15 @@ def quiesce(proxy, drain_timeout: float, report: Reporter):
         connection.request_pause()
     deadline = time.monotonic() + drain_timeout
     started = time.monotonic()
+    waiting = connections
     while True:
-        waiting = [c for c in connections if c.state not in (State.PAUSED, State.CLOSED)]
-        if not waiting or time.monotonic() >= deadline:
+        # Rescan only the connections not yet stopped; each stop wakes this loop at once.
+        waiting = [c for c in waiting if c.state not in (State.PAUSED, State.CLOSED)]
+        remaining = deadline - time.monotonic()
+        if not waiting or remaining <= 0:
             break
-        gevent.sleep(0.001 if len(waiting) < len(connections) else 0.0005)
+        PAUSE_PROGRESS.clear()
+        PAUSE_PROGRESS.wait(min(remaining, 0.05))
     closed: Dict[str, int] = {}
     for connection in connections:
         if connection.state is State.PAUSED:
@@ -240,8 +244,8 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
                  "previous_topology_data": proxy.topology.raw})
     path = checkpoint_format.new_path()
     try:
-        data = checkpoint_format.encode(cp)
-        checkpoint_format.write(path, cp)
+        data = checkpoint_format.encode(cp, validate=False)
+        checkpoint_format.write(path, data)
     except checkpoint_format.CheckpointError as error:
         raise UpgradeAborted(f"checkpoint: {error}") from None
     unread = sum(len(r.unread) for r in records)

@@ -35,11 +35,10 @@ class ProtocolError(Exception):
 
 
 def _parse_length(buf: bytearray, start: int, end: int, what: str) -> int:
-    text = bytes(buf[start:end])
-    try:
+    text = buf[start:end]
+    if text.isdigit() or (text[:1] == b"-" and text[1:].isdigit()):
         return int(text)
-    except ValueError:
-        raise ProtocolError(f"invalid {what} length {text[:32]!r}") from None
+    raise ProtocolError(f"invalid {what} length {bytes(text[:32])!r}")
 
 
 class _Buffer:
@@ -255,7 +254,11 @@ class RequestFramer:
                         if end - pos > MAX_INLINE_LEN:
                             raise ProtocolError("too big mbulk count string")
                         break
-                    count = _parse_length(data, pos + 1, nl, "multibulk")
+                    text = data[pos + 1 : nl]
+                    # Strict digits, as Redis parses them (int() would take " 1", "+1", "1_0").
+                    if not text.isdigit() and not (text[:1] == b"-" and text[1:].isdigit()):
+                        raise ProtocolError("invalid multibulk length")
+                    count = int(text)
                     if count > MAX_MULTIBULK_LEN:
                         raise ProtocolError("invalid multibulk length")
                     p = nl + 2
@@ -277,8 +280,11 @@ class RequestFramer:
                             raise ProtocolError("too big bulk count string")
                         complete = False
                         break
-                    length = _parse_length(data, p + 1, nl, "bulk")
-                    if length < 0 or length > max_bulk:
+                    text = data[p + 1 : nl]
+                    if not text.isdigit():
+                        raise ProtocolError("invalid bulk length")
+                    length = int(text)
+                    if length > max_bulk:
                         raise ProtocolError("invalid bulk length")
                     payload = nl + 2
                     p = payload + length + 2
