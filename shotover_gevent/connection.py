@@ -53,10 +53,6 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class _Interrupt(Exception):
-    """Thrown into a connection parked in recv() so that it notices a pause request."""
-
-
 class ClientConnection:
     def __init__(self, sock, source: "Source", peer: str, session: Optional[Session] = None,
                  unread: bytes = b"") -> None:
@@ -102,14 +98,17 @@ class ClientConnection:
                 self._idle = True
                 try:
                     data = sock.recv(RECV_SIZE)
-                except _Interrupt:
-                    continue
                 finally:
                     self._idle = False
                 if not data:
                     self.close_reason = self.close_reason or "client closed"
                     return
                 self.framer.feed(data)
+                if self.state is State.PAUSED:
+                    # Paused while it waited in recv(): what arrived stays unread (a successor
+                    # gets it from the checkpoint) until the pause ends.
+                    if not self._park():
+                        return
                 if not self._serve_buffered():
                     return
         except stdlib_socket.timeout:
@@ -200,19 +199,20 @@ class ClientConnection:
     # ---- handover -----------------------------------------------------------------------------
 
     def request_pause(self) -> None:
-        """Ask the connection to stop at its next request boundary (see wait for PAUSED)."""
+        """Ask the connection to stop at its next request boundary (then it is PAUSED).
+
+        A connection waiting in recv() with every reply written is at a boundary already: it
+        becomes PAUSED at once and is left waiting (waking a thousand greenlets would cost
+        tens of milliseconds of blackout). If bytes arrive before the handover, run() keeps
+        them unread. A busy one, or one that cannot be handed over yet (MULTI, TLS...), goes on
+        serving and stops at the first boundary where it can.
+        """
         if self.state is not State.SERVING:
             return
-        self.state = State.PAUSING
-        if self._idle:
-            gevent.get_hub().loop.run_callback(self._interrupt_if_idle)
-
-    def _interrupt_if_idle(self) -> None:
-        # Runs in the hub: the connection is either still parked in recv() (safe to interrupt,
-        # nothing was read) or has moved on, in which case it will see PAUSING by itself.
-        greenlet = self.greenlet
-        if self._idle and greenlet is not None and not greenlet.dead:
-            greenlet.throw(_Interrupt())
+        if self._idle and self.handover_blocker() is None:
+            self.state = State.PAUSED
+        else:
+            self.state = State.PAUSING
 
     def _park(self) -> bool:
         """Stay paused until resumed (True) or handed over (False)."""
@@ -266,8 +266,8 @@ class ClientConnection:
         """Close from outside (drain deadline, shutdown)."""
         self.close_reason = reason
         greenlet = self.greenlet
-        if self.state is State.PAUSED:
-            # Its greenlet wakes up, sees CLOSED and closes the socket itself.
+        if self.state is State.PAUSED and self._resume is not None:
+            # Parked: its greenlet wakes up, sees CLOSED and closes the socket itself.
             self.state = State.CLOSED
             self._wake()
             return

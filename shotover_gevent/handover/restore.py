@@ -19,7 +19,7 @@ from .. import __version__, observability
 from ..config import ConfigError, load, load_data
 from ..session import Session
 from . import checkpoint as checkpoint_format
-from .upgrade import CONTROL_SIGNALS, EXEC_TIME_ENV, PREVIOUS_ENV
+from .upgrade import CONTROL_SIGNALS, EXEC_TIME_ENV, PREVIOUS_ENV, reap_later
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def restore(options: RestoreOptions):
             pass
         os.close(options.guardian_fd)
         if options.guardian_pid:
-            _reap_later(options.guardian_pid)
+            reap_later(options.guardian_pid)
 
     for source, client, record in adopted:
         source.adopt(client, record.peer, Session.from_dict(record.session), record.unread)
@@ -312,17 +312,3 @@ def _dispose_checkpoint(path: str, keep_path: Optional[str]) -> Optional[str]:
     except OSError as error:
         log.warning("could not remove checkpoint %s: %s", path, error)
     return problem
-
-
-def _reap_later(pid: int) -> None:
-    def reap() -> None:
-        for _ in range(200):
-            try:
-                done, _status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if done:
-                return
-            gevent.sleep(0.05)
-
-    gevent.spawn(reap)

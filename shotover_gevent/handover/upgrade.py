@@ -271,17 +271,21 @@ def exec_new_image(proxy, python: str, path: str, data: bytes, cp, request: Upgr
             fds.add(cp.control[key])
     fds.add(memfd)
     guardian_pipe_read, guardian_pipe_write = os.pipe()
-    guardian = None
+    guardian_pid = None
     blocked = False
     try:
-        guardian = spawn_guardian(proxy, path, memfd, sorted(fds), guardian_pipe_read,
-                                  request.restore_timeout)
-        os.close(guardian_pipe_read)
-        for fd in fds | {guardian_pipe_write}:
+        # PEP 446 made every other fd close-on-exec: marking exactly these inheritable decides
+        # what the guardian and the new image get.
+        for fd in fds | {guardian_pipe_read}:
             os.set_inheritable(fd, True)
+        guardian_pid = spawn_guardian(proxy, path, memfd, guardian_pipe_read,
+                                      request.restore_timeout)
+        os.close(guardian_pipe_read)
+        guardian_pipe_read = None
+        os.set_inheritable(guardian_pipe_write, True)
         argv = fast_start_argv(python, answer) + program_argv(proxy, python)[3:] + [
             "--restore", path, "--checkpoint-fd", str(memfd),
-            "--guardian-fd", str(guardian_pipe_write), "--guardian-pid", str(guardian.pid)]
+            "--guardian-fd", str(guardian_pipe_write), "--guardian-pid", str(guardian_pid)]
         os.environ[PREVIOUS_ENV] = json.dumps({"python": sys.executable,
                                                "argv": program_argv(proxy, sys.executable),
                                                "version": __version__})
@@ -295,24 +299,29 @@ def exec_new_image(proxy, python: str, path: str, data: bytes, cp, request: Upgr
         os.execv(python, argv)
     except OSError as error:
         reason = f"exec {python} failed: {error.strerror or error}"
+    except UpgradeAborted as error:
+        reason = str(error)
     finally:
         # Only reached when exec did not happen.
         if blocked:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     os.environ.pop(PREVIOUS_ENV, None)
+    os.environ.pop(EXEC_TIME_ENV, None)
     for fd in fds:
         try:
             os.set_inheritable(fd, False)
         except OSError:
             pass
+    if guardian_pipe_read is not None:
+        os.close(guardian_pipe_read)
     try:
         os.write(guardian_pipe_write, b"abort\n")
     except OSError:
         pass
     os.close(guardian_pipe_write)
     os.close(memfd)
-    if guardian is not None:
-        gevent.spawn(guardian.wait)
+    if guardian_pid is not None:
+        reap_later(guardian_pid)
     try:
         os.unlink(path)
     except OSError:
@@ -337,17 +346,33 @@ def fast_start_argv(python: str, answer: Dict) -> List[str]:
     return [python, "-S", "-c", boot]
 
 
-def spawn_guardian(proxy, path: str, memfd: int, fds: List[int], pipe_read: int,
-                   timeout: float):
-    """A small process holding copies of every handed-over fd; if the new image dies before it
-    has adopted them, the guardian execs this version back onto the same checkpoint."""
-    from gevent import subprocess
-
+def spawn_guardian(proxy, path: str, memfd: int, pipe_read: int, timeout: float) -> int:
+    """A small process holding copies of every handed-over fd (those marked inheritable); if
+    the new image dies before it has adopted them, the guardian execs this version back onto
+    the same checkpoint. posix_spawn, not gevent's Popen: nothing here may yield to the hub
+    once connections are paused, or a waiting connection could read bytes after the
+    checkpoint recorded what it had."""
     command = [sys.executable, "-m", "shotover_gevent.handover.guardian",
                "--pipe-fd", str(pipe_read), "--pid", str(os.getpid()),
                "--timeout", str(timeout), "--", *program_argv(proxy, sys.executable),
                "--restore", path, "--checkpoint-fd", str(memfd), "--rollback"]
     try:
-        return subprocess.Popen(command, pass_fds=[*fds, pipe_read], stdin=subprocess.DEVNULL)
+        return os.posix_spawn(sys.executable, command, dict(os.environ))
     except OSError as error:
         raise UpgradeAborted(f"cannot start the guardian: {error.strerror or error}") from None
+
+
+def reap_later(pid: int) -> None:
+    """Collect a child's exit status without blocking the hub (bounded: 10 s)."""
+
+    def reap() -> None:
+        for _ in range(200):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if done:
+                return
+            gevent.sleep(0.05)
+
+    gevent.spawn(reap)
