@@ -92,7 +92,7 @@ class ClientConnection:
                     return
             sock = self.sock
             while True:
-                if self.state is State.PAUSING and self.session.handover_blocker() is None:
+                if self.state is State.PAUSING and self.session.drain_blocker() is None:
                     if not self._park():
                         return
                 self._idle = True
@@ -209,7 +209,7 @@ class ClientConnection:
         """
         if self.state is not State.SERVING:
             return
-        if self._idle and self.handover_blocker() is None:
+        if self._idle and self.session.drain_blocker() is None:
             self.state = State.PAUSED
         else:
             self.state = State.PAUSING
@@ -266,11 +266,13 @@ class ClientConnection:
         """Close from outside (drain deadline, shutdown)."""
         self.close_reason = reason
         greenlet = self.greenlet
-        if self.state is State.PAUSED and self._resume is not None:
-            # Parked: its greenlet wakes up, sees CLOSED and closes the socket itself.
-            self.state = State.CLOSED
-            self._wake()
-            return
+        if self.state is State.PAUSED:
+            # Close now, before the program image can be replaced; a parked greenlet then
+            # wakes up to CLOSED and ends, one still waiting in recv() is killed below.
+            self._close()
+            if self._resume is not None:
+                self._wake()
+                return
         if greenlet is not None and not greenlet.dead and greenlet is not gevent.getcurrent():
             greenlet.kill(block=False)
         else:
@@ -283,6 +285,13 @@ class ClientConnection:
         if self._chain is not None:
             self._chain.close()
         PAUSE_PROGRESS.set()
+        sslobj = getattr(self.sock, "_sslobj", None)
+        if sslobj is not None:
+            # TLS clients get close_notify, as Redis sends it; their answer is not awaited.
+            try:
+                sslobj.shutdown()
+            except (OSError, ValueError):
+                pass
         try:
             self.sock.close()
         except OSError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import socket as stdlib_socket
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional
@@ -14,6 +15,7 @@ from typing import Callable, Deque, Dict, List, Optional
 import gevent
 from gevent import socket
 from gevent.event import Event
+from gevent.socket import wait_read
 
 from .message import NO_REPLY, Message
 from .protocol import resp
@@ -38,6 +40,10 @@ _RUN_IN_MULTI = frozenset({"EXEC", "DISCARD", "MULTI", "WATCH", "QUIT", "RESET"}
 # All a RESP2 connection with subscriptions may run; anything else gets an error, no effect.
 _RESP2_SUBSCRIBED_ALLOWED = frozenset(SUBSCRIBE_KINDS) | {"PING", "QUIT", "RESET"}
 _QUEUED = b"+QUEUED\r\n"
+# Commands that may wait for another client's write (XREAD/XREADGROUP only with BLOCK).
+_BLOCKING = frozenset({"BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN",
+                       "BZPOPMAX", "BZMPOP", "WAIT", "WAITAOF", "XREAD", "XREADGROUP"})
+_HANGUP = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
 # Redis answers CLIENT REPLY inside a transaction with a truncated EXEC reply that no client can
 # parse; the proxy refuses it instead of forwarding it.
 _CLIENT_REPLY_IN_MULTI = "ERR CLIENT REPLY is not supported inside MULTI by the proxy"
@@ -70,10 +76,17 @@ class UpstreamConnection:
     """
 
     def __init__(self, address, connect_timeout: float, session: Session,
-                 on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None) -> None:
+                 on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None,
+                 on_lost: Optional[Callable[["UpstreamConnection"], None]] = None,
+                 client_socket=None) -> None:
         self.address = address
         self.session = session
         self.on_push = on_push
+        # Called when the server goes away while nothing is asked of it (push mode).
+        self.on_lost = on_lost
+        # Watched while a blocking command waits: a client that leaves must not stay blocked
+        # on the server (it would take the next value pushed and lose it).
+        self.client_socket = client_socket
         self.framer = resp.ReplyFramer()
         # The server's view of this connection.
         self.resp_version = 2
@@ -141,7 +154,9 @@ class UpstreamConnection:
         if self._plain and command not in _SPECIAL:
             return 1, None
         silent = self.reply_off or self.skip_next
-        self.skip_next = False
+        if self.skip_next:  # used up by this request
+            self.skip_next = False
+            self._reply_mode_changed()
         one = 0 if silent else 1
         if self.multi is not None and command not in _RUN_IN_MULTI:
             return one, self._queue
@@ -249,6 +264,9 @@ class UpstreamConnection:
             self.reply_off = True
         elif not self.reply_off:
             self.skip_next = True
+        self._reply_mode_changed()
+
+    def _reply_mode_changed(self) -> None:
         self.session.reply_mode = "OFF" if self.reply_off else "SKIP" if self.skip_next else "ON"
         self._state_changed()
 
@@ -290,9 +308,9 @@ class UpstreamConnection:
         self.multi = None
         self._state_changed()
 
-    def _exec(self, request: Message, frames: List[bytes]) -> None:
-        # Called with the first frame only: its queued commands' effects (and the frames
-        # they add) count from here.
+    def _exec(self, request: Message, frames: List[bytes]) -> int:
+        """Called with EXEC's first frame: the queued commands' effects apply from here;
+        returns how many more frames EXEC sends."""
         queued, self.multi = self.multi or [], None
         self._state_changed()
         if frames and frames[0][:1] == b"*" and not frames[0].startswith(b"*-1\r\n"):
@@ -383,14 +401,19 @@ class UpstreamConnection:
             for frame in held:
                 self.on_push(frame)
 
-    def _broken(self, reason: str) -> None:
-        if self._failure is None:
+    def _broken(self, reason: str, expected: bool = False) -> None:
+        if self._failure is None and not self.closed:
             self._failure = reason
             # After QUIT the server closing the connection is the expected outcome.
-            (log.debug if self._quitting else log.warning)("%s", reason)
-        self.close()
+            (log.debug if self._quitting or expected else log.warning)("%s", reason)
+        self._close()
 
     def close(self) -> None:
+        """Close for good (the client left or was handed over): no loss is reported."""
+        self.on_lost = None
+        self._close()
+
+    def _close(self) -> None:
         if self.closed:
             return
         self.closed = True
@@ -433,13 +456,36 @@ class UpstreamConnection:
         return refused
 
     def _call(self, requests: List[Message]) -> List[Message]:
-        if self.push_mode:
-            return self._call_via_reader(requests)
-        replies = self._call_direct(requests)
-        if self._wants_push() and not self.closed:
-            # From now on frames may arrive while the client sends nothing.
-            self._enter_push_mode()
-        return replies
+        watcher = None
+        if self.client_socket is not None and any(_may_block(r) for r in requests):
+            watcher = gevent.spawn(self._watch_client)
+        try:
+            if self.push_mode:
+                return self._call_via_reader(requests)
+            replies = self._call_direct(requests)
+            if self._wants_push() and not self.closed:
+                # From now on frames may arrive while the client sends nothing.
+                self._enter_push_mode()
+            return replies
+        finally:
+            if watcher is not None:
+                watcher.kill(block=False)
+
+    def _watch_client(self) -> None:
+        """Close this connection if the client leaves while its batch waits for replies."""
+        fd = self.client_socket.fileno()
+        try:
+            wait_read(fd)
+            # Readable: closed, or more bytes (pipelined requests, TLS records) that are not
+            # ours to read. The peer's FIN shows as POLLRDHUP whatever is still unread.
+            poller = select.poll()
+            poller.register(fd, _HANGUP)
+            while not poller.poll(0):
+                gevent.sleep(0.5)
+        except (OSError, ValueError):
+            pass
+        self._broken(f"client left while a command on upstream {_fmt(self.address)} "
+                     "was blocked", expected=True)
 
     def _call_direct(self, requests: List[Message]) -> List[Message]:
         payload = requests[0].raw if len(requests) == 1 else b"".join([r.raw for r in requests])
@@ -466,8 +512,9 @@ class UpstreamConnection:
                     frames.insert(0, self._take_held(request))
                 replies.append(Message(b"".join(frames)) if frames else NO_REPLY)
         except UpstreamError as error:
-            text = f"ERR {error}"
-            replies.extend([Message.error(text)] * (len(requests) - len(replies)))
+            # After QUIT the server answers nothing more, and neither does the proxy.
+            reply = NO_REPLY if self._quitting else Message.error(f"ERR {error}")
+            replies.extend([reply] * (len(requests) - len(replies)))
         self._release_held()
         return replies
 
@@ -490,7 +537,9 @@ class UpstreamConnection:
             self._all_done.wait()
         replies = []
         for entry in entries:
-            if not entry.done:
+            if not entry.done and self._quitting:
+                replies.append(NO_REPLY)
+            elif not entry.done:
                 replies.append(Message.error(f"ERR {self._failure or 'upstream connection closed'}"))
             elif entry.frames:
                 replies.append(Message(entry.prefix + b"".join(entry.frames)))
@@ -546,13 +595,24 @@ class UpstreamConnection:
                     self._finish(entry)
                     self._advance()
         except UpstreamError:
-            pass
+            on_lost = self.on_lost
+            if on_lost is not None and not self._quitting:
+                on_lost(self)
         except gevent.GreenletExit:
             pass
         finally:
             self._pending.clear()
             self._all_done.set()
             self._release_held()
+
+
+def _may_block(request: Message) -> bool:
+    command = request.command
+    if command not in _BLOCKING:
+        return False
+    if command in ("XREAD", "XREADGROUP"):
+        return any(arg.upper() == b"BLOCK" for arg in request.args[1:])
+    return True
 
 
 def _fmt(address) -> str:

@@ -123,9 +123,12 @@ class ConnectionRecord:
     peer: str
     unread: bytes
     session: dict
+    #: The client's idle upstream connection, handed over with it: {"fd", "sink", "address",
+    #: "state"}. Optional: absent, the new image connects afresh and replays the session.
+    upstream: dict | None = None
 
     def to_body(self) -> dict:
-        return {
+        body = {
             "fd": self.fd,
             "source": self.source,
             "peer": self.peer,
@@ -134,6 +137,9 @@ class ConnectionRecord:
             "unread": bytes(self.unread),
             "session": self.session,
         }
+        if self.upstream is not None:
+            body["upstream"] = self.upstream
+        return body
 
     @classmethod
     def from_body(cls, item: object, where: str = "connection") -> ConnectionRecord:
@@ -144,7 +150,17 @@ class ConnectionRecord:
             peer=_want(_member(item, "peer", where), str, f"{where}.peer"),
             unread=_want(_member(item, "unread", where), bytes, f"{where}.unread"),
             session=_want(_member(item, "session", where), dict, f"{where}.session"),
+            upstream=_check_upstream(item.get("upstream"), f"{where}.upstream"),
         )
+
+
+def _check_upstream(upstream: object, where: str) -> dict | None:
+    if upstream is None:
+        return None
+    _want(upstream, dict, where)
+    _want_count(_member(upstream, "fd", where), f"{where}.fd")
+    _want(_member(upstream, "address", where), str, f"{where}.address")
+    return upstream
 
 
 def _check_drain(drain: object) -> dict:
@@ -192,6 +208,7 @@ class Checkpoint:
     def fds(self) -> list[int]:
         """Every inherited fd the checkpoint names: listeners, connections, control."""
         found = [rec.fd for rec in self.listeners] + [rec.fd for rec in self.connections]
+        found += [rec.upstream["fd"] for rec in self.connections if rec.upstream is not None]
         if self.control is not None:
             found.append(self.control["fd"])
         return found

@@ -7,6 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
+import gevent
+from gevent.lock import Semaphore
+
 from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, parse_address, take_mapping
@@ -54,21 +57,34 @@ class RedisSinkSingleBuilder(TransformBuilder):
         return RedisSinkSingle(self, context)
 
 
+#: Between attempts to subscribe again on a new connection after the server went away.
+RESUBSCRIBE_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
 class RedisSinkSingle(Transform):
-    __slots__ = ("builder", "context", "upstream")
+    __slots__ = ("builder", "context", "upstream", "_connecting", "_resubscriber", "_closed")
 
     def __init__(self, builder: RedisSinkSingleBuilder, context: ConnectionContext) -> None:
         self.builder = builder
         self.context = context
         self.upstream: Optional[UpstreamConnection] = None
+        self._connecting = Semaphore()
+        self._resubscriber: Optional[gevent.Greenlet] = None
+        self._closed = False
 
     def _connect(self) -> UpstreamConnection:
-        config = self.builder.config
-        self.upstream = UpstreamConnection(
-            config.remote_address, config.connect_timeout_ms / 1000.0,
-            self.context.session, self.context.push, self.builder.ssl_context,
-            config.tls.server_hostname(config.remote_address) if config.tls else None)
-        return self.upstream
+        """The current upstream connection, opened (and the session replayed) if need be."""
+        with self._connecting:
+            upstream = self.upstream
+            if upstream is not None and not upstream.closed:
+                return upstream
+            config = self.builder.config
+            self.upstream = UpstreamConnection(
+                config.remote_address, config.connect_timeout_ms / 1000.0,
+                self.context.session, self.context.push, self.builder.ssl_context,
+                config.tls.server_hostname(config.remote_address) if config.tls else None,
+                on_lost=self._upstream_lost, client_socket=_client_socket(self.context))
+            return self.upstream
 
     def prepare(self) -> None:
         if self.context.session.subscribed:
@@ -77,6 +93,28 @@ class RedisSinkSingle(Transform):
             except UpstreamError as error:
                 log.warning("could not resubscribe %s after the upgrade: %s", self.context.peer,
                             error)
+                self._upstream_lost(None)
+
+    def _upstream_lost(self, upstream: Optional[UpstreamConnection]) -> None:
+        # A subscriber may send nothing for hours: rather than wait for its next request,
+        # subscribe again on a new connection as soon as the server is back.
+        if self.context.session.subscribed and not self._closed and (
+                self._resubscriber is None or self._resubscriber.dead):
+            self._resubscriber = gevent.spawn(self._resubscribe)
+
+    def _resubscribe(self) -> None:
+        attempt = 0
+        while not self._closed and self.context.session.subscribed:
+            gevent.sleep(RESUBSCRIBE_DELAYS[min(attempt, len(RESUBSCRIBE_DELAYS) - 1)])
+            attempt += 1
+            if self._closed:
+                return
+            try:
+                self._connect()
+                log.info("subscribed %s again on a new upstream connection", self.context.peer)
+                return
+            except UpstreamError as error:
+                log.debug("resubscribing %s: %s", self.context.peer, error)
 
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         upstream = self.upstream
@@ -92,9 +130,23 @@ class RedisSinkSingle(Transform):
         return replies
 
     def close(self) -> None:
+        self._closed = True
+        resubscriber = self._resubscriber
+        if resubscriber is not None and resubscriber is not gevent.getcurrent():
+            resubscriber.kill(block=False)
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
+
+
+def _client_socket(context: ConnectionContext):
+    """The client connection's socket, watched while a blocking command waits (None: not
+    available, nothing is watched)."""
+    sock = getattr(context, "client_socket", None)
+    if sock is None:
+        # The connection's push callback is bound to the connection that owns the socket.
+        sock = getattr(getattr(context.push, "__self__", None), "sock", None)
+    return sock
 
 
 KIND = register(TransformType(("RedisSinkSingle", "ValkeySinkSingle"), True, parse,
