@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from . import observability
 from .message import Message
@@ -45,6 +45,16 @@ class Transform:
     def prepare(self) -> None:
         """Called once before the first request of a connection adopted in an upgrade: a sink
         whose session expects unsolicited messages (subscriptions) connects right away."""
+
+    def export_upstream(self) -> Optional[dict]:
+        """A sink's idle upstream connection, described for the next program image (its fd is
+        then inherited), or None: the next image connects afresh."""
+        return None
+
+    def adopt_upstream(self, record: dict) -> bool:
+        """Take over an upstream connection that the previous image handed down, if it is one
+        this transform would use. False: not ours (the caller closes it)."""
+        return False
 
 
 class TransformBuilder:
@@ -100,6 +110,16 @@ class Chain:
     def prepare(self) -> None:
         for transform in self.transforms:
             transform.prepare()
+
+    def export_upstream(self) -> Optional[dict]:
+        for transform in self.transforms:
+            record = transform.export_upstream()
+            if record is not None:
+                return record
+        return None
+
+    def adopt_upstream(self, record: dict) -> bool:
+        return any(transform.adopt_upstream(record) for transform in self.transforms)
 
     def close(self) -> None:
         for transform in self.transforms:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import socket as stdlib_socket
 from typing import TYPE_CHECKING, List, Optional
 
@@ -37,6 +38,13 @@ _SESSION_COMMANDS = TRACKED_COMMANDS | {"QUIT"}
 PAUSE_PROGRESS = Event()
 
 
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def send_all(sock, payload: bytes) -> None:
     """Write everything; one send() in the common case. (gevent's sendall() asks the kernel for
     the socket's buffer size on every call: a system call per reply that this skips.)"""
@@ -55,7 +63,7 @@ class State(enum.Enum):
 
 class ClientConnection:
     def __init__(self, sock, source: "Source", peer: str, session: Optional[Session] = None,
-                 unread: bytes = b"") -> None:
+                 unread: bytes = b"", upstream: Optional[dict] = None) -> None:
         self.sock = sock
         self.source = source
         self.peer = peer
@@ -76,6 +84,8 @@ class ClientConnection:
         # Built on the first request: an idle connection costs no transforms (and adopting
         # thousands of connections in an upgrade stays quick).
         self._chain: Optional[Chain] = None
+        # An upstream connection handed down by the previous image, adopted with the chain.
+        self._upstream_record = upstream
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -170,7 +180,16 @@ class ClientConnection:
             context = ConnectionContext(source.name, source.chain_name, self.peer, self.session,
                                         self.push)
             chain = self._chain = Chain(source.chain_name, source.builders, context)
+            record, self._upstream_record = self._upstream_record, None
+            if record is not None and not chain.adopt_upstream(record):
+                _close_fd(record["fd"])  # the new topology sends this client elsewhere
         return chain
+
+    def export_upstream(self) -> Optional[dict]:
+        """This client's idle upstream connection, for the next image (None: it reconnects)."""
+        if self._chain is None:
+            return self._upstream_record  # handed down to us and not used yet: pass it on
+        return self._chain.export_upstream()
 
     def _write(self, payload: bytes) -> None:
         with self._write_lock:
@@ -284,6 +303,9 @@ class ClientConnection:
         self.state = State.CLOSED
         if self._chain is not None:
             self._chain.close()
+        if self._upstream_record is not None:
+            _close_fd(self._upstream_record["fd"])
+            self._upstream_record = None
         PAUSE_PROGRESS.set()
         sslobj = getattr(self.sock, "_sslobj", None)
         if sslobj is not None:

@@ -269,20 +269,26 @@ class Session:
         auth = None
         if self.auth_password is not None:
             auth = {"username": self.auth_username, "password": self.auth_password}
-        return {
-            "db": self.selected_db,
-            "resp": self.resp_version,
-            "client_name": self.client_name,
-            "auth": auth,
-            "readonly": self.readonly,
-            "no_evict": self.no_evict,
-            "reply_mode": self.reply_mode,
-            "subscriptions": {
+        data: Dict[str, Any] = {"db": self.selected_db, "resp": self.resp_version}
+        # Defaults are left out: a thousand plain sessions make a checkpoint that is quick to
+        # write and to read inside the pause. from_dict() fills them back in.
+        if self.client_name is not None:
+            data["client_name"] = self.client_name
+        if auth is not None:
+            data["auth"] = auth
+        if self.readonly:
+            data["readonly"] = True
+        if self.no_evict:
+            data["no_evict"] = True
+        if self.reply_mode != "ON":
+            data["reply_mode"] = self.reply_mode
+        if self.subscribed:
+            data["subscriptions"] = {
                 "channels": sorted(self.channels),
                 "patterns": sorted(self.patterns),
                 "shard_channels": sorted(self.shard_channels),
-            },
-        }
+            }
+        return data
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "Session":

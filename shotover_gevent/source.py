@@ -122,7 +122,7 @@ class Source:
             self._open_connection(client, describe_peer(address))
 
     def _open_connection(self, client, peer: str, session: Optional[Session] = None,
-                         unread: bytes = b"") -> ClientConnection:
+                         unread: bytes = b"", upstream: Optional[dict] = None) -> ClientConnection:
         client.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
         if self.config.timeout:
             client.settimeout(self.config.timeout)
@@ -130,15 +130,17 @@ class Source:
             from gevent.ssl import SSLContext  # noqa: F401  (gevent's wrapper cooperates)
             client = self.tls_context.wrap_socket(client, server_side=True,
                                                   do_handshake_on_connect=False)
-        connection = ClientConnection(client, self, peer, session, unread)
+        connection = ClientConnection(client, self, peer, session, unread, upstream)
         self.connections.add(connection)
         self._count_changed()
         connection.start()
         return connection
 
-    def adopt(self, client, peer: str, session: Session, unread: bytes) -> ClientConnection:
-        """Take over a connection handed down by the previous image (even beyond the limit)."""
-        return self._open_connection(client, peer, session, unread)
+    def adopt(self, client, peer: str, session: Session, unread: bytes,
+              upstream: Optional[dict] = None) -> ClientConnection:
+        """Take over a connection handed down by the previous image (even beyond the limit),
+        with its idle upstream connection when one came along."""
+        return self._open_connection(client, peer, session, unread, upstream)
 
     def connection_closed(self, connection: ClientConnection) -> None:
         if connection in self.connections:

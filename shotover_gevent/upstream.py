@@ -78,7 +78,7 @@ class UpstreamConnection:
     def __init__(self, address, connect_timeout: float, session: Session,
                  on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None,
                  on_lost: Optional[Callable[["UpstreamConnection"], None]] = None,
-                 client_socket=None) -> None:
+                 client_socket=None, adopted=None) -> None:
         self.address = address
         self.session = session
         self.on_push = on_push
@@ -109,8 +109,12 @@ class UpstreamConnection:
         self._all_done = Event()
         self._failure: Optional[str] = None
         self.closed = False
+        if adopted is not None:
+            # Handed over by the previous program image, already in this session's state.
+            self.sock = adopted
+            return
         try:
-            raw = socket.create_connection(address, timeout=connect_timeout)
+            raw = connect(address, connect_timeout)
         except (OSError, stdlib_socket.timeout) as error:
             raise UpstreamError(f"upstream {_fmt(address)} unavailable: {_reason(error)}") from None
         raw.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
@@ -125,6 +129,37 @@ class UpstreamConnection:
         raw.settimeout(None)
         self.sock = raw
         self._replay_session()
+
+    # ---- handover -----------------------------------------------------------------------------
+
+    def handover_state(self) -> Optional[dict]:
+        """What the next program image needs to go on using this connection as it is, or None
+        when it cannot be handed over now (TLS, pushes possible, replies outstanding, MULTI)."""
+        if (self.closed or self.push_mode or self._pending or self._held or self.multi is not None
+                or self.monitor or self.tracking or self._quitting or self._deliveries
+                or self.framer.pending() or getattr(self.sock, "_sslobj", None) is not None):
+            return None
+        return {"resp_version": self.resp_version, "reply_off": self.reply_off,
+                "skip_next": self.skip_next}
+
+    @classmethod
+    def adopt(cls, sock, address, state: dict, session: Session,
+              on_push: Callable[[bytes], None], **options) -> Optional["UpstreamConnection"]:
+        """Wrap a connection handed over by the previous image; None if the server has closed
+        it meanwhile (the caller then connects afresh)."""
+        # An idle connection has nothing to read; anything readable (EOF, an error, bytes nobody
+        # asked for) means it is not the connection that was handed over any more.
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | _HANGUP)
+        if poller.poll(0):
+            sock.close()
+            return None
+        upstream = cls(address, 0, session, on_push, adopted=sock, **options)
+        upstream.resp_version = int(state.get("resp_version", 2))
+        upstream.reply_off = bool(state.get("reply_off", False))
+        upstream.skip_next = bool(state.get("skip_next", False))
+        upstream._state_changed()
+        return upstream
 
     # ---- session replay -----------------------------------------------------------------------
 
@@ -613,6 +648,26 @@ def _may_block(request: Message) -> bool:
     if command in ("XREAD", "XREADGROUP"):
         return any(arg.upper() == b"BLOCK" for arg in request.args[1:])
     return True
+
+
+def connect(address, timeout: float):
+    """A connected TCP socket. A numeric address is connected directly: the general path asks
+    the resolver first, which gevent runs in a thread pool (slow when a thousand clients
+    reconnect at once)."""
+    host, port = address[0], address[1]
+    try:
+        family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
+        stdlib_socket.inet_pton(family, host)
+    except OSError:
+        return socket.create_connection(address, timeout=timeout)
+    sock = socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _fmt(address) -> str:

@@ -346,7 +346,10 @@ def test_blocking_command_served_within_the_drain_deadline_survives(proxy, redis
     direct = redis_server.client()
 
     def blocked_clients() -> int:
-        return sum(1 for c in direct.client_list() if c.get("cmd") == "blpop")
+        # "b" in the flags: blocked now. (The last command alone would also count the served
+        # client, whose upstream connection the upgrade hands over as it is.)
+        return sum(1 for c in direct.client_list()
+                   if c.get("cmd") == "blpop" and "b" in c.get("flags", ""))
 
     with RawClient(proxy.port, timeout=30) as served, RawClient(proxy.port) as starved:
         served.send(encode("BLPOP", "queue:served", 0))

@@ -161,6 +161,8 @@ def restore(options: RestoreOptions):
         source = proxy.sources.get(record.source)
         if source is None:
             os.close(record.fd)
+            if record.upstream is not None:
+                os.close(record.upstream["fd"])
             closed["source removed"] = closed.get("source removed", 0) + 1
             continue
         client = socket.socket(fileno=record.fd)
@@ -168,6 +170,8 @@ def restore(options: RestoreOptions):
             client.getpeername()
         except OSError:
             client.close()
+            if record.upstream is not None:
+                os.close(record.upstream["fd"])
             closed["client left during upgrade"] = closed.get("client left during upgrade", 0) + 1
             continue
         adopted.append((source, client, record))
@@ -198,7 +202,8 @@ def restore(options: RestoreOptions):
             reap_later(options.guardian_pid)
 
     for source, client, record in adopted:
-        source.adopt(client, record.peer, Session.from_dict(record.session), record.unread)
+        source.adopt(client, record.peer, Session.from_dict(record.session), record.unread,
+                     record.upstream)
     proxy.go_live()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     quiesce_ns = hints.get("quiesce_started_ns") or cp.created_ns
@@ -206,8 +211,10 @@ def restore(options: RestoreOptions):
     live_ns = time.time_ns()
     # Clients are served again; what only scrapes need loads now, off the hub's thread.
     if config.observability_interface is not None:
-        gevent.spawn(_start_observability_later, proxy, config.observability_interface,
-                     metrics_listener)
+        # A second later: loading it competes for the interpreter with the catch-up of every
+        # request that queued during the pause. The kernel queues scrapes meanwhile.
+        gevent.spawn_later(1.0, _start_observability_later, proxy,
+                           config.observability_interface, metrics_listener)
 
     keep_path = hints.get("keep_checkpoint")
     keep_problem = _dispose_checkpoint(options.restore_path, keep_path)

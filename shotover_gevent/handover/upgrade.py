@@ -217,7 +217,8 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
     listeners = [checkpoint_format.ListenerRecord(s.listener.fileno(), name, s.address)
                  for name, s in proxy.sources.items()]
     records = [checkpoint_format.ConnectionRecord(c.sock.fileno(), c.source.name, c.peer,
-                                                  c.unread_bytes(), c.session.to_dict())
+                                                  c.unread_bytes(), c.session.to_dict(),
+                                                  c.export_upstream())
                for c in paused]
     control = {"fd": proxy.control_server.listener.fileno(), "path": proxy.control_path}
     channel = getattr(report, "channel", None)
@@ -249,9 +250,10 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
     except checkpoint_format.CheckpointError as error:
         raise UpgradeAborted(f"checkpoint: {error}") from None
     unread = sum(len(r.unread) for r in records)
+    upstreams = sum(1 for r in records if r.upstream is not None)
     report.stage("checkpoint", f"wrote {path} ({len(data)} bytes: {len(listeners)} listeners, "
-                               f"{len(records)} connections, {unread} unread bytes)",
-                 path=path)
+                               f"{len(records)} connections with {upstreams} idle upstream "
+                               f"connections, {unread} unread bytes)", path=path)
     return path, data, cp
 
 

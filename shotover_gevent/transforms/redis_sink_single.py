@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import gevent
+from gevent import socket
 from gevent.lock import Semaphore
 
 from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
-from ..config import Address, Problems, parse_address, take_mapping
+from ..config import Address, Problems, format_address, parse_address, take_mapping
 from ..message import Message
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import UpstreamConnection, UpstreamError
@@ -85,6 +86,27 @@ class RedisSinkSingle(Transform):
                 config.tls.server_hostname(config.remote_address) if config.tls else None,
                 on_lost=self._upstream_lost, client_socket=_client_socket(self.context))
             return self.upstream
+
+    def export_upstream(self) -> Optional[dict]:
+        upstream = self.upstream
+        if upstream is None:
+            return None
+        state = upstream.handover_state()
+        if state is None:
+            return None
+        return {"fd": upstream.sock.fileno(), "sink": "RedisSinkSingle",
+                "address": format_address(self.builder.config.remote_address), "state": state}
+
+    def adopt_upstream(self, record: dict) -> bool:
+        config = self.builder.config
+        if record.get("sink") != "RedisSinkSingle" or config.tls is not None or \
+                record.get("address") != format_address(config.remote_address):
+            return False
+        self.upstream = UpstreamConnection.adopt(
+            socket.socket(fileno=record["fd"]), config.remote_address, record.get("state") or {},
+            self.context.session, self.context.push, on_lost=self._upstream_lost,
+            client_socket=_client_socket(self.context))
+        return True  # even when it turned out dead: the fd is dealt with
 
     def prepare(self) -> None:
         if self.context.session.subscribed:
