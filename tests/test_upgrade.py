@@ -536,6 +536,30 @@ def test_new_topology_applies_to_kept_connections(proxy, redis_server):
         assert redis_server.client().get("key") == b"old"
 
 
+def test_idle_upstream_connections_are_handed_over_as_they_are(proxy, redis_server):
+    """No reconnect after an upgrade: the server still sees the same connection (same client
+    id, same name), and a new topology that sends a client elsewhere gets a fresh one."""
+    direct = redis_server.client()
+    with RawClient(proxy.port) as kept, RawClient(proxy.port) as other:
+        assert kept.call("CLIENT", "SETNAME", "kept-one") == b"OK"
+        assert kept.call("SELECT", "2") == b"OK"
+        client_id = kept.call("CLIENT", "ID")
+        assert other.call("PING") == b"PONG"
+        before = {c["id"] for c in direct.client_list()}
+
+        for _ in range(2):
+            result = upgrade_ok(proxy)
+            assert "2 connections with 2 idle upstream connections" in result.stdout, result
+            assert kept.call("CLIENT", "ID") == client_id
+            assert kept.call("CLIENT", "GETNAME") == b"kept-one"
+            assert kept.call("SET", "where", "db2") == b"OK"
+            assert other.call("PING") == b"PONG"
+        assert redis_server.client(db=2).get("where") == b"db2"
+        # Nothing new was opened towards the server: the same connections carry on.
+        after = {c["id"] for c in direct.client_list()}
+        assert after - before <= {str(direct.client_id())}, (before, after)
+
+
 def test_changed_listen_address_applies(proxy_factory, redis_server):
     port = free_port()
     proxy = proxy_factory(passthrough_topology(redis_server.port, port))

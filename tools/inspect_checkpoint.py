@@ -120,6 +120,7 @@ def as_json(path: str, fmt: int, cp: ckpt.Checkpoint, show_secrets: bool) -> dic
                     "unread_bytes": len(rec.unread),
                     "unread": rec.unread,
                     "session": _session(rec.session, show_secrets),
+                    "upstream": rec.upstream,
                 }
                 for rec in cp.connections
             ],
@@ -172,6 +173,9 @@ def as_text(path: str, fmt: int, cp: ckpt.Checkpoint, show_secrets: bool) -> str
         if rec.unread:
             unread += f"  {_preview(rec.unread)}"
         lines.append(f"    unread   {unread}")
+        if rec.upstream is not None:
+            lines.append(f"    upstream fd {rec.upstream.get('fd')} to {rec.upstream.get('address')}"
+                         f" ({rec.upstream.get('sink', '?')}, handed over idle)")
         session = _session(rec.session, show_secrets)
         if not session:
             lines.append("    session  {}")
