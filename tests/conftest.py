@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from helpers import ProxyProcess, RedisServer, free_port, passthrough_topology
+from helpers import ProxyProcess, RedisServer, free_port, passthrough_topology, stop_proxies
 
 
 @pytest.fixture(scope="session")
@@ -74,19 +74,7 @@ def proxy_factory(tmp_path, redis_server):
         return proxy.start() if start else proxy
 
     yield make
-    problems = []
-    for proxy in proxies:
-        # Shown by pytest only when the test fails.
-        print(f"---- log of proxy in {proxy.directory} ----\n{proxy.log_text()[-20000:]}")
-        try:
-            if proxy.running:
-                proxy.stop(expect_code=0)
-        except AssertionError as error:
-            problems.append(str(error))
-        finally:
-            proxy.cleanup()
-    if problems:
-        pytest.fail("a proxy did not shut down cleanly:\n" + "\n".join(problems))
+    stop_proxies(proxies, show_logs=True)
 
 
 @pytest.fixture

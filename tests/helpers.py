@@ -492,3 +492,23 @@ def metric_value(text: str, name: str, /, **labels: str) -> Optional[float]:
             found.append(value)
     assert len(found) <= 1, f"{len(found)} samples of {name} match {labels}"
     return found[0] if found else None
+
+
+def stop_proxies(proxies, show_logs: bool = False) -> None:
+    """Stop every proxy a test started and fail the test if one did not exit cleanly."""
+    import pytest
+
+    problems = []
+    for proxy in proxies:
+        if show_logs:
+            # Shown by pytest only when the test fails.
+            print(f"---- log of proxy in {proxy.directory} ----\n{proxy.log_text()[-20000:]}")
+        try:
+            if proxy.running:
+                proxy.stop(expect_code=0)
+        except AssertionError as error:
+            problems.append(str(error))
+        finally:
+            proxy.cleanup()
+    if problems:
+        pytest.fail("a proxy did not shut down cleanly:\n" + "\n".join(problems))

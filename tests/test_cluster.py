@@ -16,7 +16,8 @@ import redis
 import redis.cluster
 
 from cluster_support import Cluster, cluster_sink, start_cluster
-from helpers import HOST, RawClient, ProxyProcess, free_port, redis_client, source_entry, wait_for
+from helpers import (HOST, ProxyProcess, RawClient, free_port, redis_client, source_entry,
+                     stop_proxies, wait_for)
 from shotover_gevent.cluster.slots import key_slot
 
 
@@ -54,17 +55,7 @@ def make_proxy(tmp_path, clean_cluster):
         return proxy.start()
 
     yield make
-    problems = []
-    for proxy in proxies:
-        try:
-            if proxy.running:
-                proxy.stop(expect_code=0)
-        except AssertionError as error:
-            problems.append(str(error))
-        finally:
-            proxy.cleanup()
-    if problems:
-        pytest.fail("a proxy did not shut down cleanly:\n" + "\n".join(problems))
+    stop_proxies(proxies)
 
 
 def error_text(reply: Any) -> str:

@@ -68,7 +68,8 @@ def test_unread_bytes_of_a_partial_large_request_are_exactly_what_was_not_framed
     assert successor.pop_requests() == ([(BIG_REQUEST, b"MSET")], None)
 
 
-NESTED_REPLY = (b"*3\r\n" + b"*100\r\n" + b"$3\r\nabc\r\n" * 100 + b"%2\r\n+a\r\n:1\r\n+b\r\n*2\r\n_\r\n#t\r\n"
+NESTED_REPLY = (b"*3\r\n" + b"*100\r\n" + b"$3\r\nabc\r\n" * 100
+                + b"%2\r\n+a\r\n:1\r\n+b\r\n*2\r\n_\r\n#t\r\n"
                 + b">2\r\n$1\r\nx\r\n$1\r\ny\r\n")
 REPLIES = b"+OK\r\n" + NESTED_REPLY + b":7\r\n" + NESTED_REPLY
 

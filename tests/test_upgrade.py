@@ -27,6 +27,7 @@ from helpers import (
     passthrough_topology,
     sink,
     source_entry,
+    stop_proxies,
     wait_for,
 )
 from upgrade_support import (
@@ -103,17 +104,7 @@ def launch(tmp_path, redis_server):
         return proxy.start()
 
     yield make
-    problems = []
-    for proxy in launched:
-        try:
-            if proxy.running:
-                proxy.stop(expect_code=0)
-        except AssertionError as error:
-            problems.append(str(error))
-        finally:
-            proxy.cleanup()
-    if problems:
-        pytest.fail("a proxy did not shut down cleanly:\n" + "\n".join(problems))
+    stop_proxies(launched)
 
 
 # ---- under load ---------------------------------------------------------------------------------
