@@ -3,6 +3,7 @@ listeners and connections onto fresh chains, then report. Anything unusable roll
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -209,6 +210,7 @@ def restore(options: RestoreOptions):
     quiesce_ns = hints.get("quiesce_started_ns") or cp.created_ns
     blackout_ms = (time.time_ns() - quiesce_ns) / 1e6
     live_ns = time.time_ns()
+    gevent.spawn_later(2.0, _collect_garbage_again)
     # Clients are served again; what only scrapes need loads now, off the hub's thread.
     if config.observability_interface is not None:
         # A second later: loading it competes for the interpreter with the catch-up of every
@@ -264,6 +266,13 @@ def restore(options: RestoreOptions):
         channel.send(result)
         channel.close()
     return proxy
+
+
+def _collect_garbage_again() -> None:
+    # What survived the restore lives as long as the process: frozen, later collections
+    # skip it.
+    gc.freeze()
+    gc.enable()
 
 
 def _start_observability_later(proxy, address, listener) -> None:

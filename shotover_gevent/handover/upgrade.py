@@ -3,6 +3,7 @@ preflight -> quiesce -> checkpoint -> guardian -> exec. Any failure before exec 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -95,18 +96,22 @@ def run_upgrade(proxy, request: UpgradeRequest, channel) -> None:
     paused: List = []
     try:
         answer = preflight(proxy, python, report)
+        # No collection pause inside the blackout (turned back on if the upgrade aborts).
+        gc.disable()
         quiesce_started_ns = time.time_ns()
         paused, closed = quiesce(proxy, request.drain_timeout, report)
         path, data, cp = write_checkpoint(proxy, paused, closed, quiesce_started_ns,
                                           request, report, answer)
         exec_new_image(proxy, python, path, data, cp, request, report, answer)
     except UpgradeAborted as error:
+        gc.enable()
         resume(proxy, paused)
         proxy.upgrade_in_progress = False
         report.result(False, f"upgrade aborted, {__version__} still serving: {error}",
                       reason=str(error))
     except Exception as error:  # a bug must not leave clients paused
         log.exception("upgrade failed unexpectedly")
+        gc.enable()
         resume(proxy, paused)
         proxy.upgrade_in_progress = False
         report.result(False, f"upgrade aborted by an internal error, {__version__} still "
