@@ -14,6 +14,17 @@ targets are interleaved, in an order rotated each round, so that a noisy neighbo
 them alike. CPU time per request is the steadier figure on a shared machine: waiting for a CPU
 lowers requests per second but not CPU time.
 
+Cluster (--topology cluster): builds a Redis Cluster instead (six cluster-enabled
+redis-servers, three masters with a replica each, made by `redis-cli --cluster create`) and
+the proxy with a RedisSinkCluster chain over all six nodes, then compares, in the same run,
+
+    redis-benchmark --cluster -p MASTER_PORT -t set,get ...   (cluster-direct)
+    redis-benchmark -p PROXY_PORT -t set,get ...              (proxy[cluster], cluster hidden)
+
+Both use -r 100000 (random keys, so the proxy's traffic is spread over all three masters as
+the cluster-aware client's is); no HAProxy target. CPU us/req of cluster-direct is that of all
+six redis-servers together.
+
 Idle connections (--idle-connections [N], default N=10000): raises this process's open-file
 limit (the proxy inherits it), opens N TCP connections to the proxy and leaves them idle, and
 reports the proxy's resident memory (VmRSS) per connection. Then it checks that every one of
@@ -41,7 +52,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,17 +84,25 @@ TESTS = ("SET", "GET")
 
 
 def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int,
-                        timeout: float, server_pid: Optional[int] = None
+                        timeout: float, server_pid: Union[None, int, List[int]] = None,
+                        cluster: bool = False, key_range: Optional[int] = None
                         ) -> Dict[str, Dict[str, float]]:
     """One redis-benchmark run; returns {"SET": {...}, "GET": {...}} from its CSV output.
 
-    With `server_pid`, each result also carries that process's CPU time per request over the
-    whole run (SET and GET together), in microseconds."""
+    With `server_pid` (one pid or a list), each result also carries that process's (those
+    processes' total) CPU time per request over the whole run (SET and GET together), in
+    microseconds. `cluster` adds --cluster (a cluster-aware client, `port` being any node's);
+    `key_range` adds -r (random keys)."""
     argv = [REDIS_BENCHMARK, "-h", HOST, "-p", str(port), "-t", "set,get", "-n", str(requests),
             "-c", str(clients), "--csv"]
     if pipeline > 1:
         argv += ["-P", str(pipeline)]
-    cpu_before = proc_cpu_seconds(server_pid) if server_pid else None
+    if cluster:
+        argv.append("--cluster")
+    if key_range:
+        argv += ["-r", str(key_range)]
+    pids = [] if not server_pid else [server_pid] if isinstance(server_pid, int) else server_pid
+    cpu_before = cpu_seconds(pids) if pids else None
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, timeout=timeout)
@@ -110,7 +129,7 @@ def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int,
                 "max_ms": float(row["max_latency_ms"]),
             }
     if cpu_before is not None:
-        user, system = proc_cpu_seconds(server_pid)
+        user, system = cpu_seconds(pids)
         total = requests * len(TESTS)
         for row in results.values():
             row["cpu_us"] = (user - cpu_before[0] + system - cpu_before[1]) * 1e6 / total
@@ -124,31 +143,56 @@ def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int,
     return results
 
 
+def cpu_seconds(pids: List[int]) -> Tuple[float, float]:
+    """(user, system) CPU seconds of `pids` together."""
+    times = [proc_cpu_seconds(pid) for pid in pids]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
+
+
+#: -r of the cluster topology's runs (random keys over every master).
+CLUSTER_KEY_RANGE = 100000
+
+
 def throughput(options) -> Dict[str, Any]:
     topologies = ["passthrough", "filtered"] if options.topology == "both" else [options.topology]
     pipelines = [1] if options.pipeline <= 1 else [1, options.pipeline]
     timeout = options.run_timeout
     raise_nofile()
     with Stack(keep=options.keep_logs, quiet=options.json and not options.verbose) as stack:
-        redis = stack.start_redis()
-        load_before = machine_load()
-        targets: List[Tuple[str, int, int]] = [("direct", redis.port, redis.pid)]
+        # target: (name, port, pid or pids whose CPU time is measured, redis-benchmark --cluster)
+        targets: List[Tuple[str, int, Union[int, List[int]], bool]] = []
         haproxy = None
-        if not options.no_haproxy:
+        proxies = {}
+        key_range: Optional[int] = None
+        if options.topology == "cluster":
+            cluster = stack.start_cluster()
+            load_before = machine_load()
+            targets.append(("cluster-direct", cluster.masters[0].port, cluster.pids, True))
+            proxy = stack.start_proxy("cluster", None, contact_points=cluster.contact_points)
+            proxies["cluster"] = proxy
+            targets.append(("proxy[cluster]", proxy.port, proxy.pid, False))
+            key_range = CLUSTER_KEY_RANGE
+        else:
+            redis = stack.start_redis()
+            load_before = machine_load()
+            targets.append(("direct", redis.port, redis.pid, False))
+        if not options.no_haproxy and options.topology != "cluster":
             haproxy = stack.start_haproxy(redis.port, threads=options.haproxy_threads)
             if haproxy is None:
                 stack.say("haproxy is not installed: no HAProxy column")
             else:
-                targets.append(("haproxy", haproxy.port, haproxy.pid))
-        proxies = {}
+                targets.append(("haproxy", haproxy.port, haproxy.pid, False))
         for topology in topologies:
+            if topology == "cluster":
+                continue  # started above, with the cluster
             proxy = stack.start_proxy(topology, redis.port)
             proxies[topology] = proxy
-            targets.append((f"proxy[{topology}]", proxy.port, proxy.pid))
+            targets.append((f"proxy[{topology}]", proxy.port, proxy.pid, False))
 
-        # Warm every path (connections, caches) once before measuring.
-        for _name, port, _pid in targets:
-            run_redis_benchmark(port, 2000, options.clients, 1, timeout)
+        # Warm every path (connections, caches, the proxy's slot map) once before measuring.
+        for _name, port, _pid, cluster_mode in targets:
+            run_redis_benchmark(port, 2000, options.clients, 1, timeout, cluster=cluster_mode,
+                                key_range=key_range)
 
         samples: Dict[Tuple[str, str, int], List[Dict[str, float]]] = {}
         for repeat in range(options.repeat):
@@ -156,14 +200,16 @@ def throughput(options) -> Dict[str, Any]:
             shift = repeat % len(targets)
             order = targets[shift:] + targets[:shift]
             for pipeline in pipelines:
-                for name, port, pid in order:
+                for name, port, pid, cluster_mode in order:
                     stack.say(f"run {repeat + 1}/{options.repeat}: {name}, -P {pipeline}")
                     try:
                         result = run_redis_benchmark(port, options.requests, options.clients,
-                                                     pipeline, timeout, pid)
+                                                     pipeline, timeout, pid,
+                                                     cluster=cluster_mode, key_range=key_range)
                     except BenchError as error:
-                        raise BenchError(f"{name}, -P {pipeline}: {error}"
-                                         f"{server_log_tail(stack, pid)}") from None
+                        tails = "".join(server_log_tail(stack, p)
+                                        for p in (pid if isinstance(pid, list) else [pid]))
+                        raise BenchError(f"{name}, -P {pipeline}: {error}{tails}") from None
                     for test, row in result.items():
                         samples.setdefault((name, test, pipeline), []).append(row)
                     for proxy in proxies.values():
@@ -192,10 +238,11 @@ def throughput(options) -> Dict[str, Any]:
     results = []
     for pipeline in pipelines:
         for test in TESTS:
-            direct = cells.get(("direct", test, pipeline))
+            direct = cells.get(("direct", test, pipeline)) or cells.get(
+                ("cluster-direct", test, pipeline))
             via_haproxy = cells.get(("haproxy", test, pipeline))
             passthrough = cells.get(("proxy[passthrough]", test, pipeline))
-            for name, _port, _pid in targets:
+            for name, _port, _pid, _cluster in targets:
                 cell = cells[(name, test, pipeline)]
                 row: Dict[str, Any] = {"target": name, "test": test, "pipeline": pipeline,
                                        "rps": round(cell["rps"], 1),
@@ -215,7 +262,7 @@ def throughput(options) -> Dict[str, Any]:
         "mode": "throughput",
         "settings": {"requests": options.requests, "clients": options.clients,
                      "pipelines": pipelines, "repeat": options.repeat,
-                     "topologies": topologies},
+                     "topologies": topologies, "key_range": key_range},
         "environment": environment,
         "machine_load": {"before": load_before, "after": load_after},
         "results": results,
@@ -249,12 +296,14 @@ def print_throughput(report: Dict[str, Any]) -> None:
     s = report["settings"]
     env = report["environment"]
     print(f"redis-benchmark -t set,get -n {s['requests']} -c {s['clients']} "
+          f"{'-r %d ' % s['key_range'] if s.get('key_range') else ''}"
           f"(pipeline {' and '.join(str(p) for p in s['pipelines'])}); median of "
           f"{s['repeat']} run(s) per cell; {env['cpus']} CPU(s); "
           f"haproxy: {'%d thread(s)' % env['haproxy_threads'] if env['haproxy'] else 'not run'}")
     has_passthrough_ratio = any("vs_passthrough" in r for r in report["results"])
+    has_haproxy = any(r["target"] == "haproxy" for r in report["results"])
     headers = ["target", "test", "pipeline", "rps", "p50 ms", "p99 ms", "CPU us/req",
-               "rps/direct", "rps/haproxy"]
+               "rps/direct"] + (["rps/haproxy"] if has_haproxy else [])
     if has_passthrough_ratio:
         headers.append("filtered/passthrough")
     rows = []
@@ -267,16 +316,24 @@ def print_throughput(report: Dict[str, Any]) -> None:
         row = [r["target"], r["test"], r["pipeline"], f"{r['rps']:,.0f}", f"{r['p50_ms']:.3f}",
                f"{r['p99_ms']:.3f}",
                f"{r['server_cpu_us_per_request']:.1f} ({r['server_sys_us_per_request']:.0f} sys)",
-               fmt_ratio(r.get("vs_direct")),
-               fmt_ratio(r.get("vs_haproxy"))]
+               fmt_ratio(r.get("vs_direct"))]
+        if has_haproxy:
+            row.append(fmt_ratio(r.get("vs_haproxy")))
         if has_passthrough_ratio:
             row.append(fmt_ratio(r.get("vs_passthrough")))
         rows.append(row)
     print(format_table(headers, rows, right=[False, False] + [True] * (len(headers) - 2)))
     print("CPU us/req: CPU time (user + system) of the process the benchmark talks to "
           "(redis-server, haproxy or the proxy) per request, SET and GET runs together")
-    print("rps/direct and rps/haproxy: this row's requests per second divided by direct "
-          "Redis's and HAProxy's in the same test")
+    if "cluster" in s["topologies"]:
+        print("cluster-direct: redis-benchmark --cluster against the six nodes (CPU us/req: "
+              "all six redis-servers together); proxy[cluster]: through RedisSinkCluster, "
+              "the cluster hidden (CPU us/req: the proxy only)")
+        print("rps/direct: this row's requests per second divided by cluster-direct's in the "
+              "same test")
+    else:
+        print("rps/direct and rps/haproxy: this row's requests per second divided by direct "
+              "Redis's and HAProxy's in the same test")
     print(describe_load(report["machine_load"]["before"], report["machine_load"]["after"]))
 
 
@@ -558,10 +615,12 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--pipeline", "-P", type=int, default=16,
                         help="pipeline depth of the pipelined runs; 1 runs only "
                              "non-pipelined (default 16)")
-    parser.add_argument("--topology", choices=["passthrough", "filtered", "both"],
+    parser.add_argument("--topology", choices=["passthrough", "filtered", "both", "cluster"],
                         default="passthrough",
                         help="proxy chain: RedisSinkSingle only, or QueryCounter + "
-                             "QueryTypeFilter + RedisSinkSingle, or both (default passthrough)")
+                             "QueryTypeFilter + RedisSinkSingle, or both (default passthrough); "
+                             "cluster: a 3-master/3-replica Redis Cluster, direct "
+                             "(redis-benchmark --cluster) and behind RedisSinkCluster")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs per cell; the median is reported (default 3)")
     parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy target")
@@ -586,6 +645,8 @@ def parse_args(argv: Optional[List[str]] = None):
         parser.error("--requests, --clients and --repeat must be at least 1")
     if options.idle_connections is not None and options.idle_connections < 1:
         parser.error("--idle-connections must be at least 1")
+    if options.idle_connections is not None and options.topology == "cluster":
+        parser.error("--idle-connections does not support --topology cluster")
     return options
 
 

@@ -1,6 +1,7 @@
 """Shared pieces of tools/bench.py and tools/bench_upgrade.py.
 
-A `Stack` owns every process a benchmark starts (redis-server, the proxy, HAProxy) and one
+A `Stack` owns every process a benchmark starts (redis-server, the nodes of a Redis Cluster,
+the proxy, HAProxy) and one
 temporary directory, and stops them all when it is closed: on normal exit, on an exception,
 on Ctrl-C and on SIGTERM. Children also get PR_SET_PDEATHSIG, so they are told to stop even
 if the benchmark itself is killed with SIGKILL. Everything listens on 127.0.0.1 only.
@@ -25,6 +26,7 @@ HOST = "127.0.0.1"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy")
                                       else None)
 
@@ -201,6 +203,36 @@ def ping(port: int, timeout: float = 1.0) -> bool:
         return data == b"+PONG\r\n"
 
 
+def redis_call(port: int, *args: str, timeout: float = 2.0) -> str:
+    """One command on a fresh connection; returns a simple, integer or bulk string reply as text
+    (enough for CLUSTER INFO / CLUSTER NODES). An error reply raises BenchError."""
+    command = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(command.encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise BenchError(f"port {port} closed the connection without a reply")
+            data += chunk
+            if b"\r\n" not in data:
+                continue
+            header, rest = data.split(b"\r\n", 1)
+            kind, body = header[:1], header[1:].decode()
+            if kind == b"-":
+                raise BenchError(f"port {port} answered {' '.join(args)} with {body}")
+            if kind in (b"+", b":"):
+                return body
+            if kind == b"$":
+                length = int(body)
+                if length < 0:
+                    return ""
+                if len(rest) >= length + 2:
+                    return rest[:length].decode("utf-8", "replace")
+                continue
+            raise BenchError(f"unexpected reply to {' '.join(args)} from port {port}: {header!r}")
+
+
 def control_request(path: str, message: Dict[str, Any], timeout: float = 10.0) -> Dict[str, Any]:
     """One request on the proxy's control socket (JSON lines); returns the final event."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -244,17 +276,28 @@ def tool_version(argv: List[str]) -> str:
 # ---- topologies -----------------------------------------------------------------------------
 
 
-def topology_yaml(kind: str, listen_port: int, redis_port: int, connection_limit: int) -> str:
-    """`passthrough`: RedisSinkSingle only. `filtered`: QueryCounter + QueryTypeFilter + sink."""
+def topology_yaml(kind: str, listen_port: int, redis_port: Optional[int], connection_limit: int,
+                  contact_points: Sequence[str] = ()) -> str:
+    """`passthrough`: RedisSinkSingle only. `filtered`: QueryCounter + QueryTypeFilter + sink.
+    `cluster`: RedisSinkCluster over `contact_points` ("host:port"), the cluster hidden."""
     chain = []
-    if kind == "filtered":
-        chain += ["        - QueryCounter:", "            name: bench",
-                  "        - QueryTypeFilter:", "            DenyList: [SchemaChange]"]
-    elif kind != "passthrough":
-        raise ValueError(f"unknown topology {kind!r}")
-    chain += ["        - RedisSinkSingle:",
-              f'            remote_address: "{HOST}:{redis_port}"',
-              "            connect_timeout_ms: 3000"]
+    if kind == "cluster":
+        if not contact_points:
+            raise ValueError("the cluster topology needs contact points")
+        points = ", ".join(f'"{point}"' for point in contact_points)
+        chain += ["        - RedisSinkCluster:",
+                  f"            first_contact_points: [{points}]",
+                  "            connect_timeout_ms: 3000",
+                  f"            connection_count: {CLUSTER_SINK_CONNECTIONS}"]
+    else:
+        if kind == "filtered":
+            chain += ["        - QueryCounter:", "            name: bench",
+                      "        - QueryTypeFilter:", "            DenyList: [SchemaChange]"]
+        elif kind != "passthrough":
+            raise ValueError(f"unknown topology {kind!r}")
+        chain += ["        - RedisSinkSingle:",
+                  f'            remote_address: "{HOST}:{redis_port}"',
+                  "            connect_timeout_ms: 3000"]
     return "\n".join([
         "---",
         "sources:",
@@ -269,6 +312,10 @@ def topology_yaml(kind: str, listen_port: int, redis_port: int, connection_limit
 
 
 CONFIG_YAML = "---\nmain_log_level: \"info\"\n"
+#: RedisSinkCluster connection_count in the cluster topology.
+CLUSTER_SINK_CONNECTIONS = 4
+#: cluster-node-timeout of the benchmark's cluster nodes, in milliseconds.
+CLUSTER_NODE_TIMEOUT_MS = 2000
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -334,6 +381,22 @@ class Proxy(Child):
         return sum(s["connections"] for s in self.status()["sources"].values())
 
 
+class RedisCluster:
+    """The nodes of a Redis Cluster started by a Stack (each one a Child of that Stack)."""
+
+    def __init__(self, nodes: List[Child], masters: List[Child]) -> None:
+        self.nodes = nodes
+        self.masters = masters
+
+    @property
+    def contact_points(self) -> List[str]:
+        return [f"{HOST}:{node.port}" for node in self.nodes]
+
+    @property
+    def pids(self) -> List[int]:
+        return [node.pid for node in self.nodes]
+
+
 class _Terminated(BaseException):
     """SIGTERM turned into an exception, so that `finally` blocks stop the children."""
 
@@ -384,24 +447,80 @@ class Stack:
         self.children.append(child)
         return child
 
-    def start_redis(self, max_clients: int = 10000, timeout: float = 15.0) -> Child:
-        port = free_port()
+    def start_redis(self, max_clients: int = 10000, timeout: float = 15.0,
+                    port: Optional[int] = None, extra_args: Sequence[str] = (),
+                    name: str = "redis-server") -> Child:
+        port = port or free_port()
         argv = [REDIS_SERVER, "--port", str(port), "--bind", HOST, "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--dir", self.directory,
                 "--maxclients", str(max_clients), "--tcp-backlog", "4096",
-                "--logfile", ""]
-        child = self._spawn("redis-server", argv, f"redis-{port}.log", port)
+                "--logfile", "", *extra_args]
+        child = self._spawn(name, argv, f"redis-{port}.log", port)
 
         def ready() -> bool:
             child.check_alive()
             return ping(port)
 
-        wait_until(ready, timeout, f"redis-server on port {port}")
-        self.say(f"redis-server pid {child.pid} on {HOST}:{port}")
+        wait_until(ready, timeout, f"{name} on port {port}")
+        self.say(f"{name} pid {child.pid} on {HOST}:{port}")
         return child
 
-    def start_proxy(self, topology: str, redis_port: int, connection_limit: int = 10000,
-                    timeout: float = 30.0) -> Proxy:
+    def start_cluster(self, size: int = 6, replicas: int = 1, max_clients: int = 10000,
+                      timeout: float = 60.0) -> RedisCluster:
+        """`size` cluster-enabled redis-servers made into size/(replicas+1) masters with
+        `replicas` replicas each by `redis-cli --cluster create`; waits until every node sees
+        every slot covered and every node connected. Every node is a child of this Stack."""
+        nodes = []
+        for _ in range(size):
+            port, bus_port = free_port(), free_port()
+            nodes.append(self.start_redis(
+                max_clients=max_clients, port=port, name="redis-cluster-node",
+                extra_args=["--cluster-enabled", "yes",
+                            "--cluster-config-file", self.path(f"nodes-{port}.conf"),
+                            "--cluster-port", str(bus_port),
+                            "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)]))
+        argv = [REDIS_CLI, "--cluster", "create", *[f"{HOST}:{n.port}" for n in nodes],
+                "--cluster-replicas", str(replicas), "--cluster-yes"]
+        try:
+            done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"redis-cli --cluster create took more than {timeout:g} s") from None
+        if done.returncode != 0:
+            raise BenchError(f"redis-cli --cluster create failed ({done.returncode}):\n"
+                             f"{done.stdout.decode('utf-8', 'replace')[-1500:]}")
+        master_count = size // (replicas + 1)
+
+        def healthy() -> bool:
+            for node in nodes:
+                node.check_alive()
+                info = dict(line.split(":", 1) for line in
+                            redis_call(node.port, "CLUSTER", "INFO").splitlines() if ":" in line)
+                if (info.get("cluster_state", "").strip() != "ok"
+                        or info.get("cluster_slots_ok", "").strip() != "16384"
+                        or int(info.get("cluster_known_nodes", "0")) != size):
+                    return False
+                lines = redis_call(node.port, "CLUSTER", "NODES").splitlines()
+                if (len(lines) != size or any(" connected" not in line for line in lines)
+                        or sum(" master" in line or ",master" in line for line in lines)
+                        != master_count):
+                    return False
+            return True
+
+        wait_until(healthy, timeout, "the Redis Cluster to be healthy", interval=0.1)
+        masters = []
+        for line in redis_call(nodes[0].port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" in fields[2].split(","):
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                masters.extend(node for node in nodes if node.port == port)
+        self.say(f"Redis Cluster: {master_count} masters ("
+                 f"{', '.join(str(m.port) for m in masters)}), {size - master_count} replicas")
+        return RedisCluster(nodes, masters)
+
+    def start_proxy(self, topology: str, redis_port: Optional[int],
+                    connection_limit: int = 10000, timeout: float = 30.0,
+                    contact_points: Sequence[str] = ()) -> Proxy:
         port = free_port()
         tag = f"{topology}-{port}"
         config_path = self.path(f"config-{tag}.yaml")
@@ -409,7 +528,8 @@ class Stack:
         with open(config_path, "w") as handle:
             handle.write(CONFIG_YAML)
         with open(topology_path, "w") as handle:
-            handle.write(topology_yaml(topology, port, redis_port, connection_limit))
+            handle.write(topology_yaml(topology, port, redis_port, connection_limit,
+                                       contact_points))
         control_path = self.path(f"ctl-{port}.sock")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + ([env["PYTHONPATH"]]
