@@ -122,8 +122,10 @@ class Source:
             self._open_connection(client, describe_peer(address))
 
     def _open_connection(self, client, peer: str, session: Optional[Session] = None,
-                         unread: bytes = b"", upstream: Optional[dict] = None) -> ClientConnection:
-        client.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+                         unread: bytes = b"", upstream: Optional[dict] = None,
+                         adopted: bool = False) -> ClientConnection:
+        if not adopted:  # an adopted socket keeps the option it was given when accepted
+            client.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
         if self.config.timeout:
             client.settimeout(self.config.timeout)
         if self.tls_context is not None:
@@ -140,7 +142,7 @@ class Source:
               upstream: Optional[dict] = None) -> ClientConnection:
         """Take over a connection handed down by the previous image (even beyond the limit),
         with its idle upstream connection when one came along."""
-        return self._open_connection(client, peer, session, unread, upstream)
+        return self._open_connection(client, peer, session, unread, upstream, adopted=True)
 
     def connection_closed(self, connection: ClientConnection) -> None:
         if connection in self.connections:
