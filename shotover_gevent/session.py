@@ -33,6 +33,17 @@ _QUEUED = b"+QUEUED\r\n"
 _OK = Message(b"+OK\r\n")
 
 
+def apply_subscription_command(members: set, request: Message) -> None:
+    """What a (P|S)(UN)SUBSCRIBE request does to the set of channels or patterns it names."""
+    targets = request.args[1:]
+    if request.command.startswith(("SUB", "PSUB", "SSUB")):
+        members.update(targets)
+    elif targets:
+        members.difference_update(targets)
+    else:
+        members.clear()
+
+
 class Session:
     __slots__ = ("selected_db", "resp_version", "client_name", "auth_username", "auth_password",
                  "readonly", "no_evict", "channels", "patterns", "shard_channels", "in_multi",
@@ -161,15 +172,7 @@ class Session:
                 self._apply(request, _OK)
 
     def _observe_queued_subscription(self, request: Message) -> None:
-        command = request.command
-        members = getattr(self, SUBSCRIBE_KINDS[command])
-        targets = request.args[1:]
-        if command.startswith(("SUB", "PSUB", "SSUB")):
-            members.update(targets)
-        elif targets:
-            members.difference_update(targets)
-        else:
-            members.clear()
+        apply_subscription_command(getattr(self, SUBSCRIBE_KINDS[request.command]), request)
 
     def _observe_hello(self, args: List[bytes]) -> None:
         if len(args) >= 2 and args[1] in (b"2", b"3"):

@@ -19,7 +19,7 @@ from gevent.socket import wait_read
 
 from .message import NO_REPLY, Message
 from .protocol import resp
-from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session
+from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session, apply_subscription_command
 
 log = logging.getLogger(__name__)
 
@@ -280,15 +280,7 @@ class UpstreamConnection:
             self.multi.append(request)
 
     def _subscription_changed(self, request: Message, frames: List[bytes]) -> None:
-        command = request.command
-        members = self.subscriptions[SUBSCRIBE_KINDS[command]]
-        targets = request.args[1:]
-        if command.startswith(("SUB", "PSUB", "SSUB")):
-            members.update(targets)
-        elif targets:
-            members.difference_update(targets)
-        else:
-            members.clear()
+        apply_subscription_command(self.subscriptions[SUBSCRIBE_KINDS[request.command]], request)
         self._state_changed()
 
     def _client_reply(self, request: Message, frames: List[bytes]) -> None:

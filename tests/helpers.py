@@ -224,15 +224,19 @@ class ProxyProcess:
             args += ["--log-format", self.log_format]
         return args + self.extra_args
 
-    def start(self, timeout: float = 20.0) -> "ProxyProcess":
+    def environment(self) -> Dict[str, str]:
+        """The proxy's environment: this checkout first on PYTHONPATH."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self, timeout: float = 20.0) -> "ProxyProcess":
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, cwd=str(self.directory),
-                                            env=env)
+                                            env=self.environment())
 
         def ready() -> bool:
             if self.process.poll() is not None:

@@ -348,30 +348,11 @@ class LaunchedProxy(ProxyProcess):
         return [*self.launcher, "start", "-c", str(self.config_path), "-t",
                 str(self.topology_path), "--control-socket", self.control_socket]
 
-    def start(self, timeout: float = 20.0) -> "LaunchedProxy":
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.use_checkout:
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        else:
+    def environment(self) -> Dict[str, str]:
+        env = super().environment()
+        if not self.use_checkout:
             env.pop("PYTHONPATH", None)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, cwd=str(self.directory),
-                                            env=env)
-
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"proxy exited with code {self.process.returncode}")
-            return "accepting connections" in self.log_text()
-
-        try:
-            wait_for(ready, timeout, "the proxy to log 'accepting connections'")
-        except AssertionError as error:
-            self.kill()
-            raise AssertionError(f"{error}\nproxy log:\n{tail(self.log_path)}") from None
-        return self
+        return env
 
 
 # ---- other versions in virtual environments ---------------------------------------------------
