@@ -39,6 +39,8 @@ class Proxy:
         self.stopped = Event()
         self.upgrade_in_progress = False
         self.last_upgrade: Optional[dict] = None
+        #: In the bridge process of an upgrade: the PID being upgraded (the service's PID).
+        self.bridge_for: Optional[int] = None
 
     # ---- start --------------------------------------------------------------------------------
 
@@ -93,7 +95,8 @@ class Proxy:
     def status(self) -> dict:
         return {
             "version": __version__,
-            "pid": os.getpid(),
+            # During an upgrade the bridge answers: the service's PID is still the one upgraded.
+            "pid": self.bridge_for or os.getpid(),
             "generation": self.generation,
             "uptime_seconds": round(time.time() - self.started_wall, 3),
             "python": sys.executable,
@@ -102,6 +105,7 @@ class Proxy:
                 for name, source in self.sources.items()
             },
             "upgrade_in_progress": self.upgrade_in_progress,
+            **({"bridge_pid": os.getpid()} if self.bridge_for else {}),
             "last_upgrade": self.last_upgrade,
         }
 
@@ -109,6 +113,11 @@ class Proxy:
 
     def request_stop(self, why: str = "stop requested") -> None:
         if self.stopped.is_set() or getattr(self, "_stopping", False):
+            return
+        if self.bridge_for is not None:
+            # A signal for the whole service group: the process being upgraded acts on it once
+            # it serves; the bridge hands over (or serves on) as planned.
+            log.info("%s: left to pid %d, which is being upgraded", why, self.bridge_for)
             return
         self._stopping = True
         log.info("%s: stopping (no new connections, finishing batches in flight)", why)
@@ -144,7 +153,7 @@ class Proxy:
 
 def notify_service_manager() -> None:
     """Tell a Type=notify service manager that we serve, and which PID does (it changes when
-    the guardian had to restore the previous version)."""
+    an upgrade's bridge process had to serve on because the new version never took over)."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return

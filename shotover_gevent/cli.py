@@ -46,28 +46,23 @@ def main() -> None:
               help="unix socket for `upgrade` and `status` [default: control_socket from "
                    "config.yaml, else ./shotover-g.sock]")
 @click.option("--restore", "restore_path", default=None, hidden=True)
-@click.option("--checkpoint-fd", type=int, default=None, hidden=True)
-@click.option("--guardian-fd", type=int, default=None, hidden=True)
-@click.option("--guardian-pid", type=int, default=None, hidden=True)
+@click.option("--bridge-fd", type=int, default=None, hidden=True)
+@click.option("--bridge-pid", type=int, default=None, hidden=True)
 @click.option("--rollback", is_flag=True, hidden=True)
 def start(config_path: str, topology_path: str, log_format: str, control_socket: Optional[str],
-          restore_path: Optional[str], checkpoint_fd: Optional[int], guardian_fd: Optional[int],
-          guardian_pid: Optional[int], rollback: bool) -> None:
+          restore_path: Optional[str], bridge_fd: Optional[int], bridge_pid: Optional[int],
+          rollback: bool) -> None:
     """Run the proxy in the foreground."""
     from . import observability
 
     observability.setup_logging("info", log_format)
     if restore_path:
-        from .handover.restore import RestoreFailed, RestoreOptions, restore
+        from .handover.restore import RestoreOptions, restore_or_fall_back
 
         options = RestoreOptions(os.path.abspath(config_path), os.path.abspath(topology_path),
                                  _control_path(control_socket), log_format, restore_path,
-                                 checkpoint_fd, guardian_fd, guardian_pid, rollback)
-        try:
-            proxy = restore(options)
-        except RestoreFailed as error:
-            log.critical("cannot restore from %s: %s", restore_path, error)
-            sys.exit(1)
+                                 bridge_fd, bridge_pid, rollback)
+        proxy = restore_or_fall_back(options)
     else:
         from .app import Proxy
         from .config import ConfigError, load
@@ -188,7 +183,7 @@ def upgrade(control_socket: str, python: Optional[str], drain_timeout: float, ti
                        f"{event['detail']}")
 
     try:
-        # The guardian gives the new image `timeout` seconds to adopt the connections, and a
+        # The bridge gives the new image `timeout` seconds to adopt the connections, and a
         # roll-back after that still reports here: wait a little longer than that.
         result = request(os.path.abspath(control_socket), message, show, timeout + 30)
     except ControlError as error:

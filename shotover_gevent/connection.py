@@ -298,7 +298,9 @@ class ClientConnection:
             self._close()
 
     def _close(self) -> None:
-        if self.state is State.HANDED_OVER:
+        # Once only: a paused connection closed from outside is closed again by its own
+        # greenlet on the way out.
+        if self.state is State.HANDED_OVER or self.state is State.CLOSED:
             return
         self.state = State.CLOSED
         if self._chain is not None:

@@ -402,8 +402,8 @@ class Upgrade:
                                             stdin=subprocess.DEVNULL)
 
     def wait_draining(self, timeout: float = 30.0) -> None:
-        """Until the old image has started pausing connections."""
-        self.proxy.wait_log("upgrade: preflight: new version", timeout=timeout,
+        """Until the old version has started pausing connections."""
+        self.proxy.wait_log("the new image is ready: pausing", timeout=timeout,
                             start=self.log_offset)
 
     def wait(self, timeout: float = 60.0) -> str:

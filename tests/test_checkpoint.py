@@ -323,6 +323,69 @@ def test_wrong_type_is_damaged_and_named(path, bad, named):
         ckpt.decode(envelope(body))
 
 
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "index, key, bad, message",
+    [
+        (1, "fd", True, "connections[1].fd: expected int, got bool"),
+        (1, "fd", -1, "connections[1].fd: expected a non-negative integer, got -1"),
+        (0, "fd", _DELETE, "connections[0]: missing required key 'fd'"),
+        (1, "peer", _DELETE, "connections[1]: missing required key 'peer'"),
+        (1, "source", None, "connections[1].source: expected str, got None"),
+        (1, None, ["not", "a", "map"], "connections[1]: expected dict, got list"),
+        (0, "upstream", [], "connections[0].upstream: expected dict, got list"),
+        (0, ("upstream", "fd"), _DELETE, "connections[0].upstream: missing required key 'fd'"),
+        (0, ("upstream", "fd"), False, "connections[0].upstream.fd: expected int, got bool"),
+        (0, ("upstream", "fd"), -3, "connections[0].upstream.fd: expected a non-negative integer, got -3"),
+        (0, ("upstream", "address"), b"a:1", "connections[0].upstream.address: expected str, got bytes"),
+    ],
+)
+def test_bad_connection_field_gives_the_precise_message(index, key, bad, message):
+    # Connection records are checked by an inlined fast path; whatever it rejects must still
+    # be reported exactly as ConnectionRecord.from_body words it.
+    body = make_checkpoint().to_body()
+    body["connections"][0]["upstream"] = {"fd": 11, "sink": "s", "address": "a:1", "state": {}}
+    if key is None:
+        body["connections"][index] = bad
+    else:
+        target = body["connections"][index]
+        if isinstance(key, tuple):
+            target, key = target[key[0]], key[1]
+        if bad is _DELETE:
+            del target[key]
+        else:
+            target[key] = bad
+    with pytest.raises(ckpt.DamagedCheckpoint) as info:
+        ckpt.decode(envelope(body))
+    assert str(info.value) == message
+
+
+def test_subclasses_of_the_expected_types_are_still_accepted():
+    # The fast path wants exact types; anything else falls back to the full checks, which
+    # accept subclasses (as encode's validation of records built by the caller needs).
+    class Fd(int):
+        pass
+
+    class Session(dict):
+        pass
+
+    body = make_checkpoint().to_body()
+    body["connections"][1].update(fd=Fd(8), session=Session(db=1))
+    cp = ckpt.Checkpoint.from_body(body)
+    assert cp.connections[1].fd == 8 and type(cp.connections[1].fd) is Fd
+    assert cp.connections[1].session == {"db": 1}
+
+
+def test_duplicate_connection_fd_is_named():
+    body = make_checkpoint().to_body()
+    body["connections"][1]["upstream"] = {"fd": 7, "address": "a:1"}
+    with pytest.raises(ckpt.DamagedCheckpoint) as info:
+        ckpt.decode(envelope(body))
+    assert str(info.value) == "fd 7 is listed more than once"
+
+
 def test_missing_envelope_checksum_is_damaged():
     data = cbor2.dumps({"magic": ckpt.MAGIC, "format": 1, "body": b""})
     with pytest.raises(ckpt.DamagedCheckpoint, match="sha256"):

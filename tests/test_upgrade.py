@@ -40,6 +40,7 @@ from upgrade_support import (
     fd_targets,
     inspect_checkpoint,
     interpreter_damaging_checkpoint,
+    interpreter_failing_exec_after_preflight,
     interpreter_exiting_at_restore,
     interpreter_hanging_at_restore,
     interpreter_vanishing_after_preflight,
@@ -81,7 +82,7 @@ def serving_pid_or_none(proxy):
 
 
 def stop_successor(proxy, first_pid: int) -> None:
-    """After a guardian roll-back a process the fixture does not know serves: stop it."""
+    """After the bridge process served on, a process the fixture does not know serves: stop it."""
     try:
         pid = wait_for(lambda: serving_pid_or_none(proxy), 15, "the control socket to answer")
     except AssertionError:
@@ -419,7 +420,8 @@ ROLL_BACKS = {
     # kind: (what the CLI must say, whether another process serves afterwards)
     "broken-interpreter": (["upgrade aborted", "still serving", "cannot run"], False),
     "invalid-config": (["upgrade aborted", "preflight failed", "remote_address"], False),
-    "exec-fails-after-drain": (["upgrade aborted", "still serving", "No such file"], False),
+    "vanishes-after-preflight": (["upgrade aborted", "still serving", "No such file"], False),
+    "exec-fails": (["upgrade aborted", "still serving", "No such file"], False),
     "damaged-checkpoint": (["rolled back", "checksum mismatch"], False),
     "exits-at-start": (["rolled back", "exited before adopting"], True),
     "hangs-at-start": (["rolled back", "did not adopt"], True),
@@ -433,14 +435,16 @@ def _prepare_failure(kind: str, proxy, tmp_path: Path) -> list:
     if kind == "invalid-config":
         _break_topology(proxy)
         return []
-    if kind == "exec-fails-after-drain":
+    if kind == "vanishes-after-preflight":
         return ["--python", interpreter_vanishing_after_preflight(tmp_path)]
+    if kind == "exec-fails":
+        return ["--python", interpreter_failing_exec_after_preflight(tmp_path)]
     if kind == "damaged-checkpoint":
         return ["--python", interpreter_damaging_checkpoint(tmp_path)]
     if kind == "exits-at-start":
         return ["--python", interpreter_exiting_at_restore(tmp_path)]
     if kind == "hangs-at-start":
-        # The guardian gives the new image this long to adopt the connections.
+        # The bridge process gives the new image this long to adopt the connections.
         return ["--python", interpreter_hanging_at_restore(tmp_path), "--timeout", "3"]
     raise ValueError(kind)
 
@@ -474,7 +478,7 @@ def test_failed_upgrade_rolls_back_and_keeps_serving(kind, proxy, redis_server, 
             assert now["generation"] == 0
             assert now["sources"]["redis"]["connections"] == 1
             if moves:
-                # The guardian brought the previous version back as a new process.
+                # The bridge process, the previous version, serves on with its own PID.
                 assert now["pid"] != first_pid
                 assert process_gone(first_pid) and proxy.process.poll() is not None
                 assert now["last_upgrade"]["ok"] is False
@@ -630,7 +634,7 @@ def test_upgrades_leak_no_file_descriptors(launch):
             assert kept.call("PING") == b"PONG"
             assert settled_fd_kinds(pid) == baseline
     assert status(proxy.control_socket)["pid"] == pid
-    # Nor processes: every guardian and preflight check has been waited for.
+    # Nor processes: every bridge process and preflight check has been waited for.
     wait_for(lambda: children(pid) == [], 15, f"no children of the proxy (has {children(pid)})")
 
 

@@ -26,9 +26,9 @@ from helpers import REPO_ROOT, ProxyProcess, RawClient, encode, wait_for
 
 CLI = [sys.executable, "-m", "shotover_gevent"]
 INSPECT_TOOL = REPO_ROOT / "tools" / "inspect_checkpoint.py"
-#: Logged by the old image once the new version has passed its preflight check: from here on
+#: Logged by the old version (in its bridge process) once the new image is ready: from here on
 #: every connection is being paused at its next request boundary.
-DRAINING_MARK = "upgrade: preflight: new version"
+DRAINING_MARK = "upgrade: the new image is ready: pausing"
 
 
 def tail(path: Path, limit: int = 6000) -> str:
@@ -179,7 +179,7 @@ def process_gone(pid: int) -> bool:
 
 
 def terminate_pid(pid: int, timeout: float = 15.0) -> None:
-    """Stop a process that is not our child (e.g. one a guardian started) and wait for it."""
+    """Stop a process that is not our child (e.g. an upgrade's bridge process) and wait for it."""
     if process_gone(pid):
         return
     try:
@@ -273,20 +273,45 @@ exec "{sys.executable}" "$@"
 """)
 
 
+#: Run by the stand-in below in place of the new image's start-up code: the first time the new
+#: image opens a checkpoint to read it, one byte in the middle of the file on disk is flipped.
+#: The bridge writes the checkpoint only once the new image is ready, so the damage has to be
+#: done from inside it.
+_DAMAGE_ON_READ = """\
+import builtins, sys
+boot = sys.argv.pop(1)
+real_open = builtins.open
+damaged = []
+def damaging_open(file, mode="r", *args, **kwargs):
+    if not damaged and isinstance(file, str) and file.endswith(".cbor") and "r" in mode:
+        damaged.append(file)
+        with real_open(file, "rb") as f:
+            data = bytearray(f.read())
+        data[len(data) // 2] ^= 0xFF
+        with real_open(file, "wb") as f:
+            f.write(bytes(data))
+        sys.stderr.write("stand-in interpreter: damaged " + file + "\\n")
+    return real_open(file, mode, *args, **kwargs)
+builtins.open = damaging_open
+exec(boot)
+"""
+
+
 def interpreter_damaging_checkpoint(directory: Path) -> str:
-    """Flips one byte in the middle of the checkpoint it is asked to restore, then runs the real
-    interpreter on it."""
-    flip = ("import sys; p = sys.argv[1]; d = bytearray(open(p, 'rb').read()); "
-            "d[len(d) // 2] ^= 0xFF; open(p, 'wb').write(bytes(d))")
+    """The real interpreter, except that when started to restore it flips one byte in the
+    middle of the checkpoint file just before reading it."""
+    hook = Path(directory) / "damage_on_read.py"
+    hook.write_text(_DAMAGE_ON_READ)
     return _script(directory, "python-damaging-checkpoint", f"""\
-previous=""
-for arg in "$@"; do
-  if [ "$previous" = "--restore" ]; then
-    "{sys.executable}" -I -S -c "{flip}" "$arg" || exit 99
-  fi
-  previous="$arg"
-done
-exec "{sys.executable}" "$@"
+case " $* " in
+  *" --restore "*) ;;
+  *) exec "{sys.executable}" "$@" ;;
+esac
+# Started as: -S -c <start-up code> start ... --restore FILE ...
+[ "$2" = "-c" ] || {{ echo "stand-in interpreter: unexpected arguments: $*" >&2; exit 98; }}
+boot="$3"
+shift 3
+exec "{sys.executable}" -S -c "exec(open('{hook}').read())" "$boot" "$@"
 """)
 
 
@@ -301,14 +326,33 @@ exec "{sys.executable}" "$@"
 
 
 def interpreter_vanishing_after_preflight(directory: Path) -> str:
-    """Answers the preflight check, then deletes itself: the exec that follows fails, after
-    the connections have been paused and the checkpoint written."""
+    """Answers the preflight check, then deletes itself: the exec that would follow cannot
+    happen, which the upgrade notices before it touches anything."""
     return _script(directory, "python-vanishing", f"""\
 "{sys.executable}" "$@"
 status=$?
 rm -f "$0"
 exit $status
 """)
+
+
+def interpreter_failing_exec_after_preflight(directory: Path) -> str:
+    """Answers the preflight check, then removes the interpreter named on its own #! line: the
+    file is still there and executable, but execv() of it fails (ENOENT), after the bridge
+    process has been forked."""
+    shell_dir = Path(directory) / "vanishing-shell"
+    shell_dir.mkdir(exist_ok=True)
+    shell = shell_dir / "sh"
+    shell.symlink_to("/bin/sh")
+    path = Path(directory) / "python-failing-exec"
+    path.write_text(f"""#!{shell}
+"{sys.executable}" "$@"
+status=$?
+rm -f "{shell}"
+exit $status
+""")
+    path.chmod(0o755)
+    return str(path)
 
 
 # ---- raw bytes --------------------------------------------------------------------------------

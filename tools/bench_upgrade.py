@@ -336,40 +336,37 @@ class UpgradeRun(threading.Thread):
 
 
 def stage_timings(output: str, last_upgrade: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The CLI prints `[elapsed ms] stage: detail` per stage; turn that into durations."""
+    """The CLI prints `[elapsed ms] stage: detail` per stage; with the proxy's own report
+    (status's last_upgrade) that gives each stage's duration."""
     events = []
     for line in output.splitlines():
         match = STAGE_LINE.match(line.strip())
         if match:
             events.append((float(match.group(1)), match.group(2), match.group(3)))
     at: Dict[str, float] = {}
-    for elapsed, stage, _detail in events:
+    detail: Dict[str, str] = {}
+    for elapsed, stage, text in events:
         at.setdefault(stage + ".first", elapsed)
         at[stage] = elapsed
-    timings: Dict[str, Any] = {}
+        detail[stage] = text
+    timings: Dict[str, Any] = {"stage_ms": {stage: elapsed for stage, elapsed in at.items()
+                                            if not stage.endswith(".first")}}
     if "preflight" in at:
         timings["preflight_ms"] = round(at["preflight"] - at["preflight.first"], 1)
-    if "drain" in at and "preflight" in at:
-        timings["drain_ms"] = round(at["drain"] - at["preflight"], 1)
+    drained = re.search(r" in ([0-9.]+) ms", detail.get("drain", ""))
+    if drained:
+        timings["drain_ms"] = float(drained.group(1))
     if "checkpoint" in at and "drain" in at:
         timings["checkpoint_ms"] = round(at["checkpoint"] - at["drain"], 1)
-    if "exec" in at and "checkpoint" in at:
-        timings["guardian_and_exec_ms"] = round(at["exec"] - at["checkpoint"], 1)
     if last_upgrade:
         blackout = last_upgrade.get("blackout_ms")
-        restore = last_upgrade.get("restore_ms")
         timings["blackout_ms"] = blackout
-        timings["restore_ms"] = restore
         reported = last_upgrade.get("timings") or {}
-        if reported.get("exec_to_restore_ms") is not None:
-            # Measured by the proxy itself: from execv() to the start of restore().
-            timings["new_image_startup_ms"] = reported["exec_to_restore_ms"]
-        elif blackout is not None and restore is not None and "exec" in at and \
-                "preflight" in at:
-            # Quiesce starts right after preflight; what is left is the new interpreter's
-            # start-up and imports, before restore() begins.
-            old_side = at["exec"] - at["preflight"]
-            timings["new_image_startup_ms"] = round(blackout - old_side - restore, 1)
+        # From execv() until the new image asked for the checkpoint: its start-up and imports,
+        # while the old version (the bridge process) still served every client.
+        timings["new_image_startup_ms"] = reported.get("exec_to_ready_ms")
+        # Inside the pause, after the checkpoint: the new image reads it and adopts every fd.
+        timings["restore_ms"] = reported.get("restore_ms", last_upgrade.get("restore_ms"))
         if reported:
             timings["reported_timings"] = reported
         timings["kept"] = last_upgrade.get("kept")
@@ -461,8 +458,12 @@ def measure(options) -> Dict[str, Any]:
         summary.pop("worst_sent_at")
     for record in upgrades:
         record["started_at_ms"] = round((record.pop("started_at") - window_start) * 1000, 1)
+        # When each stage was reported, on the timeline's clock.
+        record["stage_at_ms"] = {stage: round(record["started_at_ms"] + elapsed, 1)
+                                 for stage, elapsed in record.pop("stage_ms", {}).items()}
         record["ended_at_ms"] = round((record.pop("ended_at") - window_start) * 1000, 1)
-    timeline = load.timeline(window_start, window_start - 0.5, window_end + 1.5)
+    timeline = load.timeline(window_start, window_start - 0.5, window_end + 1.5,
+                             options.timeline_step / 1000)
     upgrade_phase = phases["upgrade"]
     clean = (upgrade_phase["errors"] == 0 and upgrade_phase["disconnects"] == 0
              and phases["steady"]["errors"] == 0 and phases["steady"]["disconnects"] == 0
@@ -509,25 +510,35 @@ def print_report(report: Dict[str, Any], show_timeline: bool = False) -> None:
     print()
     stage_rows = []
     for u in report["upgrades"]:
-        stage_rows.append([u["number"], fmt_ms(u.get("preflight_ms")), fmt_ms(u.get("drain_ms")),
-                           fmt_ms(u.get("checkpoint_ms")), fmt_ms(u.get("guardian_and_exec_ms")),
-                           fmt_ms(u.get("new_image_startup_ms")), fmt_ms(u.get("restore_ms")),
+        stage_rows.append([u["number"], fmt_ms(u.get("preflight_ms")),
+                           fmt_ms(u.get("new_image_startup_ms")), fmt_ms(u.get("drain_ms")),
+                           fmt_ms(u.get("checkpoint_ms")), fmt_ms(u.get("restore_ms")),
                            fmt_ms(u.get("blackout_ms")), fmt_ms(u["cli_ms"]),
                            f"{u.get('kept')}/{u.get('closed')}"])
-    print(format_table(["upgrade", "preflight", "drain", "checkpoint", "guardian+exec",
-                        "startup+imports", "restore", "blackout", "CLI total", "kept/closed"],
-                       stage_rows, right=[True] * 10))
-    print("(milliseconds; blackout = drain + checkpoint + guardian+exec + startup+imports + "
-          "restore, from the proxy's own clock)")
+    print(format_table(["upgrade", "preflight", "start+imports", "drain", "checkpoint",
+                        "restore", "blackout", "CLI total", "kept/closed"],
+                       stage_rows, right=[True] * 9))
+    print("(milliseconds, from the proxy's own clock. start+imports: the new image starting "
+          "while the old version\n still serves from its bridge process; blackout: from the "
+          "start of the drain to the new image serving = drain + checkpoint + restore)")
     for u in report["upgrades"]:
         print(f"upgrade {u['number']}: {u['summary']}")
     if show_timeline:
         print()
-        print("requests by send time, relative to the start of the (first) upgrade command:")
-        print(format_table(["sent at ms", "requests", "p50 ms", "max ms"],
-                           [[t["from_ms"], t["requests"], fmt_ms(t["p50_ms"]),
-                             fmt_ms(t["max_ms"])] for t in report["timeline"]],
-                           right=[True] * 4))
+        print("requests by send time, relative to the start of the (first) upgrade command (the "
+              "upgrade's own stages: started_at_ms in --json):")
+        marks = sorted((at, f"{u['number']}:{stage}") for u in report["upgrades"]
+                       for stage, at in u.get("stage_at_ms", {}).items())
+        rows = []
+        timeline = report["timeline"]
+        for i, t in enumerate(timeline):
+            end = timeline[i + 1]["from_ms"] if i + 1 < len(timeline) else float("inf")
+            here = [name for at, name in marks if t["from_ms"] <= at < end]
+            rows.append([t["from_ms"], t["requests"], fmt_ms(t["p50_ms"]), fmt_ms(t["max_ms"]),
+                         " ".join(here)])
+        print(format_table(["sent at ms", "requests", "p50 ms", "max ms",
+                            "upgrade stages reported (number:stage)"], rows,
+                           right=[True] * 4 + [False]))
     print()
     upgrade = report["phases"]["upgrade"]
     print(f"connections alive at the end: {report['connections_alive_at_end']} of "
@@ -573,8 +584,10 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--target-ms", type=float, default=300.0,
                         help="the maximum latency allowed during an upgrade (default 300)")
     parser.add_argument("--timeline", action="store_true",
-                        help="also print requests and worst latency per 100 ms of send time "
-                             "around the upgrade(s)")
+                        help="also print requests and worst latency per --timeline-step of send "
+                             "time around the upgrade(s)")
+    parser.add_argument("--timeline-step", type=float, default=100.0, metavar="MS",
+                        help="width of one --timeline row in milliseconds (default 100)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="progress on stderr even with --json")

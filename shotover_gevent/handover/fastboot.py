@@ -4,13 +4,12 @@ CLI framework (every millisecond here is client-visible blackout) and restores."
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import sys
 from typing import Dict, List
 
 _VALUED = {"-c", "--config", "-t", "--topology", "--log-format", "--control-socket", "--restore",
-           "--checkpoint-fd", "--guardian-fd", "--guardian-pid"}
+           "--bridge-fd", "--bridge-pid"}
 
 
 def parse(argv: List[str]) -> Dict[str, object]:
@@ -35,7 +34,7 @@ def main(argv: List[str]) -> None:
     # collection in the middle would lengthen the clients' wait.
     gc.disable()
     from .. import observability
-    from .restore import RestoreFailed, RestoreOptions, restore
+    from .restore import RestoreOptions, restore_or_fall_back
 
     options = parse(argv)
     log_format = str(options.get("--log-format", "human"))
@@ -52,13 +51,7 @@ def main(argv: List[str]) -> None:
                                                                          "conf/topology.yaml")))),
         control_path=os.path.abspath(str(options.get("--control-socket", "shotover-g.sock"))),
         log_format=log_format, restore_path=str(options["--restore"]),
-        checkpoint_fd=number("--checkpoint-fd"), guardian_fd=number("--guardian-fd"),
-        guardian_pid=number("--guardian-pid"), rollback=bool(options["--rollback"]))
-    try:
-        proxy = restore(restore_options)
-    except RestoreFailed as error:
-        logging.getLogger("shotover_gevent").critical("cannot restore from %s: %s",
-                                                      restore_options.restore_path, error)
-        sys.exit(1)
-    proxy.serve_forever()
+        bridge_fd=number("--bridge-fd"), bridge_pid=number("--bridge-pid"),
+        rollback=bool(options["--rollback"]))
+    restore_or_fall_back(restore_options).serve_forever()
     sys.exit(0)

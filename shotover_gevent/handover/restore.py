@@ -1,16 +1,16 @@
-"""The new image's side of an upgrade: verify the checkpoint, keep only the fds it names, adopt
-listeners and connections onto fresh chains, then report. Anything unusable rolls back."""
+"""The new image's side of an upgrade: tell the bridge it is ready, verify the checkpoint the
+bridge writes, keep only the fds it names, adopt listeners and connections onto fresh chains,
+release the bridge, then report. Anything unusable rolls back."""
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
+import select
 import signal
 import socket as stdlib_socket
 import time
-from dataclasses import dataclass
 from typing import Dict, Optional, Set
 
 import gevent
@@ -20,61 +20,126 @@ from .. import __version__, observability
 from ..config import ConfigError, load, load_data
 from ..session import Session
 from . import checkpoint as checkpoint_format
-from .upgrade import CONTROL_SIGNALS, EXEC_TIME_ENV, PREVIOUS_ENV, reap_later
+from .upgrade import (ABORTED_ENV, CONTROL_SIGNALS, EXEC_TIME_ENV, PREVIOUS_ENV,
+                      ROLLBACK_REASON_ENV, reap_later)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class RestoreOptions:
-    config_path: str
-    topology_path: str
-    control_path: str
-    log_format: str
-    restore_path: str
-    checkpoint_fd: Optional[int] = None
-    guardian_fd: Optional[int] = None
-    guardian_pid: Optional[int] = None
-    rollback: bool = False
+    """What the exec'ing image told this one on its command line."""
+
+    def __init__(self, config_path: str, topology_path: str, control_path: str, log_format: str,
+                 restore_path: str, bridge_fd: Optional[int] = None,
+                 bridge_pid: Optional[int] = None, rollback: bool = False) -> None:
+        self.config_path = config_path
+        self.topology_path = topology_path
+        self.control_path = control_path
+        self.log_format = log_format
+        self.restore_path = restore_path
+        self.bridge_fd = bridge_fd
+        self.bridge_pid = bridge_pid
+        self.rollback = rollback
 
 
 class RestoreFailed(Exception):
     pass
 
 
-def _read_checkpoint(options: RestoreOptions):
-    """In a roll-back, our own in-memory copy comes first: the file may be what went wrong."""
-    sources = []
-    if options.rollback and options.checkpoint_fd is not None:
-        sources.append("memory")
-    sources.append("file")
-    errors = []
-    for where in sources:
+class BridgeDeclined(RestoreFailed):
+    """The bridge could not hand over and serves on: this image leaves quietly."""
+
+
+class BridgeLost(RestoreFailed):
+    """The bridge process ended without handing anything over: no checkpoint will come."""
+
+
+_received = bytearray()
+
+
+def _read_line(fd: int) -> str:
+    """One line from the bridge, waiting as long as it takes (the bridge has its own deadline
+    and kills this process when it passes). "" at EOF."""
+    while b"\n" not in _received:
         try:
-            if where == "memory":
-                size = os.fstat(options.checkpoint_fd).st_size
-                return checkpoint_format.decode(os.pread(options.checkpoint_fd, size, 0))
-            return checkpoint_format.read(options.restore_path)
-        except (checkpoint_format.CheckpointError, OSError) as error:
-            errors.append(f"{where}: {error}")
-    raise RestoreFailed("cannot use the checkpoint: " + "; ".join(errors))
+            chunk = os.read(fd, 65536)
+        except InterruptedError:
+            continue
+        except OSError:
+            return ""
+        if not chunk:
+            return ""
+        _received.extend(chunk)
+    end = _received.index(b"\n")
+    line = bytes(_received[:end])
+    del _received[:end + 1]
+    return line.decode("utf-8", "replace").strip()
+
+
+def tell_bridge(options: RestoreOptions, message: str) -> None:
+    if options.bridge_fd is None:
+        return
+    try:
+        os.write(options.bridge_fd, message.encode("utf-8", "replace") + b"\n")
+    except OSError:
+        pass
+
+
+def _await_checkpoint(options: RestoreOptions) -> None:
+    """Ask the bridge to pause every client and write the checkpoint; return once it is on disk."""
+    if options.bridge_fd is None:
+        return  # started by hand on an existing file
+    tell_bridge(options, "ready")
+    answer = _read_line(options.bridge_fd)
+    if answer == "written":
+        return
+    if answer.startswith("failed"):
+        # The bridge serves on, as the previous version: this image has nothing to do.
+        raise BridgeDeclined("the previous version could not hand over: "
+                             + answer[len("failed"):].strip())
+    raise BridgeLost("the previous version's bridge process ended before handing over")
+
+
+def _configuration_from_bridge(options: RestoreOptions):
+    """The bridge's first line: the configuration data to run on, as (config, topology)."""
+    if options.bridge_fd is None:
+        return None
+    line = _read_line(options.bridge_fd)
+    if not line.startswith("config "):
+        raise BridgeLost("the previous version's bridge process ended before handing over")
+    import json
+
+    try:
+        data = json.loads(line[len("config "):])
+        return data["config"], data["topology"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_checkpoint(options: RestoreOptions):
+    try:
+        return checkpoint_format.read(options.restore_path)
+    except (checkpoint_format.CheckpointError, OSError) as error:
+        raise RestoreFailed(f"cannot use the checkpoint: {error}") from None
 
 
 def roll_back(options: RestoreOptions, reason: str) -> None:
-    """Exec the previous program onto the same checkpoint (once). Does not return."""
+    """Exec the previous program onto the same bridge (once): the bridge resumes serving and
+    pauses again when that program is ready. Raises RestoreFailed when no roll-back is left."""
+    import json
+
     previous = json.loads(os.environ.get(PREVIOUS_ENV, "null") or "null")
     if options.rollback or not previous:
         raise RestoreFailed(f"{reason}; no roll-back left to try")
     log.error("restore failed (%s): rolling back to %s", reason, previous.get("version"))
     for handler in logging.getLogger().handlers:
         handler.flush()
-    argv = list(previous["argv"]) + ["--restore", options.restore_path, "--rollback"]
-    if options.checkpoint_fd is not None:
-        argv += ["--checkpoint-fd", str(options.checkpoint_fd)]
-    if options.guardian_fd is not None:
-        argv += ["--guardian-fd", str(options.guardian_fd),
-                 "--guardian-pid", str(options.guardian_pid)]
-    os.environ["SHOTOVER_G_ROLLBACK_REASON"] = f"new version {__version__}: {reason}"
+    boot = list(previous.get("boot") or [previous["python"], "-m", "shotover_gevent"])
+    argv = boot + list(previous["argv"])[3:] + ["--restore", options.restore_path, "--rollback"]
+    if options.bridge_fd is not None:
+        argv += ["--bridge-fd", str(options.bridge_fd), "--bridge-pid", str(options.bridge_pid)]
+    os.environ[ROLLBACK_REASON_ENV] = f"new version {__version__}: {reason}"
+    tell_bridge(options, "retry")
     os.execv(previous["python"], argv)
 
 
@@ -94,33 +159,54 @@ def _close_unnamed_fds(keep: Set[int]) -> int:
     return closed
 
 
+def _configuration(options: RestoreOptions, hints: Optional[dict]):
+    """The configuration to run on: what the bridge sent (the data the new version's preflight
+    validated; for a roll-back, what the previous version ran on), else the checkpoint's
+    copy, else the files."""
+    prefix = "previous_" if options.rollback else ""
+    try:
+        if hints is not None and hints.get(prefix + "config_data") is not None and \
+                hints.get(prefix + "topology_data") is not None:
+            return load_data(hints[prefix + "config_data"], hints[prefix + "topology_data"],
+                             options.config_path, options.topology_path)
+        return load(options.config_path, options.topology_path)
+    except ConfigError as error:
+        roll_back(options, "configuration invalid: " + "; ".join(error.problems))
+        raise
+
+
 def restore(options: RestoreOptions):
     """Return a live Proxy serving every adopted connection (or exec a roll-back)."""
     from ..app import Proxy
-    from ..handover.control import ControlChannel, ControlServer
+    from ..handover.control import ControlServer
     from ..source import Source
 
-    started_ns = time.time_ns()
+    # Everything that does not need the checkpoint happens before asking for it, while the
+    # bridge still serves every client: configuration, sources, their transforms' code.
+    config = topology = proxy = None
+    sent = _configuration_from_bridge(options)
+    if sent is not None:
+        config, topology = _configuration(options, {"config_data": sent[0],
+                                                    "topology_data": sent[1],
+                                                    "previous_config_data": sent[0],
+                                                    "previous_topology_data": sent[1]})
+        proxy = Proxy(config, topology, options.control_path, options.log_format)
+        for source_config in topology.sources:
+            proxy.sources[source_config.name] = Source(source_config)
+    ready_ns = time.time_ns()
+    _await_checkpoint(options)
+    written_ns = time.time_ns()
     try:
         cp = _read_checkpoint(options)
     except RestoreFailed as error:
         roll_back(options, str(error))
         raise
     hints = cp.restore or {}
-    prefix = "previous_" if options.rollback else ""
-    try:
-        if hints.get(prefix + "config_data") is not None and \
-                hints.get(prefix + "topology_data") is not None:
-            # A roll-back runs on the configuration it ran with before; an upgrade on what its
-            # preflight validated moments ago (no YAML parsing inside the blackout).
-            config, topology = load_data(hints[prefix + "config_data"],
-                                         hints[prefix + "topology_data"],
-                                         options.config_path, options.topology_path)
-        else:
-            config, topology = load(options.config_path, options.topology_path)
-    except ConfigError as error:
-        roll_back(options, "configuration invalid: " + "; ".join(error.problems))
-        raise
+    if proxy is None:
+        config, topology = _configuration(options, hints)
+        proxy = Proxy(config, topology, options.control_path, options.log_format)
+        for source_config in topology.sources:
+            proxy.sources[source_config.name] = Source(source_config)
     observability.set_log_filter(config.main_log_level)
 
     control = cp.control or {}
@@ -128,58 +214,39 @@ def restore(options: RestoreOptions):
     for key in ("channel_fd", "metrics_fd"):
         if control.get(key) is not None:
             keep.add(control[key])
-    for fd in (options.checkpoint_fd, options.guardian_fd):
-        if fd is not None:
-            keep.add(fd)
-    leaked = _close_unnamed_fds(keep)
+    if options.bridge_fd is not None:
+        keep.add(options.bridge_fd)
 
-    proxy = Proxy(config, topology, options.control_path, options.log_format)
     proxy.generation = cp.generation if options.rollback else cp.generation + 1
     proxy.started_wall = hints.get("started_wall", proxy.started_wall)
 
     # Listeners: keep a source's socket when the source still listens on that address.
     by_name = {record.source: record for record in cp.listeners}
-    for source_config in topology.sources:
-        record = by_name.pop(source_config.name, None)
-        listener = None
+    for source in proxy.sources.values():
+        record = by_name.pop(source.name, None)
         if record is not None:
             listener = socket.socket(fileno=record.fd)
-            if not same_address(listener.getsockname(), source_config.listen_addr):
+            if same_address(listener.getsockname(), source.config.listen_addr):
+                source.listener = listener
+            else:
                 # The topology moved this source: the old address stops listening first, so
                 # that the new one can be bound even when it overlaps (0.0.0.0 vs 127.0.0.1).
                 listener.close()
-                listener = None
-        source = Source(source_config, listener)
-        if listener is None:
+        if source.listener is None:
             source.bind()
-        proxy.sources[source.name] = source
     for record in by_name.values():  # sources the new topology dropped
         os.close(record.fd)
 
     closed: Dict[str, int] = dict(cp.drain.get("closed_reasons") or {})
-    adopted = []
+    records = []
     for record in cp.connections:
-        source = proxy.sources.get(record.source)
-        if source is None:
-            os.close(record.fd)
-            if record.upstream is not None:
-                os.close(record.upstream["fd"])
-            closed["source removed"] = closed.get("source removed", 0) + 1
+        if record.source in proxy.sources:
+            records.append(record)
             continue
-        # Family, type and protocol given: otherwise the socket module asks the kernel for all
-        # three, three system calls per connection inside the pause.
-        family = stdlib_socket.AF_INET6 if record.peer.startswith("[") else stdlib_socket.AF_INET
-        client = socket.socket(family, stdlib_socket.SOCK_STREAM, stdlib_socket.IPPROTO_TCP,
-                               fileno=record.fd)
-        try:
-            client.getpeername()
-        except OSError:
-            client.close()
-            if record.upstream is not None:
-                os.close(record.upstream["fd"])
-            closed["client left during upgrade"] = closed.get("client left during upgrade", 0) + 1
-            continue
-        adopted.append((source, client, record))
+        os.close(record.fd)
+        if record.upstream is not None:
+            os.close(record.upstream["fd"])
+        closed["source removed"] = closed.get("source removed", 0) + 1
 
     if control.get("fd") is not None:
         proxy.control_server = ControlServer(proxy, options.control_path,
@@ -195,25 +262,77 @@ def restore(options: RestoreOptions):
             metrics_listener.close()
             metrics_listener = None
 
-    # Every fd is ours now: release the guardian before any byte is read from a client, so that
-    # a roll-back can never replay requests this image has already served.
-    if options.guardian_fd is not None:
-        try:
-            os.write(options.guardian_fd, b"adopted\n")
-        except OSError:
-            pass
-        os.close(options.guardian_fd)
-        if options.guardian_pid:
-            reap_later(options.guardian_pid)
+    # Every fd is ours now: release the bridge before any byte is read from a client, so that
+    # it can never serve a request this image serves too.
+    if options.bridge_fd is not None:
+        tell_bridge(options, "adopted")
+        os.close(options.bridge_fd)
+        if options.bridge_pid:
+            reap_later(options.bridge_pid)
 
-    for source, client, record in adopted:
-        source.adopt(client, record.peer, Session.from_dict(record.session), record.unread,
-                     record.upstream)
+    # Inside the pause, only the connections whose requests queued meanwhile are taken over
+    # (one poll() finds them); the idle majority follows once these are served again.
+    poller = select.poll()
+    for record in records:
+        poller.register(record.fd, select.POLLIN)
+    readable = {fd for fd, _event in poller.poll(0)}
+    urgent = [r for r in records if r.unread or r.fd in readable]
+    later = [r for r in records if not (r.unread or r.fd in readable)]
+    adopted = _adopt(proxy, urgent, closed)
     proxy.go_live()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
     quiesce_ns = hints.get("quiesce_started_ns") or cp.created_ns
     blackout_ms = (time.time_ns() - quiesce_ns) / 1e6
     live_ns = time.time_ns()
+    gevent.spawn(_finish, proxy, options, cp, closed, adopted, later, keep, blackout_ms,
+                 (ready_ns, written_ns, live_ns), metrics_listener)
+    return proxy
+
+
+#: Connections adopted per turn after the pause; between two turns, the served ones run.
+ADOPT_BATCH = 100
+
+
+def _adopt(proxy, records, closed: Dict[str, int]) -> int:
+    """Start serving each recorded connection; return how many were still there."""
+    count = 0
+    for record in records:
+        source = proxy.sources[record.source]
+        # Family, type and protocol given: otherwise the socket module asks the kernel for all
+        # three, three system calls per connection.
+        family = stdlib_socket.AF_INET6 if record.peer.startswith("[") else stdlib_socket.AF_INET
+        client = socket.socket(family, stdlib_socket.SOCK_STREAM, stdlib_socket.IPPROTO_TCP,
+                               fileno=record.fd)
+        try:
+            client.getpeername()
+        except OSError:
+            client.close()
+            if record.upstream is not None:
+                os.close(record.upstream["fd"])
+            closed["client left during upgrade"] = closed.get("client left during upgrade", 0) + 1
+            continue
+        source.adopt(client, record.peer, Session.from_dict(record.session), record.unread,
+                     record.upstream)
+        count += 1
+    return count
+
+
+def _finish(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted: int, later,
+            keep: Set[int], blackout_ms: float, moments, metrics_listener) -> None:
+    """After the pause: the idle connections, then the inherited fds nobody named, then the
+    report."""
+    from ..handover.control import ControlChannel
+
+    for start in range(0, len(later), ADOPT_BATCH):
+        gevent.sleep(0)
+        adopted += _adopt(proxy, later[start:start + ADOPT_BATCH], closed)
+    leaked = _close_unnamed_fds(keep)
+
+    ready_ns, written_ns, live_ns = moments
+    config = proxy.config
+    hints = cp.restore or {}
+    control = cp.control or {}
+    quiesce_ns = hints.get("quiesce_started_ns") or cp.created_ns
     gevent.spawn_later(2.0, _collect_garbage_again)
     # Clients are served again; what only scrapes need loads now, off the hub's thread.
     if config.observability_interface is not None:
@@ -224,40 +343,47 @@ def restore(options: RestoreOptions):
 
     keep_path = hints.get("keep_checkpoint")
     keep_problem = _dispose_checkpoint(options.restore_path, keep_path)
-    if options.checkpoint_fd is not None:
-        os.close(options.checkpoint_fd)
 
-    reason = os.environ.pop("SHOTOVER_G_ROLLBACK_REASON", None)
+    reason = os.environ.pop(ROLLBACK_REASON_ENV, None)
+    aborted = os.environ.pop(ABORTED_ENV, None) is not None
     os.environ.pop(PREVIOUS_ENV, None)
     closed_total = sum(closed.values())
     closed_text = ", ".join(f"{n} {why}" for why, n in closed.items()) or "none closed"
     exec_ns = int(os.environ.pop(EXEC_TIME_ENV, "0") or 0)
     timings = {
+        # While the bridge served every client: start, imports, configuration.
+        "exec_to_ready_ms": round((ready_ns - exec_ns) / 1e6, 1) if exec_ns else None,
+        # The pause: the bridge drains and writes; this image reads and adopts.
         "drain_and_checkpoint_ms": round((cp.created_ns - quiesce_ns) / 1e6, 1),
-        "exec_to_restore_ms": round((started_ns - exec_ns) / 1e6, 1) if exec_ns else None,
-        "restore_ms": round((live_ns - started_ns) / 1e6, 1),
+        "handover_ms": round((written_ns - cp.created_ns) / 1e6, 1),
+        "restore_ms": round((live_ns - written_ns) / 1e6, 1),
     }
     restore_ms = timings["restore_ms"]
     result = {
         "event": "result", "ok": not options.rollback,
         "old_version": cp.written_by, "new_version": __version__, "pid": os.getpid(),
-        "generation": proxy.generation, "kept": len(adopted), "closed": closed_total,
+        "generation": proxy.generation, "kept": adopted, "closed": closed_total,
         "closed_reasons": closed, "blackout_ms": round(blackout_ms, 1),
         "restore_ms": restore_ms, "timings": timings, "leaked_fds_closed": leaked,
     }
-    if options.rollback:
+    if options.rollback and aborted:
+        result["reason"] = reason or "aborted"
+        result["summary"] = (f"upgrade aborted, {__version__} still serving {adopted} kept "
+                             f"connections ({closed_text}): {reason}; blackout "
+                             f"{blackout_ms:.0f} ms")
+    elif options.rollback:
         result["reason"] = reason or "roll-back"
         result["summary"] = (f"rolled back: {reason or 'the new version could not restore'}; "
-                             f"{__version__} serving {len(adopted)} kept connections "
+                             f"{__version__} serving {adopted} kept connections "
                              f"({closed_text}), blackout {blackout_ms:.0f} ms")
     else:
-        result["summary"] = (f"upgraded {cp.written_by} -> {__version__}: kept {len(adopted)} "
+        result["summary"] = (f"upgraded {cp.written_by} -> {__version__}: kept {adopted} "
                              f"connections, closed {closed_total} ({closed_text}), blackout "
                              f"{blackout_ms:.0f} ms, pid {os.getpid()}, generation "
-                             f"{proxy.generation} (drain+checkpoint "
-                             f"{timings['drain_and_checkpoint_ms']} ms, exec+imports "
-                             f"{timings['exec_to_restore_ms']} ms, adoption "
-                             f"{timings['restore_ms']} ms)")
+                             f"{proxy.generation} (start and imports "
+                             f"{timings['exec_to_ready_ms']} ms while the old version served; "
+                             f"paused: drain+checkpoint {timings['drain_and_checkpoint_ms']} ms, "
+                             f"adoption {timings['restore_ms']} ms)")
     if keep_problem:
         result["summary"] += f"; {keep_problem}"
         result["checkpoint_problem"] = keep_problem
@@ -269,6 +395,46 @@ def restore(options: RestoreOptions):
         channel = ControlChannel(socket.socket(fileno=control["channel_fd"]))
         channel.send(result)
         channel.close()
+
+
+def restore_or_fall_back(options: RestoreOptions):
+    """restore(), or what is left to do when it cannot: if the bridge is gone with every
+    client's state, start afresh on the configured addresses; otherwise leave the serving to
+    the bridge (it serves on when told, or when this process is gone)."""
+    try:
+        return restore(options)
+    except BridgeLost as error:
+        log.critical("restore from %s impossible: %s; starting afresh", options.restore_path,
+                     error)
+        return _start_afresh(options)
+    except BridgeDeclined as error:
+        log.error("%s; the previous version serves on", error)
+        raise SystemExit(1) from None
+    except RestoreFailed as error:
+        log.critical("cannot restore from %s: %s", options.restore_path, error)
+        tell_bridge(options, f"takeover {error}")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        raise SystemExit(1) from None
+
+
+def _start_afresh(options: RestoreOptions):
+    from ..app import Proxy
+
+    keep = {options.bridge_fd} if options.bridge_fd is not None else set()
+    _close_unnamed_fds(keep)
+    if options.bridge_fd is not None:
+        os.close(options.bridge_fd)
+    try:
+        config, topology = load(options.config_path, options.topology_path)
+    except ConfigError as error:
+        for problem in error.problems:
+            log.critical("%s", problem)
+        raise SystemExit(1) from None
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
+    gc.enable()
+    proxy = Proxy(config, topology, options.control_path, options.log_format)
+    proxy.start_fresh()
     return proxy
 
 

@@ -1,13 +1,15 @@
 """The old image's side of `shotover-g upgrade`, one function per step, in order:
-preflight -> quiesce -> checkpoint -> guardian -> exec. Any failure before exec resumes service."""
+preflight -> fork the bridge -> exec in place; then, in the bridge, once the new image is ready:
+quiesce -> checkpoint (see bridge.py). A failure before the fork changes nothing."""
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
 import signal
+import socket as stdlib_socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +30,10 @@ PREFLIGHT_TIMEOUT = 60.0
 PREVIOUS_ENV = "SHOTOVER_G_PREVIOUS"
 #: When the old image called execv (ns since the epoch), for the new image's timing report.
 EXEC_TIME_ENV = "SHOTOVER_G_EXEC_NS"
+#: Why a roll-back image runs, for its report.
+ROLLBACK_REASON_ENV = "SHOTOVER_G_ROLLBACK_REASON"
+#: Set when the new version never ran (its exec failed): the report says "aborted".
+ABORTED_ENV = "SHOTOVER_G_ABORTED"
 
 
 class UpgradeAborted(Exception):
@@ -93,29 +99,23 @@ def program_argv(proxy, python: str) -> List[str]:
 def run_upgrade(proxy, request: UpgradeRequest, channel) -> None:
     report = Reporter(channel)
     python = request.python or sys.executable
-    paused: List = []
     try:
         answer = preflight(proxy, python, report)
-        # No collection pause inside the blackout (turned back on if the upgrade aborts).
-        gc.disable()
-        quiesce_started_ns = time.time_ns()
-        paused, closed = quiesce(proxy, request.drain_timeout, report)
-        path, data, cp = write_checkpoint(proxy, paused, closed, quiesce_started_ns,
-                                          request, report, answer)
-        exec_new_image(proxy, python, path, data, cp, request, report, answer)
+        check_executable(python)
+        bridge = fork_and_exec(proxy, python, request, report, answer)
     except UpgradeAborted as error:
-        gc.enable()
-        resume(proxy, paused)
         proxy.upgrade_in_progress = False
         report.result(False, f"upgrade aborted, {__version__} still serving: {error}",
                       reason=str(error))
-    except Exception as error:  # a bug must not leave clients paused
+        return
+    except Exception as error:  # a bug must not stop the proxy
         log.exception("upgrade failed unexpectedly")
-        gc.enable()
-        resume(proxy, paused)
         proxy.upgrade_in_progress = False
         report.result(False, f"upgrade aborted by an internal error, {__version__} still "
                              f"serving: {error}", reason=str(error))
+        return
+    # Only the bridge process gets here: it serves until the new image takes over.
+    bridge.run()
 
 
 # ---- step 1: preflight ------------------------------------------------------------------------
@@ -218,13 +218,35 @@ def resume(proxy, paused: List) -> None:
 # ---- step 3: checkpoint -----------------------------------------------------------------------
 
 def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: UpgradeRequest,
-                     report: Reporter, answer: Dict):
+                     report: Reporter, answer: Dict, path: str, main_pid: int,
+                     inherited: Dict[int, int]):
+    """Describe every paused connection for the next image and write the file. Only sockets the
+    next image inherited (same fd, same inode as when it was exec'ed) are named; a connection's
+    upstream opened since then stays behind (the next image connects afresh)."""
+    def held(fd: int) -> bool:
+        try:
+            return inherited.get(fd) == os.fstat(fd).st_ino
+        except OSError:
+            return False
+
     listeners = [checkpoint_format.ListenerRecord(s.listener.fileno(), name, s.address)
                  for name, s in proxy.sources.items()]
-    records = [checkpoint_format.ConnectionRecord(c.sock.fileno(), c.source.name, c.peer,
-                                                  c.unread_bytes(), c.session.to_dict(),
-                                                  c.export_upstream())
-               for c in paused]
+    records = []
+    for c in paused:
+        fd = c.sock.fileno()
+        if not held(fd):
+            # Cannot happen while accepting is stopped; never hand over what the next image
+            # does not hold.
+            closed["connected during the upgrade"] = closed.get("connected during the upgrade",
+                                                                0) + 1
+            c.close("upgrade: not inherited by the next image")
+            continue
+        upstream = c.export_upstream()
+        if upstream is not None and not held(upstream["fd"]):
+            upstream = None
+        records.append(checkpoint_format.ConnectionRecord(fd, c.source.name, c.peer,
+                                                          c.unread_bytes(), c.session.to_dict(),
+                                                          upstream))
     control = {"fd": proxy.control_server.listener.fileno(), "path": proxy.control_path}
     channel = getattr(report, "channel", None)
     if channel is not None:
@@ -238,7 +260,7 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
         connections=records, control=control,
         drain={"ms": int((time.time_ns() - quiesce_started_ns) / 1e6),
                "closed": sum(closed.values()), "closed_reasons": closed},
-        rollback=False, guardian=None,
+        rollback=False, guardian={"bridge_pid": os.getpid()},
         restore={"quiesce_started_ns": quiesce_started_ns,
                  "keep_checkpoint": request.keep_checkpoint,
                  "started_wall": proxy.started_wall,
@@ -248,9 +270,12 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
                  # What this version runs on, should it have to take over again.
                  "previous_config_data": proxy.config.raw,
                  "previous_topology_data": proxy.topology.raw})
-    path = checkpoint_format.new_path()
     try:
         data = checkpoint_format.encode(cp, validate=False)
+        try:
+            os.unlink(path)  # an earlier attempt's, which a failed image left behind
+        except OSError:
+            pass
         checkpoint_format.write(path, data)
     except checkpoint_format.CheckpointError as error:
         raise UpgradeAborted(f"checkpoint: {error}") from None
@@ -259,81 +284,120 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
     report.stage("checkpoint", f"wrote {path} ({len(data)} bytes: {len(listeners)} listeners, "
                                f"{len(records)} connections with {upstreams} idle upstream "
                                f"connections, {unread} unread bytes)", path=path)
-    return path, data, cp
+    return cp
 
 
-# ---- step 4 + 5: guardian and exec ------------------------------------------------------------
+# ---- step 3: fork the bridge and exec --------------------------------------------------------
 
-def exec_new_image(proxy, python: str, path: str, data: bytes, cp, request: UpgradeRequest,
-                   report: Reporter, answer: Dict) -> None:
-    """Replace this program with `python`'s shotover_gevent. Returns only by raising."""
-    # An in-memory copy of the checkpoint travels with the fds, for the roll-back image in case
-    # the file is damaged or removed.
-    memfd = os.memfd_create("shotover-g-checkpoint", 0)
-    os.write(memfd, data)
-    os.lseek(memfd, 0, os.SEEK_SET)
-    fds = set(cp.fds())
-    for key in ("channel_fd", "metrics_fd"):
-        if key in cp.control:
-            fds.add(cp.control[key])
-    fds.add(memfd)
-    guardian_pipe_read, guardian_pipe_write = os.pipe()
-    guardian_pid = None
-    blocked = False
+def check_executable(python: str) -> None:
+    """Abort while nothing is touched if `python` can no longer be executed (the preflight ran
+    it moments ago, but an install may have moved it since)."""
+    path = python if os.sep in python else _which(python)
+    if path is None or not os.path.isfile(path) or not os.access(path, os.X_OK):
+        try:
+            os.stat(path or python)
+            why = "not an executable file"
+        except OSError as error:
+            why = error.strerror or str(error)
+        raise UpgradeAborted(f"exec {python} failed: {why}")
+
+
+def _which(name: str) -> Optional[str]:
+    import shutil
+
+    return shutil.which(name)
+
+
+def mark_sockets_inheritable() -> Dict[int, int]:
+    """Let every socket reach the next image (PEP 446 made them close-on-exec); return each
+    fd's inode so that the bridge can later tell a socket the next image holds from a new one
+    that happens to reuse its number."""
+    inodes: Dict[int, int] = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISSOCK(info.st_mode):
+                os.set_inheritable(fd, True)
+                inodes[fd] = info.st_ino
+        except OSError:
+            pass  # the listing's own fd, closed by now
+    return inodes
+
+
+def fork_and_exec(proxy, python: str, request: UpgradeRequest, report: Reporter,
+                  answer: Dict):
+    """Fork the bridge, then exec the new version in this process (same PID).
+
+    Returns (in the child only) the Bridge that serves every client until the new image is
+    ready to take them; the parent never returns: it becomes the new version, or, should the
+    exec fail, this version again."""
+    from gevent.os import fork_gevent
+
+    from .bridge import Bridge
+
+    path = checkpoint_format.new_path()
+    inodes = mark_sockets_inheritable()
+    parent_end, child_end = stdlib_socket.socketpair(stdlib_socket.AF_UNIX,
+                                                     stdlib_socket.SOCK_STREAM)
+    parent_pid = os.getpid()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
     try:
-        # PEP 446 made every other fd close-on-exec: marking exactly these inheritable decides
-        # what the guardian and the new image get.
-        for fd in fds | {guardian_pipe_read}:
-            os.set_inheritable(fd, True)
-        guardian_pid = spawn_guardian(proxy, path, memfd, guardian_pipe_read,
-                                      request.restore_timeout)
-        os.close(guardian_pipe_read)
-        guardian_pipe_read = None
-        os.set_inheritable(guardian_pipe_write, True)
-        argv = fast_start_argv(python, answer) + program_argv(proxy, python)[3:] + [
-            "--restore", path, "--checkpoint-fd", str(memfd),
-            "--guardian-fd", str(guardian_pipe_write), "--guardian-pid", str(guardian_pid)]
-        os.environ[PREVIOUS_ENV] = json.dumps({"python": sys.executable,
-                                               "argv": program_argv(proxy, sys.executable),
-                                               "version": __version__})
-        report.stage("exec", f"exec {python} (new version {answer.get('version')}) in place, "
-                             f"pid {os.getpid()}")
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
-        blocked = True
-        os.environ[EXEC_TIME_ENV] = str(time.time_ns())
-        os.execv(python, argv)
+        child_pid = fork_gevent()
+    except OSError as error:
+        parent_end.close()
+        child_end.close()
+        raise UpgradeAborted(f"cannot fork the bridge process: {error.strerror or error}") \
+            from None
+    if child_pid == 0:
+        parent_end.close()
+        return Bridge(proxy, request, report, answer, python, path, child_end, inodes,
+                      parent_pid)
+    # The parent: from here on nothing may yield to the hub (the bridge owns every client now)
+    # and nothing may read or write a client socket.
+    child_end.close()
+    bridge_fd = parent_end.detach()
+    os.set_inheritable(bridge_fd, True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
+    tail = program_argv(proxy, python)[3:] + ["--restore", path, "--bridge-fd", str(bridge_fd),
+                                              "--bridge-pid", str(child_pid)]
+    os.environ[PREVIOUS_ENV] = json.dumps({"python": sys.executable,
+                                           "argv": program_argv(proxy, sys.executable),
+                                           "boot": fast_start_argv(sys.executable, {
+                                               "sys_path": sys.path,
+                                               "package_root": _package_root()}),
+                                           "version": __version__})
+    os.environ[EXEC_TIME_ENV] = str(time.time_ns())
+    try:
+        os.execv(python, fast_start_argv(python, answer) + tail)
     except OSError as error:
         reason = f"exec {python} failed: {error.strerror or error}"
-    except UpgradeAborted as error:
-        reason = str(error)
+    # The new version could not be started: start this one again, in place, on the same
+    # bridge (it hands the clients back exactly as it would have handed them over).
+    os.environ[ROLLBACK_REASON_ENV] = reason
+    os.environ[ABORTED_ENV] = "1"
+    try:
+        os.execv(sys.executable, fast_start_argv(sys.executable, {
+            "sys_path": sys.path, "package_root": _package_root()}) +
+            program_argv(proxy, sys.executable)[3:] +
+            ["--restore", path, "--bridge-fd", str(bridge_fd), "--bridge-pid", str(child_pid),
+             "--rollback"])
+    except OSError:
+        pass
+    # Nothing can be exec'ed: the bridge keeps serving on its own.
+    try:
+        os.write(bridge_fd, b"takeover " + reason.encode("utf-8", "replace") + b"\n")
     finally:
-        # Only reached when exec did not happen.
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
-    os.environ.pop(PREVIOUS_ENV, None)
-    os.environ.pop(EXEC_TIME_ENV, None)
-    for fd in fds:
-        try:
-            os.set_inheritable(fd, False)
-        except OSError:
-            pass
-    if guardian_pipe_read is not None:
-        os.close(guardian_pipe_read)
-    try:
-        os.write(guardian_pipe_write, b"abort\n")
-    except OSError:
-        pass
-    os.close(guardian_pipe_write)
-    os.close(memfd)
-    if guardian_pid is not None:
-        reap_later(guardian_pid)
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-    raise UpgradeAborted(reason)
+        os._exit(1)
+
+
+def _package_root() -> str:
+    import shotover_gevent
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(shotover_gevent.__file__)))
 
 
 def fast_start_argv(python: str, answer: Dict) -> List[str]:
@@ -351,22 +415,6 @@ def fast_start_argv(python: str, answer: Dict) -> List[str]:
     boot = (f"import sys; sys.path[:] = {paths!r}; "
             "from shotover_gevent.__main__ import _run; _run()")
     return [python, "-S", "-c", boot]
-
-
-def spawn_guardian(proxy, path: str, memfd: int, pipe_read: int, timeout: float) -> int:
-    """A small process holding copies of every handed-over fd (those marked inheritable); if
-    the new image dies before it has adopted them, the guardian execs this version back onto
-    the same checkpoint. posix_spawn, not gevent's Popen: nothing here may yield to the hub
-    once connections are paused, or a waiting connection could read bytes after the
-    checkpoint recorded what it had."""
-    command = [sys.executable, "-m", "shotover_gevent.handover.guardian",
-               "--pipe-fd", str(pipe_read), "--pid", str(os.getpid()),
-               "--timeout", str(timeout), "--", *program_argv(proxy, sys.executable),
-               "--restore", path, "--checkpoint-fd", str(memfd), "--rollback"]
-    try:
-        return os.posix_spawn(sys.executable, command, dict(os.environ))
-    except OSError as error:
-        raise UpgradeAborted(f"cannot start the guardian: {error.strerror or error}") from None
 
 
 def reap_later(pid: int) -> None:

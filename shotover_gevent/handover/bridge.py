@@ -1,0 +1,259 @@
+"""The bridge: a child the old image forks just before it execs the new version in place.
+
+The bridge is the old version, still serving every client, while the new image starts and
+imports (the slowest part of an upgrade, and no longer a pause for anyone). When the new image
+says "ready", the bridge pauses every connection at a request boundary, writes the checkpoint,
+says "written", and waits - without letting any connection read another byte - for "adopted",
+then exits. If the new image exits, hangs or gives up first, the bridge simply goes on serving:
+nothing was handed over, nothing is lost.
+
+Messages on the bridge socket, one per line. New image -> bridge: "ready" (send me the
+checkpoint), "adopted" (every fd is mine: leave), "retry" (I cannot use it; the program I exec
+next will say "ready" again), "takeover <reason>" (nobody will restore: serve on).
+Bridge -> new image: "written" (the checkpoint is on disk), "failed <reason>".
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import select
+import signal
+import time
+from typing import Dict, Optional, Tuple
+
+import gevent
+from gevent import socket
+
+from .. import __version__
+from .upgrade import UpgradeAborted, quiesce, resume, write_checkpoint
+
+log = logging.getLogger(__name__)
+
+EXITED = "the new version exited before adopting the connections"
+
+
+class Bridge:
+    def __init__(self, proxy, request, report, answer: Dict, python: str, path: str,
+                 channel_socket, inherited: Dict[int, int], parent_pid: int) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.report = report
+        self.answer = answer
+        self.python = python
+        self.path = path
+        self.fd = channel_socket.detach()
+        self.inherited = inherited
+        self.parent_pid = parent_pid
+        self._buffer = b""
+        self._written = False
+
+    # ---- the bridge's life --------------------------------------------------------------------
+
+    def run(self) -> None:
+        proxy = self.proxy
+        proxy.bridge_for = self.parent_pid
+        # Newcomers wait in the kernel's backlog for the new image: a socket accepted here
+        # would be one the new image does not hold.
+        for source in proxy.sources.values():
+            source.stop_accepting()
+        self.report.stage("exec", f"exec {self.python} (new version "
+                                  f"{self.answer.get('version')}) in place, pid "
+                                  f"{self.parent_pid}; pid {os.getpid()} serves every client "
+                                  "until it is ready")
+        try:
+            reason = self._serve_until_handed_over()
+        except Exception:
+            log.exception("upgrade bridge failed")
+            if self._written:
+                # The new image may be serving already: two processes must never read the
+                # same clients. It holds every fd; leave it to it.
+                self._leave()
+            reason = "the old version's bridge process failed (see its log)"
+            self._send(f"failed {reason}")
+            resume(self.proxy, self.proxy.all_connections())
+        self._take_over(reason)
+
+    def _serve_until_handed_over(self) -> str:
+        timeout = self.request.restore_timeout
+        deadline = time.monotonic() + timeout
+        # What the new version's preflight validated: it prepares everything on it before it
+        # asks for the checkpoint.
+        self._send_configuration(self.answer.get("config_data"), self.answer.get("topology_data"))
+        reason: Optional[str] = None
+        while reason is None:
+            message = self._next_message(deadline, cooperative=True)
+            if message == "ready":
+                outcome = self._hand_over(deadline)
+                if outcome == "retry":
+                    self._retry()
+                    deadline = time.monotonic() + timeout
+                    continue
+                reason = outcome
+            elif message.startswith("takeover"):
+                reason = message[len("takeover"):].strip() or EXITED
+            elif message == "retry":
+                self._retry()
+                deadline = time.monotonic() + timeout
+            elif message == "":
+                reason = EXITED
+            elif message == "timeout":
+                reason = f"the new version did not adopt the connections within {timeout:g} s"
+            else:
+                log.warning("bridge: unexpected message %r ignored", message)
+        return reason
+
+    def _hand_over(self, deadline: float) -> str:
+        """Pause, checkpoint, and wait for the new image's verdict: "retry", or why the bridge
+        must serve on. Leaves the process when the new image has adopted everything."""
+        proxy = self.proxy
+        log.info("upgrade: the new image is ready: pausing every connection")
+        # No collection pause inside the blackout (back on if this version serves on).
+        gc.disable()
+        quiesce_started_ns = time.time_ns()
+        paused, closed = quiesce(proxy, self.request.drain_timeout, self.report)
+        try:
+            write_checkpoint(proxy, paused, closed, quiesce_started_ns, self.request,
+                             self.report, self.answer, self.path, self.parent_pid,
+                             self.inherited)
+        except UpgradeAborted as error:
+            self._send(f"failed {error}")
+            resume(proxy, paused)
+            gc.enable()
+            return str(error)
+        # From "written" until the verdict, this process must not run a single greenlet: a
+        # connection waiting in recv() would take bytes the new image is about to read.
+        self._send("written")
+        self._written = True
+        verdict = self._next_message(deadline, cooperative=False)
+        if verdict == "adopted":
+            self._leave()
+        if verdict != "retry" and _alive(self.parent_pid):
+            # Whatever became of the new image, it must never serve beside this process.
+            try:
+                os.kill(self.parent_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        resume(proxy, paused)
+        self._written = False
+        gc.enable()
+        if verdict == "retry":
+            return "retry"
+        if verdict.startswith("takeover"):
+            return verdict[len("takeover"):].strip() or EXITED
+        if verdict == "timeout":
+            return (f"the new version did not adopt the connections within "
+                    f"{self.request.restore_timeout:g} s")
+        return EXITED
+
+    def _send_configuration(self, config_data, topology_data) -> None:
+        import json
+
+        self._send("config " + json.dumps({"config": config_data, "topology": topology_data}))
+
+    def _retry(self) -> None:
+        """The new version gave up; the previous one (this version) is started in its place
+        and runs on the configuration this process runs on."""
+        self._send_configuration(self.proxy.config.raw, self.proxy.topology.raw)
+
+    def _leave(self) -> None:
+        for handler in logging.getLogger().handlers:
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        # No cleanup of any kind: every socket is the new image's now.
+        os._exit(0)
+
+    def _take_over(self, reason: str) -> None:
+        """The new version will not serve: this (old) version does, from this process."""
+        proxy = self.proxy
+        if _alive(self.parent_pid):
+            try:
+                os.kill(self.parent_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        proxy.bridge_for = None
+        proxy.upgrade_in_progress = False
+        gc.enable()
+        for source in proxy.sources.values():
+            source.start_accepting()
+        from ..app import notify_service_manager
+
+        notify_service_manager()
+        kept = len(proxy.all_connections())
+        summary = (f"rolled back: {reason}; {__version__} serving {kept} kept connections from "
+                   f"pid {os.getpid()} (pid {self.parent_pid} is gone)")
+        proxy.last_upgrade = {"event": "result", "ok": False, "reason": reason,
+                              "summary": summary, "pid": os.getpid(), "kept": kept}
+        self.report.result(False, summary, reason=reason, pid=os.getpid(), kept=kept)
+
+    # ---- the socket -----------------------------------------------------------------------------
+
+    def _send(self, message: str) -> None:
+        try:
+            os.write(self.fd, message.encode("utf-8", "replace") + b"\n")
+        except OSError:
+            pass  # the new image is gone; its end of the story is EOF
+
+    def _next_message(self, deadline: float, cooperative: bool) -> str:
+        """The next line ("" at EOF, "timeout" at the deadline). Cooperative: other greenlets
+        run meanwhile; otherwise the whole process waits."""
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            if cooperative:
+                readable = _wait_readable_cooperatively(self.fd, remaining)
+            else:
+                poller = select.poll()
+                poller.register(self.fd, select.POLLIN)
+                readable = bool(poller.poll(remaining * 1000))
+            if not readable:
+                continue
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return ""
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode("utf-8", "replace").strip()
+
+
+def _wait_readable_cooperatively(fd: int, timeout: float) -> bool:
+    try:
+        socket.wait_read(fd, timeout=timeout)
+        return True
+    except socket.timeout:
+        return False
+    except gevent.Timeout:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is not alive, but only its parent could tell; /proc can.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields: Tuple[bytes, ...] = tuple(stat_file.read().rsplit(b")", 1)[1].split())
+        return fields[0] != b"Z"
+    except (OSError, IndexError):
+        return False
