@@ -250,7 +250,7 @@ class ClientConnection:
         """Why this connection cannot be handed over now (None: it can)."""
         if self.state is State.CLOSED:
             return "closed"
-        if getattr(self.sock, "_sslobj", None) is not None:
+        if self.source.tls_context is not None:  # every client of a TLS source is encrypted
             return "tls"
         return self.session.handover_blocker()
 

@@ -75,6 +75,9 @@ class UpstreamConnection:
     subscriptions, MULTI, MONITOR. Effects are applied once a request's frames are all read.
     """
 
+    #: Set on the instance when the connection is encrypted (TLS state cannot be handed over).
+    tls = False
+
     def __init__(self, address, connect_timeout: float, session: Session,
                  on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None,
                  on_lost: Optional[Callable[["UpstreamConnection"], None]] = None,
@@ -122,6 +125,7 @@ class UpstreamConnection:
             try:
                 raw.settimeout(connect_timeout)
                 raw = ssl_context.wrap_socket(raw, server_hostname=server_hostname)
+                self.tls = True
             except (OSError, stdlib_socket.timeout) as error:
                 raw.close()
                 raise UpstreamError(f"TLS handshake with {_fmt(address)} failed: {_reason(error)}") \
@@ -137,7 +141,7 @@ class UpstreamConnection:
         when it cannot be handed over now (TLS, pushes possible, replies outstanding, MULTI)."""
         if (self.closed or self.push_mode or self._pending or self._held or self.multi is not None
                 or self.monitor or self.tracking or self._quitting or self._deliveries
-                or self.framer.pending() or getattr(self.sock, "_sslobj", None) is not None):
+                or self.framer.pending() or self.tls):
             return None
         return {"resp_version": self.resp_version, "reply_off": self.reply_off,
                 "skip_next": self.skip_next}

@@ -41,6 +41,7 @@ from upgrade_support import (
     inspect_checkpoint,
     interpreter_damaging_checkpoint,
     interpreter_failing_exec_after_preflight,
+    interpreter_gated_at_restore,
     interpreter_exiting_at_restore,
     interpreter_hanging_at_restore,
     interpreter_vanishing_after_preflight,
@@ -512,6 +513,79 @@ def test_second_roll_back_in_a_row_still_restores(order, proxy, redis_server, tm
     finally:
         stop_successor(proxy, first_pid)
         discard_checkpoints(first_pid)
+
+
+# ---- the bridge -------------------------------------------------------------------------------
+
+def _bridge_pid(proxy) -> int:
+    """Once the exec has happened, the forked bridge answers status with the service's PID."""
+    def found():
+        now = status(proxy.control_socket)
+        return now.get("bridge_pid")
+    return wait_for(found, 30, "the bridge process to serve")
+
+
+def test_clients_are_served_by_the_bridge_while_the_new_version_starts(proxy, redis_server,
+                                                                       tmp_path):
+    gate = tmp_path / "start-now"
+    offset = len(proxy.log_text())
+    with RawClient(proxy.port) as kept:
+        assert kept.call("INCR", "bridge") == 1
+        running = BackgroundUpgrade(proxy.control_socket, tmp_path, "--python",
+                                    interpreter_gated_at_restore(tmp_path, gate))
+        try:
+            bridge = _bridge_pid(proxy)
+            assert bridge != proxy.pid
+            # The original process has exec'ed and waits at the gate: only the bridge can answer.
+            during = status(proxy.control_socket)
+            assert during["pid"] == proxy.pid and during["upgrade_in_progress"] is True
+            for expected in range(2, 12):
+                assert kept.call("INCR", "bridge") == expected
+            with RawClient(proxy.port) as newcomer:
+                # Accepted by the kernel now, served by the new version once it is in charge.
+                newcomer.send(encode("INCR", "bridge"))
+                assert "the new image is ready" not in proxy.log_text()[offset:]
+                gate.touch()
+                assert newcomer.read_reply(timeout=30) == 12
+                result = running.wait()
+                assert result.returncode == 0, result
+                assert "kept 1 connections" in result.output, result
+                assert newcomer.call("INCR", "bridge") == 13
+            assert kept.call("INCR", "bridge") == 14
+            wait_for(lambda: process_gone(bridge), 10, "the bridge process to leave")
+            after = status(proxy.control_socket)
+            assert (after["pid"], after["generation"]) == (proxy.pid, 1)
+            assert "bridge_pid" not in after
+        finally:
+            gate.touch()
+            running.wait()
+    assert int(redis_server.client().get("bridge")) == 14
+
+
+def test_lost_bridge_leaves_the_new_version_serving_new_clients(proxy, redis_server, tmp_path):
+    gate = tmp_path / "start-now"
+    with RawClient(proxy.port) as kept:
+        assert kept.call("SET", "lost", "1") == b"OK"
+        running = BackgroundUpgrade(proxy.control_socket, tmp_path, "--python",
+                                    interpreter_gated_at_restore(tmp_path, gate))
+        try:
+            bridge = _bridge_pid(proxy)
+            os.kill(bridge, signal.SIGKILL)
+            wait_for(lambda: process_gone(bridge), 10, "the bridge to die")
+        finally:
+            gate.touch()
+        result = running.wait()
+        # Nobody could tell the CLI how it ended, and it says so.
+        assert result.returncode == 1, result
+        # The kept client's state died with the bridge: its connection is closed, not hung.
+        assert kept.wait_eof(30) == []
+    # The service itself goes on, in the same process, from a fresh start.
+    proxy.wait_log("starting afresh", timeout=30)
+    with RawClient(proxy.port) as newcomer:
+        assert wait_for(lambda: newcomer.call("GET", "lost"), 30, "a reply") == b"1"
+    after = status(proxy.control_socket)
+    assert after["pid"] == proxy.pid and after["generation"] == 0
+    assert leftover_checkpoints(proxy.pid) == []
 
 
 # ---- configuration changes ----------------------------------------------------------------------

@@ -315,6 +315,19 @@ exec "{sys.executable}" -S -c "exec(open('{hook}').read())" "$boot" "$@"
 """)
 
 
+def interpreter_gated_at_restore(directory: Path, gate: Path) -> str:
+    """The real interpreter, except that the new image starts only once `gate` exists (at
+    most 60 s later): the test decides how long the old version's bridge serves alone."""
+    return _script(directory, "python-gated", f"""\
+case " $* " in
+  *" --restore "*)
+    waited=0
+    while [ ! -e "{gate}" ] && [ $waited -lt 600 ]; do sleep 0.1; waited=$((waited + 1)); done ;;
+esac
+exec "{sys.executable}" "$@"
+""")
+
+
 def interpreter_hanging_at_restore(directory: Path) -> str:
     """The new image hangs (never adopts, never exits) when started to restore a checkpoint."""
     return _script(directory, "python-hangs-at-restore", f"""\

@@ -53,6 +53,8 @@ class RedisSinkSingleBuilder(TransformBuilder):
         self.config = config
         self.name = name
         self.ssl_context = config.tls.client_context() if config.tls else None
+        #: How an upgrade's checkpoint names this sink's server.
+        self.address_text = format_address(config.remote_address)
         self.failed_requests = observability.failed_requests(chain_name, "RedisSinkSingle")
 
     def build(self, context: ConnectionContext) -> Transform:
@@ -96,12 +98,12 @@ class RedisSinkSingle(Transform):
         if state is None:
             return None
         return {"fd": upstream.sock.fileno(), "sink": "RedisSinkSingle",
-                "address": format_address(self.builder.config.remote_address), "state": state}
+                "address": self.builder.address_text, "state": state}
 
     def adopt_upstream(self, record: dict) -> bool:
         config = self.builder.config
         if record.get("sink") != "RedisSinkSingle" or config.tls is not None or \
-                record.get("address") != format_address(config.remote_address):
+                record.get("address") != self.builder.address_text:
             return False
         self.upstream = UpstreamConnection.adopt(
             _socket_from_fd(record["fd"], config.remote_address),
