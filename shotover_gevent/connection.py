@@ -62,6 +62,12 @@ class State(enum.Enum):
 
 
 class ClientConnection:
+    #: While frozen for a handover: the pushes (pub/sub messages) that arrived meanwhile, which
+    #: the next image delivers first, or this one once unfrozen.
+    _frozen: Optional[List[bytes]] = None
+    #: Handed down by the previous image: pushes it had read but not yet written to the client.
+    _deliver_first: Optional[bytes] = None
+
     def __init__(self, sock, source: "Source", peer: str, session: Optional[Session] = None,
                  unread: bytes = b"", upstream: Optional[dict] = None) -> None:
         self.sock = sock
@@ -86,6 +92,8 @@ class ClientConnection:
         self._chain: Optional[Chain] = None
         # An upstream connection handed down by the previous image, adopted with the chain.
         self._upstream_record = upstream
+        if upstream is not None and upstream.get("deliver"):
+            self._deliver_first = upstream.pop("deliver")
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -95,6 +103,10 @@ class ClientConnection:
 
     def run(self) -> None:
         try:
+            if self._deliver_first is not None:
+                # Before the adopted subscriber connection's reader can push anything newer.
+                payload, self._deliver_first = self._deliver_first, None
+                self._write(payload)
             if self.session.subscribed:
                 self.chain.prepare()
             if self.framer.pending():
@@ -186,10 +198,16 @@ class ClientConnection:
         return chain
 
     def export_upstream(self) -> Optional[dict]:
-        """This client's idle upstream connection, for the next image (None: it reconnects)."""
+        """This client's idle upstream connection, for the next image (None: it reconnects),
+        with the pushes read from it that the client has not been sent yet."""
         if self._chain is None:
-            return self._upstream_record  # handed down to us and not used yet: pass it on
-        return self._chain.export_upstream()
+            record = self._upstream_record  # handed down to us and not used yet: pass it on
+        else:
+            record = self._chain.export_upstream()
+        undelivered = (self._deliver_first or b"") + b"".join(self._frozen or ())
+        if record is not None and undelivered:
+            record = dict(record, deliver=undelivered)
+        return record
 
     def _write(self, payload: bytes) -> None:
         with self._write_lock:
@@ -206,6 +224,9 @@ class ClientConnection:
         message before the confirmation of the subscription it belongs to.
         """
         if self.state in (State.HANDED_OVER, State.CLOSED):
+            return
+        if self._frozen is not None:
+            self._frozen.append(frame)
             return
         if self._in_batch:
             self._deferred_pushes.append(frame)
@@ -267,12 +288,25 @@ class ClientConnection:
         if self._resume is not None:
             self._resume.set()
 
-    def freeze(self) -> None:
-        """Hold the write side so that no push can be half-written when the image is replaced."""
-        self._write_lock.acquire()
+    def freeze(self, timeout: Optional[float] = None) -> bool:
+        """Hold the write side so that no push can be half-written when the image is replaced;
+        pushes arriving from now on are kept for whoever serves the client next. False: a
+        write in progress did not finish within `timeout` seconds."""
+        acquired = (self._write_lock.acquire(blocking=False) if timeout == 0
+                    else self._write_lock.acquire(timeout=timeout))
+        if not acquired:
+            return False
+        self._frozen = []
+        return True
 
     def unfreeze(self) -> None:
+        pushes, self._frozen = self._frozen, None
         self._write_lock.release()
+        if pushes:
+            try:
+                self._write(b"".join(pushes))
+            except OSError:
+                pass  # the connection's own greenlet notices and closes
 
     def mark_handed_over(self) -> None:
         """The socket now belongs to the next image: stop without closing it."""

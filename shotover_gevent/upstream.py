@@ -138,31 +138,56 @@ class UpstreamConnection:
 
     def handover_state(self) -> Optional[dict]:
         """What the next program image needs to go on using this connection as it is, or None
-        when it cannot be handed over now (TLS, pushes possible, replies outstanding, MULTI)."""
-        if (self.closed or self.push_mode or self._pending or self._held or self.multi is not None
-                or self.monitor or self.tracking or self._quitting or self._deliveries
-                or self.framer.pending() or self.tls):
+        when it cannot be handed over now (TLS, replies outstanding, MULTI, MONITOR...).
+
+        A subscriber's connection goes too: its subscriptions, and the part of a message its
+        reader had received when the image stopped; messages published meanwhile wait in the
+        socket for the next image, so none is lost."""
+        if (self.closed or self._pending or self._held or self.multi is not None
+                or self.monitor or self.tracking or self._quitting or self.tls):
             return None
-        return {"resp_version": self.resp_version, "reply_off": self.reply_off,
-                "skip_next": self.skip_next}
+        state = {"resp_version": self.resp_version, "reply_off": self.reply_off,
+                 "skip_next": self.skip_next}
+        if self.push_mode:
+            state["push"] = True
+            state["subscriptions"] = {kind: sorted(names)
+                                      for kind, names in self.subscriptions.items() if names}
+            buffered = self.framer.unread_bytes()
+            if buffered:
+                state["buffered"] = buffered
+        elif self.framer.pending():
+            return None
+        return state
 
     @classmethod
     def adopt(cls, sock, address, state: dict, session: Session,
               on_push: Callable[[bytes], None], **options) -> Optional["UpstreamConnection"]:
         """Wrap a connection handed over by the previous image; None if the server has closed
         it meanwhile (the caller then connects afresh)."""
-        # An idle connection has nothing to read; anything readable (EOF, an error, bytes nobody
-        # asked for) means it is not the connection that was handed over any more.
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN | _HANGUP)
-        if poller.poll(0):
-            sock.close()
-            return None
+        push = bool(state.get("push"))
+        if not push:
+            # An idle connection has nothing to read; anything readable (EOF, an error, bytes
+            # nobody asked for) means it is not the connection that was handed over any more.
+            # (A subscriber's may hold messages: its reader finds out if it is closed.)
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN | _HANGUP)
+            if poller.poll(0):
+                sock.close()
+                return None
         upstream = cls(address, 0, session, on_push, adopted=sock, **options)
         upstream.resp_version = int(state.get("resp_version", 2))
         upstream.reply_off = bool(state.get("reply_off", False))
         upstream.skip_next = bool(state.get("skip_next", False))
+        if push:
+            for kind, names in (state.get("subscriptions") or {}).items():
+                if kind in upstream.subscriptions and isinstance(names, list):
+                    upstream.subscriptions[kind] = set(names)
+            buffered = state.get("buffered")
+            if isinstance(buffered, bytes) and buffered:
+                upstream.framer.feed(buffered)
         upstream._state_changed()
+        if push and upstream._wants_push():
+            upstream._enter_push_mode()
         return upstream
 
     # ---- session replay -----------------------------------------------------------------------

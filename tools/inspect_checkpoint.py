@@ -68,6 +68,24 @@ def _preview(data: bytes) -> str:
     return shown + "..." if len(data) > PREVIEW_BYTES else shown
 
 
+def _upstream_state(upstream: dict) -> str:
+    """How a handed-over upstream connection stood: idle, or a subscriber's, with the bytes of
+    messages travelling with it."""
+    state = upstream.get("state") if isinstance(upstream.get("state"), dict) else {}
+    if not state.get("push"):
+        return "handed over idle"
+    subscriptions = state.get("subscriptions") if isinstance(state.get("subscriptions"),
+                                                             dict) else {}
+    count = sum(len(names) for names in subscriptions.values() if isinstance(names, list))
+    text = f"handed over subscribed to {count} channels/patterns"
+    for key, what in (("buffered", "of a message being received"),
+                      ("deliver", "of messages not yet sent to the client")):
+        data = upstream.get(key) if key == "deliver" else state.get(key)
+        if isinstance(data, (bytes, bytearray)) and data:
+            text += f", {len(data)} bytes {what}"
+    return text
+
+
 def _jsonable(value: object) -> object:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("latin-1")
@@ -175,7 +193,7 @@ def as_text(path: str, fmt: int, cp: ckpt.Checkpoint, show_secrets: bool) -> str
         lines.append(f"    unread   {unread}")
         if rec.upstream is not None:
             lines.append(f"    upstream fd {rec.upstream.get('fd')} to {rec.upstream.get('address')}"
-                         f" ({rec.upstream.get('sink', '?')}, handed over idle)")
+                         f" ({rec.upstream.get('sink', '?')}, {_upstream_state(rec.upstream)})")
         session = _session(rec.session, show_secrets)
         if not session:
             lines.append("    session  {}")

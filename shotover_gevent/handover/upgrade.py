@@ -194,9 +194,21 @@ def quiesce(proxy, drain_timeout: float, report: Reporter):
             blocker = connection.session.handover_blocker() or "busy (command in flight)"
         closed[blocker] = closed.get(blocker, 0) + 1
         connection.close(f"upgrade: cannot hand over ({blocker})")
-    paused = [c for c in connections if c.state is State.PAUSED]
-    for connection in paused:
-        connection.freeze()
+    paused, writing = [], []
+    for connection in connections:
+        if connection.state is State.PAUSED:
+            (paused if connection.freeze(0) else writing).append(connection)
+    # A write still in progress (a pub/sub message to a client that reads slowly, or not at
+    # all) holds the write side: it gets what is left of the deadline, a second at least.
+    for connection in writing:
+        if connection.state is not State.PAUSED:
+            continue  # the client left meanwhile
+        if connection.freeze(max(deadline - time.monotonic(), 1.0)):
+            paused.append(connection)
+            continue
+        blocker = "still writing to a client that does not read"
+        closed[blocker] = closed.get(blocker, 0) + 1
+        connection.close(f"upgrade: cannot hand over ({blocker})")
     drain_ms = (time.monotonic() - started) * 1000
     closed_text = ", ".join(f"{n} {why}" for why, n in closed.items()) or "none"
     report.stage("drain", f"{len(paused)} connections paused at a request boundary in "
