@@ -643,15 +643,17 @@ def test_clients_are_served_by_the_bridge_while_the_new_version_starts(proxy, re
             for expected in range(2, 12):
                 assert kept.call("INCR", "bridge") == expected
             with RawClient(proxy.port) as newcomer:
-                # Accepted by the kernel now, served by the new version once it is in charge.
-                newcomer.send(encode("INCR", "bridge"))
+                # Accepted and served by the bridge as well; its socket goes to the new version
+                # with the checkpoint.
+                assert newcomer.call("INCR", "bridge") == 12
+                assert newcomer.call("CLIENT", "SETNAME", "newcomer") == b"OK"
                 assert "the new image is ready" not in proxy.log_text()[offset:]
                 gate.touch()
-                assert newcomer.read_reply(timeout=30) == 12
                 result = running.wait()
                 assert result.returncode == 0, result
-                assert "kept 1 connections" in result.output, result
+                assert "kept 2 connections" in result.output, result
                 assert newcomer.call("INCR", "bridge") == 13
+                assert newcomer.call("CLIENT", "GETNAME") == b"newcomer"
             assert kept.call("INCR", "bridge") == 14
             wait_for(lambda: process_gone(bridge), 10, "the bridge process to leave")
             after = status(proxy.control_socket)
@@ -661,6 +663,34 @@ def test_clients_are_served_by_the_bridge_while_the_new_version_starts(proxy, re
             gate.touch()
             running.wait()
     assert int(redis_server.client().get("bridge")) == 14
+
+
+def test_hundreds_of_clients_connecting_while_the_new_version_starts_are_kept(proxy, tmp_path):
+    gate = tmp_path / "start-now"
+    running = BackgroundUpgrade(proxy.control_socket, tmp_path, "--python",
+                                interpreter_gated_at_restore(tmp_path, gate))
+    newcomers = []
+    try:
+        _bridge_pid(proxy)
+        # More than one message's worth of sockets (the kernel passes at most 253 at a time),
+        # each with an upstream connection of its own: both go to the new image.
+        for number in range(300):
+            client = RawClient(proxy.port)
+            newcomers.append(client)
+            assert client.call("SET", f"newcomer:{number}", number) == b"OK"
+        gate.touch()
+        result = running.wait()
+        assert result.returncode == 0, result
+        assert "kept 300 connections" in result.output, result
+        assert "300 connections with 300 upstream connections" in result.output, result
+        for number, client in enumerate(newcomers):
+            assert client.call("INCR", f"newcomer:{number}") == number + 1
+        assert status(proxy.control_socket)["sources"]["redis"]["connections"] == 300
+    finally:
+        gate.touch()
+        running.wait()
+        for client in newcomers:
+            client.close()
 
 
 def test_lost_bridge_leaves_the_new_version_serving_new_clients(proxy, redis_server, tmp_path):
@@ -719,7 +749,7 @@ def test_idle_upstream_connections_are_handed_over_as_they_are(proxy, redis_serv
 
         for _ in range(2):
             result = upgrade_ok(proxy)
-            assert "2 connections with 2 idle upstream connections" in result.stdout, result
+            assert "2 connections with 2 upstream connections" in result.stdout, result
             assert kept.call("CLIENT", "ID") == client_id
             assert kept.call("CLIENT", "GETNAME") == b"kept-one"
             assert kept.call("SET", "where", "db2") == b"OK"

@@ -8,13 +8,17 @@ then exits. If the new image exits, hangs or gives up first, the bridge simply g
 nothing was handed over, nothing is lost.
 
 Messages on the bridge socket, one per line. New image -> bridge: "ready" (send me the
-checkpoint), "adopted" (every fd is mine: leave), "retry" (I cannot use it; the program I exec
-next will say "ready" again), "takeover <reason>" (nobody will restore: serve on).
-Bridge -> new image: "written" (the checkpoint is on disk), "failed <reason>".
+checkpoint), "fds <n> <n>..." (the numbers the sockets just sent have here), "adopted" (every
+fd is mine: leave), "retry" (I cannot use it; the program I exec next will say "ready" again),
+"takeover <reason>" (nobody will restore: serve on).
+Bridge -> new image: "config <json>" (the configuration to prepare), "fds <count>" with that
+many sockets attached (SCM_RIGHTS: connections accepted while the new image started, which it
+did not inherit), "written" (the checkpoint is on disk), "failed <reason>".
 """
 
 from __future__ import annotations
 
+import array
 import gc
 import logging
 import os
@@ -28,6 +32,9 @@ from gevent import socket
 
 from .. import __version__
 from .upgrade import UpgradeAborted, quiesce, resume, write_checkpoint
+
+#: Sockets per SCM_RIGHTS message (the kernel takes at most 253).
+FDS_PER_MESSAGE = 250
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +50,8 @@ class Bridge:
         self.answer = answer
         self.python = python
         self.path = path
-        self.fd = channel_socket.detach()
+        self.channel = channel_socket  # a plain, blocking socket: it can carry fds
+        self.fd = channel_socket.fileno()
         self.inherited = inherited
         self.parent_pid = parent_pid
         self._buffer = b""
@@ -54,10 +62,8 @@ class Bridge:
     def run(self) -> None:
         proxy = self.proxy
         proxy.bridge_for = self.parent_pid
-        # Newcomers wait in the kernel's backlog for the new image: a socket accepted here
-        # would be one the new image does not hold.
-        for source in proxy.sources.values():
-            source.stop_accepting()
+        # New clients are accepted and served here too; their sockets are sent to the new image
+        # with the checkpoint.
         self.report.stage("exec", f"exec {self.python} (new version "
                                   f"{self.answer.get('version')}) in place, pid "
                                   f"{self.parent_pid}; pid {os.getpid()} serves every client "
@@ -116,7 +122,7 @@ class Bridge:
         try:
             write_checkpoint(proxy, paused, closed, quiesce_started_ns, self.request,
                              self.report, self.answer, self.path, self.parent_pid,
-                             self.inherited)
+                             lambda fds: self._translate(fds, deadline))
         except UpgradeAborted as error:
             self._send(f"failed {error}")
             resume(proxy, paused)
@@ -178,10 +184,7 @@ class Bridge:
                 os.kill(self.parent_pid, signal.SIGKILL)
             except OSError:
                 pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        self.channel.close()
         proxy.bridge_for = None
         proxy.upgrade_in_progress = False
         gc.enable()
@@ -198,6 +201,34 @@ class Bridge:
         self.report.result(False, summary, reason=reason, pid=os.getpid(), kept=kept)
 
     # ---- the socket -----------------------------------------------------------------------------
+
+    def _translate(self, fds, deadline: float) -> Dict[int, int]:
+        """fd here -> fd in the new image: the same number for a socket it inherited (same
+        inode as at the exec), a new one for a socket sent to it now."""
+        numbers: Dict[int, int] = {}
+        to_send = []
+        for fd in fds:
+            try:
+                inode = os.fstat(fd).st_ino
+            except OSError:
+                continue
+            if self.inherited.get(fd) == inode:
+                numbers[fd] = fd
+            else:
+                to_send.append(fd)
+        for start in range(0, len(to_send), FDS_PER_MESSAGE):
+            batch = to_send[start:start + FDS_PER_MESSAGE]
+            try:
+                self.channel.sendmsg([b"fds %d\n" % len(batch)],
+                                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", batch).tobytes())])
+            except OSError as error:
+                raise UpgradeAborted(f"cannot send sockets to the new image: {error}") from None
+            answer = self._next_message(deadline, cooperative=False).split()
+            if answer[:1] != ["fds"] or len(answer) != len(batch) + 1:
+                raise UpgradeAborted("the new image did not take the sockets sent to it")
+            numbers.update(zip(batch, (int(n) for n in answer[1:])))
+        return numbers
 
     def _send(self, message: str) -> None:
         try:

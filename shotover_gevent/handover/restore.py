@@ -4,6 +4,7 @@ release the bridge, then report. Anything unusable rolls back."""
 
 from __future__ import annotations
 
+import array
 import gc
 import logging
 import os
@@ -11,7 +12,7 @@ import select
 import signal
 import socket as stdlib_socket
 import time
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import gevent
 from gevent import socket
@@ -55,25 +56,53 @@ class BridgeLost(RestoreFailed):
 
 
 _received = bytearray()
+#: Sockets the bridge sent (SCM_RIGHTS), in order, not yet claimed by an "fds" line.
+_received_fds: List[int] = []
 
 
 def _read_line(fd: int) -> str:
     """One line from the bridge, waiting as long as it takes (the bridge has its own deadline
-    and kills this process when it passes). "" at EOF."""
+    and kills this process when it passes), keeping the sockets that come with it. "" at EOF."""
     while b"\n" not in _received:
         try:
-            chunk = os.read(fd, 65536)
+            data, ancillary, _flags, _address = _bridge_socket(fd).recvmsg(
+                65536, stdlib_socket.CMSG_SPACE(253 * 4))
         except InterruptedError:
             continue
         except OSError:
             return ""
-        if not chunk:
+        for level, kind, payload in ancillary:
+            if level == stdlib_socket.SOL_SOCKET and kind == stdlib_socket.SCM_RIGHTS:
+                numbers = array.array("i")
+                numbers.frombytes(payload[:len(payload) - len(payload) % numbers.itemsize])
+                _received_fds.extend(numbers)
+        if not data:
             return ""
-        _received.extend(chunk)
+        _received.extend(data)
     end = _received.index(b"\n")
     line = bytes(_received[:end])
     del _received[:end + 1]
     return line.decode("utf-8", "replace").strip()
+
+
+_sockets: Dict[int, stdlib_socket.socket] = {}
+
+
+def _bridge_socket(fd: int) -> stdlib_socket.socket:
+    """A socket object for the bridge fd (for recvmsg); the fd itself stays as it is."""
+    sock = _sockets.get(fd)
+    if sock is None:
+        sock = _sockets[fd] = stdlib_socket.socket(stdlib_socket.AF_UNIX,
+                                                   stdlib_socket.SOCK_STREAM, fileno=fd)
+    return sock
+
+
+def _close_bridge(fd: int) -> None:
+    sock = _sockets.pop(fd, None)
+    if sock is not None:
+        sock.close()
+    else:
+        os.close(fd)
 
 
 def tell_bridge(options: RestoreOptions, message: str) -> None:
@@ -91,6 +120,12 @@ def _await_checkpoint(options: RestoreOptions) -> None:
         return  # started by hand on an existing file
     tell_bridge(options, "ready")
     answer = _read_line(options.bridge_fd)
+    while answer.startswith("fds "):
+        # Connections the bridge accepted while this image started: their sockets come now.
+        count = int(answer.split()[1])
+        taken, _received_fds[:] = _received_fds[:count], _received_fds[count:]
+        tell_bridge(options, "fds " + " ".join(str(fd) for fd in taken))
+        answer = _read_line(options.bridge_fd)
     if answer == "written":
         return
     if answer.startswith("failed"):
@@ -266,7 +301,7 @@ def restore(options: RestoreOptions):
     # it can never serve a request this image serves too.
     if options.bridge_fd is not None:
         tell_bridge(options, "adopted")
-        os.close(options.bridge_fd)
+        _close_bridge(options.bridge_fd)
         if options.bridge_pid:
             reap_later(options.bridge_pid)
 
@@ -424,7 +459,7 @@ def _start_afresh(options: RestoreOptions):
     keep = {options.bridge_fd} if options.bridge_fd is not None else set()
     _close_unnamed_fds(keep)
     if options.bridge_fd is not None:
-        os.close(options.bridge_fd)
+        _close_bridge(options.bridge_fd)
     try:
         config, topology = load(options.config_path, options.topology_path)
     except ConfigError as error:

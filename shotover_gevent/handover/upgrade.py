@@ -13,7 +13,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import gevent
 
@@ -231,32 +231,31 @@ def resume(proxy, paused: List) -> None:
 
 def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: UpgradeRequest,
                      report: Reporter, answer: Dict, path: str, main_pid: int,
-                     inherited: Dict[int, int]):
-    """Describe every paused connection for the next image and write the file. Only sockets the
-    next image inherited (same fd, same inode as when it was exec'ed) are named; a connection's
-    upstream opened since then stays behind (the next image connects afresh)."""
-    def held(fd: int) -> bool:
-        try:
-            return inherited.get(fd) == os.fstat(fd).st_ino
-        except OSError:
-            return False
+                     translate: Callable[[List[int]], Dict[int, int]]):
+    """Describe every paused connection for the next image and write the file.
 
+    `translate` maps the fds of the paused connections (and of their upstream connections) to
+    the numbers the next image knows them by (the same number for a socket it inherited; a
+    socket opened since, it is sent); an fd missing from the answer is not handed over: such a
+    client is closed, such an upstream connection stays behind (the next image connects
+    afresh)."""
     listeners = [checkpoint_format.ListenerRecord(s.listener.fileno(), name, s.address)
                  for name, s in proxy.sources.items()]
+    described = [(c, c.sock.fileno(), c.export_upstream()) for c in paused]
+    wanted = [fd for _c, fd, _upstream in described]
+    wanted += [upstream["fd"] for _c, _fd, upstream in described if upstream is not None]
+    numbers = translate(wanted)
     records = []
-    for c in paused:
-        fd = c.sock.fileno()
-        if not held(fd):
-            # Cannot happen while accepting is stopped; never hand over what the next image
-            # does not hold.
-            closed["connected during the upgrade"] = closed.get("connected during the upgrade",
-                                                                0) + 1
-            c.close("upgrade: not inherited by the next image")
+    for c, fd, upstream in described:
+        if fd not in numbers:
+            reason = "socket not transferable to the next image"
+            closed[reason] = closed.get(reason, 0) + 1
+            c.close(f"upgrade: {reason}")
             continue
-        upstream = c.export_upstream()
-        if upstream is not None and not held(upstream["fd"]):
-            upstream = None
-        records.append(checkpoint_format.ConnectionRecord(fd, c.source.name, c.peer,
+        if upstream is not None:
+            upstream = dict(upstream, fd=numbers[upstream["fd"]]) if upstream["fd"] in numbers \
+                else None
+        records.append(checkpoint_format.ConnectionRecord(numbers[fd], c.source.name, c.peer,
                                                           c.unread_bytes(), c.session.to_dict(),
                                                           upstream))
     control = {"fd": proxy.control_server.listener.fileno(), "path": proxy.control_path}
@@ -294,7 +293,7 @@ def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: Up
     unread = sum(len(r.unread) for r in records)
     upstreams = sum(1 for r in records if r.upstream is not None)
     report.stage("checkpoint", f"wrote {path} ({len(data)} bytes: {len(listeners)} listeners, "
-                               f"{len(records)} connections with {upstreams} idle upstream "
+                               f"{len(records)} connections with {upstreams} upstream "
                                f"connections, {unread} unread bytes)", path=path)
     return cp
 
