@@ -693,6 +693,36 @@ def test_hundreds_of_clients_connecting_while_the_new_version_starts_are_kept(pr
             client.close()
 
 
+def test_metrics_endpoint_answers_through_upgrades(proxy_factory, tmp_path):
+    import urllib.request
+
+    proxy = proxy_factory(observability=True)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(proxy.metrics_url, timeout=10) as response:
+            return response.read().decode()
+
+    gate = tmp_path / "start-now"
+    with RawClient(proxy.port) as kept:
+        for generation in (1, 2):
+            gate.unlink(missing_ok=True)
+            running = BackgroundUpgrade(proxy.control_socket, tmp_path, "--python",
+                                        interpreter_gated_at_restore(tmp_path, gate))
+            try:
+                _bridge_pid(proxy)
+                # While the new version starts, the bridge serves the endpoint.
+                assert f"shotover_g_generation {generation - 1}" in scrape()
+            finally:
+                gate.touch()
+            result = running.wait()
+            assert result.returncode == 0, result
+            # The new image opens the endpoint a moment after it serves clients.
+            wait_for(lambda g=generation: f"shotover_g_generation {g}.0" in scrape(), 30,
+                     f"generation {generation} in the metrics")
+            assert f"shotover_g_upgrades_total {generation}.0" in scrape()
+            assert kept.call("INCR", "metrics") == generation
+
+
 def test_lost_bridge_leaves_the_new_version_serving_new_clients(proxy, redis_server, tmp_path):
     gate = tmp_path / "start-now"
     with RawClient(proxy.port) as kept:
