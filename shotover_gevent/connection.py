@@ -17,6 +17,7 @@ from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
 from .message import Message
+from .netio import send_all
 from .protocol import resp
 from .session import TRACKED_COMMANDS, Session
 
@@ -43,14 +44,6 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
-
-
-def send_all(sock, payload: bytes) -> None:
-    """Write everything; one send() in the common case. (gevent's sendall() asks the kernel for
-    the socket's buffer size on every call: a system call per reply that this skips.)"""
-    sent = sock.send(payload)
-    if sent < len(payload):
-        sock.sendall(memoryview(payload)[sent:])
 
 
 class State(enum.Enum):

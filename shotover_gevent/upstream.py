@@ -18,6 +18,7 @@ from gevent.event import Event
 from gevent.socket import wait_read
 
 from .message import NO_REPLY, Message
+from .netio import send_all
 from .protocol import resp
 from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session, apply_subscription_command
 
@@ -410,7 +411,7 @@ class UpstreamConnection:
 
     def _send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data)
         except OSError as error:
             self._broken(f"upstream {_fmt(self.address)} write failed: {_reason(error)}")
             raise UpstreamError(self._failure) from None

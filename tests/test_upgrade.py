@@ -310,7 +310,10 @@ def test_transaction_finished_within_the_drain_deadline_survives(proxy, redis_se
         assert lingering.call("SET", "never", "1") == b"QUEUED"
 
         offset = len(proxy.log_text())
-        run = BackgroundUpgrade(proxy.control_socket, tmp_path, "--drain-timeout", "4")
+        # The drain (4 s, for the lingering transaction) outlasts --timeout (3 s): the new image
+        # still gets the whole timeout to take over once the checkpoint is written.
+        run = BackgroundUpgrade(proxy.control_socket, tmp_path, "--drain-timeout", "4",
+                                "--timeout", "3")
         try:
             wait_until_draining(proxy, offset)
             finishing.send(encode("INCR", "tx") + encode("EXEC"))

@@ -13,6 +13,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 from gevent import socket
 from gevent.lock import BoundedSemaphore
 
+from ..netio import send_all
 from ..protocol import resp
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class NodeConnection:
         if self.closed:
             raise NodeError(f"connection to cluster node {where} is closed")
         try:
-            self.sock.sendall(raws[0] if len(raws) == 1 else b"".join(raws))
+            send_all(self.sock, raws[0] if len(raws) == 1 else b"".join(raws))
         except (OSError, stdlib_socket.timeout) as error:
             self.close()
             raise NodeError(f"write to cluster node {where} failed: {_reason(error)}") from None

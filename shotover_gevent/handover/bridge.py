@@ -91,7 +91,7 @@ class Bridge:
         while reason is None:
             message = self._next_message(deadline, cooperative=True)
             if message == "ready":
-                outcome = self._hand_over(deadline)
+                outcome = self._hand_over()
                 if outcome == "retry":
                     self._retry()
                     deadline = time.monotonic() + timeout
@@ -110,7 +110,7 @@ class Bridge:
                 log.warning("bridge: unexpected message %r ignored", message)
         return reason
 
-    def _hand_over(self, deadline: float) -> str:
+    def _hand_over(self) -> str:
         """Pause, checkpoint, and wait for the new image's verdict: "retry", or why the bridge
         must serve on. Leaves the process when the new image has adopted everything."""
         proxy = self.proxy
@@ -119,6 +119,8 @@ class Bridge:
         gc.disable()
         quiesce_started_ns = time.time_ns()
         paused, closed = quiesce(proxy, self.request.drain_timeout, self.report)
+        # From here the new image gets the whole timeout, however long the drain took.
+        deadline = time.monotonic() + self.request.restore_timeout
         try:
             write_checkpoint(proxy, paused, closed, quiesce_started_ns, self.request,
                              self.report, self.answer, self.path, self.parent_pid,
@@ -240,16 +242,18 @@ class Bridge:
         """The next line ("" at EOF, "timeout" at the deadline). Cooperative: other greenlets
         run meanwhile; otherwise the whole process waits."""
         while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return "timeout"
-            if cooperative:
+            # What has arrived is read even past the deadline: an "adopted" must never be
+            # mistaken for silence.
+            remaining = max(deadline - time.monotonic(), 0.0)
+            if cooperative and remaining > 0:
                 readable = _wait_readable_cooperatively(self.fd, remaining)
             else:
                 poller = select.poll()
                 poller.register(self.fd, select.POLLIN)
                 readable = bool(poller.poll(remaining * 1000))
             if not readable:
+                if time.monotonic() >= deadline:
+                    return "timeout"
                 continue
             try:
                 chunk = os.read(self.fd, 4096)
