@@ -293,6 +293,8 @@ class ClientConnection:
         return True
 
     def unfreeze(self) -> None:
+        if self._frozen is None:
+            return  # not frozen: the write side is not ours to release
         pushes, self._frozen = self._frozen, None
         self._write_lock.release()
         if pushes:
