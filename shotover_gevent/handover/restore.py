@@ -194,40 +194,38 @@ def _close_unnamed_fds(keep: Set[int]) -> int:
     return closed
 
 
-def _configuration(options: RestoreOptions, hints: Optional[dict]):
-    """The configuration to run on: what the bridge sent (the data the new version's preflight
-    validated; for a roll-back, what the previous version ran on), else the checkpoint's
-    copy, else the files."""
-    prefix = "previous_" if options.rollback else ""
+def _prepare(options: RestoreOptions, config_data, topology_data):
+    """A proxy with its sources (not yet listening), on the configuration data given (what the
+    preflight validated; for a roll-back, what the previous version ran on), else on the
+    files. An invalid configuration rolls back."""
+    from ..app import Proxy
+    from ..source import Source
+
     try:
-        if hints is not None and hints.get(prefix + "config_data") is not None and \
-                hints.get(prefix + "topology_data") is not None:
-            return load_data(hints[prefix + "config_data"], hints[prefix + "topology_data"],
-                             options.config_path, options.topology_path)
-        return load(options.config_path, options.topology_path)
+        if config_data is not None and topology_data is not None:
+            config, topology = load_data(config_data, topology_data, options.config_path,
+                                         options.topology_path)
+        else:
+            config, topology = load(options.config_path, options.topology_path)
     except ConfigError as error:
         roll_back(options, "configuration invalid: " + "; ".join(error.problems))
         raise
+    proxy = Proxy(config, topology, options.control_path, options.log_format)
+    for source_config in topology.sources:
+        proxy.sources[source_config.name] = Source(source_config)
+    return proxy
 
 
 def restore(options: RestoreOptions):
     """Return a live Proxy serving every adopted connection (or exec a roll-back)."""
-    from ..app import Proxy
     from ..handover.control import ControlServer
-    from ..source import Source
 
     # Everything that does not need the checkpoint happens before asking for it, while the
     # bridge still serves every client: configuration, sources, their transforms' code.
-    config = topology = proxy = None
+    proxy = None
     sent = _configuration_from_bridge(options)
     if sent is not None:
-        config, topology = _configuration(options, {"config_data": sent[0],
-                                                    "topology_data": sent[1],
-                                                    "previous_config_data": sent[0],
-                                                    "previous_topology_data": sent[1]})
-        proxy = Proxy(config, topology, options.control_path, options.log_format)
-        for source_config in topology.sources:
-            proxy.sources[source_config.name] = Source(source_config)
+        proxy = _prepare(options, *sent)
     ready_ns = time.time_ns()
     _await_checkpoint(options)
     written_ns = time.time_ns()
@@ -238,10 +236,10 @@ def restore(options: RestoreOptions):
         raise
     hints = cp.restore or {}
     if proxy is None:
-        config, topology = _configuration(options, hints)
-        proxy = Proxy(config, topology, options.control_path, options.log_format)
-        for source_config in topology.sources:
-            proxy.sources[source_config.name] = Source(source_config)
+        prefix = "previous_" if options.rollback else ""
+        proxy = _prepare(options, hints.get(prefix + "config_data"),
+                         hints.get(prefix + "topology_data"))
+    config = proxy.config
     observability.set_log_filter(config.main_log_level)
 
     control = cp.control or {}
