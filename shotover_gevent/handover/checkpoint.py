@@ -247,6 +247,8 @@ class Checkpoint:
     control: dict | None = None
     drain: dict = field(default_factory=dict)
     rollback: bool = False
+    #: The process watching over the handover, for people reading the file: the old version's
+    #: bridge process ({"bridge_pid": N}). Opaque to readers.
     guardian: dict | None = None
     #: Optional hints for the restoring image (validated config data, timings). Absent in
     #: files from writers that predate it, so readers must cope without it.
