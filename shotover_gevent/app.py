@@ -8,14 +8,14 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import gevent
 from gevent.event import Event
 
 from . import __version__, observability
 from .config import Config, Topology, files_digest, format_address
-from .connection import ClientConnection, State
+from .connection import PAUSE_PROGRESS, ClientConnection, State
 from .source import Source
 
 log = logging.getLogger(__name__)
@@ -123,18 +123,33 @@ class Proxy:
         log.info("%s: stopping (no new connections, finishing batches in flight)", why)
         gevent.spawn(self._stop)
 
-    def _stop(self) -> None:
+    def pause_connections(self, timeout: float,
+                          settled: Callable[[ClientConnection], object] = lambda c: False
+                          ) -> List[ClientConnection]:
+        """Stop accepting and ask every connection to stop at its next request boundary; wait
+        until each has stopped or is `settled` (not worth waiting for), at most `timeout`
+        seconds. Returns the connections there were."""
         for source in self.sources.values():
             source.stop_accepting()
         connections = self.all_connections()
         for connection in connections:
             connection.request_pause()
-        deadline = time.monotonic() + STOP_DRAIN_SECONDS
-        while time.monotonic() < deadline:
-            if all(c.state in (State.PAUSED, State.CLOSED) or c.session.handover_blocker()
-                   for c in connections):
-                break
-            gevent.sleep(0.01)
+        deadline = time.monotonic() + timeout
+        waiting = connections
+        while True:
+            # Rescan only the connections not yet stopped; each stop wakes this loop at once.
+            waiting = [c for c in waiting
+                       if c.state not in (State.PAUSED, State.CLOSED) and not settled(c)]
+            remaining = deadline - time.monotonic()
+            if not waiting or remaining <= 0:
+                return connections
+            PAUSE_PROGRESS.clear()
+            PAUSE_PROGRESS.wait(min(remaining, 0.05))
+
+    def _stop(self) -> None:
+        # Batches in flight finish; a transaction or a blocking command is not waited for.
+        connections = self.pause_connections(STOP_DRAIN_SECONDS,
+                                             lambda c: c.session.handover_blocker())
         for connection in connections:
             connection.close("proxy stopping")
         for source in self.sources.values():

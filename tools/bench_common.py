@@ -10,7 +10,6 @@ if the benchmark itself is killed with SIGKILL. Everything listens on 127.0.0.1 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import resource
 import shutil
@@ -24,6 +23,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 HOST = "127.0.0.1"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)  # an installed shotover_gevent comes first, else this checkout
+from shotover_gevent.handover import control  # noqa: E402
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_BENCHMARK = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -234,22 +236,9 @@ def redis_call(port: int, *args: str, timeout: float = 2.0) -> str:
 
 
 def control_request(path: str, message: Dict[str, Any], timeout: float = 10.0) -> Dict[str, Any]:
-    """One request on the proxy's control socket (JSON lines); returns the final event."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(json.dumps(message).encode() + b"\n")
-        buffer = b""
-        while True:
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                event = json.loads(line.decode())
-                if event.get("event") in ("status", "result", "error"):
-                    return event
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise BenchError("the proxy closed the control connection without an answer")
-            buffer += chunk
+    """One request on the proxy's control socket, with the proxy's own client; returns the
+    final event."""
+    return control.request(path, message, lambda event: None, timeout)
 
 
 def log_tail(path: str, limit: int = 3000) -> str:
@@ -372,7 +361,7 @@ class Proxy(Child):
     def status(self, timeout: float = 10.0) -> Dict[str, Any]:
         try:
             return control_request(self.control_path, {"command": "status"}, timeout)
-        except (OSError, ValueError) as error:
+        except (control.ControlError, ValueError) as error:
             state = "running" if self.running else f"exited with {self.process.returncode}"
             raise BenchError(f"{self.name} ({state}) did not answer `status`: {error}; log "
                              f"tail:\n{log_tail(self.log_path)}") from None

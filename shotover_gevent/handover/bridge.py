@@ -24,8 +24,9 @@ import logging
 import os
 import select
 import signal
+import socket as stdlib_socket
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import gevent
 from gevent import socket
@@ -34,11 +35,81 @@ from .. import __version__
 from .upgrade import UpgradeAborted, quiesce, resume, write_checkpoint
 
 #: Sockets per SCM_RIGHTS message (the kernel takes at most 253).
+MAX_FDS_PER_MESSAGE = 253
 FDS_PER_MESSAGE = 250
 
 log = logging.getLogger(__name__)
 
 EXITED = "the new version exited before adopting the connections"
+
+
+class LineChannel:
+    """One end of the bridge socket (a plain, blocking Unix socket): lines of text, and the
+    sockets that come with them (SCM_RIGHTS)."""
+
+    def __init__(self, sock: stdlib_socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._buffer = bytearray()
+        #: Sockets received and not yet claimed, in the order they came.
+        self.fds: List[int] = []
+
+    def send(self, message: str, fds: Sequence[int] = ()) -> None:
+        """One line; an error (the other end is gone) is left for read_line() to find."""
+        ancillary = [(stdlib_socket.SOL_SOCKET, stdlib_socket.SCM_RIGHTS,
+                      array.array("i", fds).tobytes())] if fds else []
+        try:
+            self.sock.sendmsg([message.encode("utf-8", "replace") + b"\n"], ancillary)
+        except OSError:
+            pass
+
+    def read_line(self, deadline: Optional[float] = None, cooperative: bool = False) -> str:
+        """The next line: "" at EOF, "timeout" once `deadline` (time.monotonic()) has passed
+        with nothing to read (what has arrived is read even past it). Cooperative: other
+        greenlets run meanwhile; otherwise the whole process waits."""
+        while b"\n" not in self._buffer:
+            if deadline is not None and not self._readable(deadline, cooperative):
+                if time.monotonic() >= deadline:
+                    return "timeout"
+                continue
+            try:
+                data, ancillary, _flags, _address = self.sock.recvmsg(
+                    65536, stdlib_socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4))
+            except InterruptedError:
+                continue
+            except OSError:
+                return ""
+            for level, kind, payload in ancillary:
+                if level == stdlib_socket.SOL_SOCKET and kind == stdlib_socket.SCM_RIGHTS:
+                    numbers = array.array("i")
+                    numbers.frombytes(payload[:len(payload) - len(payload) % numbers.itemsize])
+                    self.fds.extend(numbers)
+            if not data:
+                return ""
+            self._buffer.extend(data)
+        end = self._buffer.index(b"\n")
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end + 1]
+        return line.decode("utf-8", "replace").strip()
+
+    def _readable(self, deadline: float, cooperative: bool) -> bool:
+        remaining = max(deadline - time.monotonic(), 0.0)
+        if cooperative and remaining > 0:
+            try:
+                socket.wait_read(self.fd, timeout=remaining)
+                return True
+            except (socket.timeout, gevent.Timeout):
+                return False
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(remaining * 1000))
+
+    def take_fds(self, count: int) -> List[int]:
+        taken, self.fds = self.fds[:count], self.fds[count:]
+        return taken
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Bridge:
@@ -50,11 +121,9 @@ class Bridge:
         self.answer = answer
         self.python = python
         self.path = path
-        self.channel = channel_socket  # a plain, blocking socket: it can carry fds
-        self.fd = channel_socket.fileno()
+        self.channel = LineChannel(channel_socket)
         self.inherited = inherited
         self.parent_pid = parent_pid
-        self._buffer = b""
         self._written = False
 
     # ---- the bridge's life --------------------------------------------------------------------
@@ -77,7 +146,7 @@ class Bridge:
                 # same clients. It holds every fd; leave it to it.
                 self._leave()
             reason = "the old version's bridge process failed (see its log)"
-            self._send(f"failed {reason}")
+            self.channel.send(f"failed {reason}")
             resume(self.proxy, self.proxy.all_connections())
         self._take_over(reason)
 
@@ -89,7 +158,7 @@ class Bridge:
         self._send_configuration(self.answer.get("config_data"), self.answer.get("topology_data"))
         reason: Optional[str] = None
         while reason is None:
-            message = self._next_message(deadline, cooperative=True)
+            message = self.channel.read_line(deadline, cooperative=True)
             if message == "ready":
                 outcome = self._hand_over()
                 if outcome == "retry":
@@ -126,23 +195,19 @@ class Bridge:
                              self.report, self.answer, self.path, self.parent_pid,
                              lambda fds: self._translate(fds, deadline))
         except UpgradeAborted as error:
-            self._send(f"failed {error}")
+            self.channel.send(f"failed {error}")
             resume(proxy, paused)
             gc.enable()
             return str(error)
         # From "written" until the verdict, this process must not run a single greenlet: a
         # connection waiting in recv() would take bytes the new image is about to read.
-        self._send("written")
+        self.channel.send("written")
         self._written = True
-        verdict = self._next_message(deadline, cooperative=False)
+        verdict = self.channel.read_line(deadline)
         if verdict == "adopted":
             self._leave()
-        if verdict != "retry" and _alive(self.parent_pid):
-            # Whatever became of the new image, it must never serve beside this process.
-            try:
-                os.kill(self.parent_pid, signal.SIGKILL)
-            except OSError:
-                pass
+        if verdict != "retry":
+            self._end_new_image()
         try:
             os.unlink(self.path)
         except OSError:
@@ -162,7 +227,7 @@ class Bridge:
     def _send_configuration(self, config_data, topology_data) -> None:
         import json
 
-        self._send("config " + json.dumps({"config": config_data, "topology": topology_data}))
+        self.channel.send("config " + json.dumps({"config": config_data, "topology": topology_data}))
 
     def _retry(self) -> None:
         """The new version gave up; the previous one (this version) is started in its place
@@ -178,14 +243,18 @@ class Bridge:
         # No cleanup of any kind: every socket is the new image's now.
         os._exit(0)
 
-    def _take_over(self, reason: str) -> None:
-        """The new version will not serve: this (old) version does, from this process."""
-        proxy = self.proxy
+    def _end_new_image(self) -> None:
+        """Whatever became of the new image, it must never serve beside this process."""
         if _alive(self.parent_pid):
             try:
                 os.kill(self.parent_pid, signal.SIGKILL)
             except OSError:
                 pass
+
+    def _take_over(self, reason: str) -> None:
+        """The new version will not serve: this (old) version does, from this process."""
+        proxy = self.proxy
+        self._end_new_image()
         self.channel.close()
         proxy.bridge_for = None
         proxy.upgrade_in_progress = False
@@ -220,62 +289,12 @@ class Bridge:
                 to_send.append(fd)
         for start in range(0, len(to_send), FDS_PER_MESSAGE):
             batch = to_send[start:start + FDS_PER_MESSAGE]
-            try:
-                self.channel.sendmsg([b"fds %d\n" % len(batch)],
-                                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                       array.array("i", batch).tobytes())])
-            except OSError as error:
-                raise UpgradeAborted(f"cannot send sockets to the new image: {error}") from None
-            answer = self._next_message(deadline, cooperative=False).split()
+            self.channel.send(f"fds {len(batch)}", batch)
+            answer = self.channel.read_line(deadline).split()
             if answer[:1] != ["fds"] or len(answer) != len(batch) + 1:
                 raise UpgradeAborted("the new image did not take the sockets sent to it")
             numbers.update(zip(batch, (int(n) for n in answer[1:])))
         return numbers
-
-    def _send(self, message: str) -> None:
-        try:
-            os.write(self.fd, message.encode("utf-8", "replace") + b"\n")
-        except OSError:
-            pass  # the new image is gone; its end of the story is EOF
-
-    def _next_message(self, deadline: float, cooperative: bool) -> str:
-        """The next line ("" at EOF, "timeout" at the deadline). Cooperative: other greenlets
-        run meanwhile; otherwise the whole process waits."""
-        while b"\n" not in self._buffer:
-            # What has arrived is read even past the deadline: an "adopted" must never be
-            # mistaken for silence.
-            remaining = max(deadline - time.monotonic(), 0.0)
-            if cooperative and remaining > 0:
-                readable = _wait_readable_cooperatively(self.fd, remaining)
-            else:
-                poller = select.poll()
-                poller.register(self.fd, select.POLLIN)
-                readable = bool(poller.poll(remaining * 1000))
-            if not readable:
-                if time.monotonic() >= deadline:
-                    return "timeout"
-                continue
-            try:
-                chunk = os.read(self.fd, 4096)
-            except BlockingIOError:
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:
-                return ""
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode("utf-8", "replace").strip()
-
-
-def _wait_readable_cooperatively(fd: int, timeout: float) -> bool:
-    try:
-        socket.wait_read(fd, timeout=timeout)
-        return True
-    except socket.timeout:
-        return False
-    except gevent.Timeout:
-        return False
 
 
 def _alive(pid: int) -> bool:

@@ -4,7 +4,6 @@ release the bridge, then report. Anything unusable rolls back."""
 
 from __future__ import annotations
 
-import array
 import gc
 import logging
 import os
@@ -12,7 +11,7 @@ import select
 import signal
 import socket as stdlib_socket
 import time
-from typing import Dict, List, Optional, Set
+from typing import Dict, Optional, Set
 
 import gevent
 from gevent import socket
@@ -21,6 +20,7 @@ from .. import __version__, observability
 from ..config import ConfigError, load, load_data
 from ..session import Session
 from . import checkpoint as checkpoint_format
+from .bridge import LineChannel
 from .upgrade import (ABORTED_ENV, CONTROL_SIGNALS, EXEC_TIME_ENV, PREVIOUS_ENV,
                       ROLLBACK_REASON_ENV, reap_later)
 
@@ -41,6 +41,13 @@ class RestoreOptions:
         self.bridge_fd = bridge_fd
         self.bridge_pid = bridge_pid
         self.rollback = rollback
+        # Reads and writes on the bridge socket; the fd itself stays as it is (inheritable:
+        # a roll-back exec hands it on).
+        self.bridge: Optional[LineChannel] = None
+        if bridge_fd is not None:
+            self.bridge = LineChannel(stdlib_socket.socket(stdlib_socket.AF_UNIX,
+                                                           stdlib_socket.SOCK_STREAM,
+                                                           fileno=bridge_fd))
 
 
 class RestoreFailed(Exception):
@@ -55,77 +62,29 @@ class BridgeLost(RestoreFailed):
     """The bridge process ended without handing anything over: no checkpoint will come."""
 
 
-_received = bytearray()
-#: Sockets the bridge sent (SCM_RIGHTS), in order, not yet claimed by an "fds" line.
-_received_fds: List[int] = []
-
-
-def _read_line(fd: int) -> str:
-    """One line from the bridge, waiting as long as it takes (the bridge has its own deadline
-    and kills this process when it passes), keeping the sockets that come with it. "" at EOF."""
-    while b"\n" not in _received:
-        try:
-            data, ancillary, _flags, _address = _bridge_socket(fd).recvmsg(
-                65536, stdlib_socket.CMSG_SPACE(253 * 4))
-        except InterruptedError:
-            continue
-        except OSError:
-            return ""
-        for level, kind, payload in ancillary:
-            if level == stdlib_socket.SOL_SOCKET and kind == stdlib_socket.SCM_RIGHTS:
-                numbers = array.array("i")
-                numbers.frombytes(payload[:len(payload) - len(payload) % numbers.itemsize])
-                _received_fds.extend(numbers)
-        if not data:
-            return ""
-        _received.extend(data)
-    end = _received.index(b"\n")
-    line = bytes(_received[:end])
-    del _received[:end + 1]
-    return line.decode("utf-8", "replace").strip()
-
-
-_sockets: Dict[int, stdlib_socket.socket] = {}
-
-
-def _bridge_socket(fd: int) -> stdlib_socket.socket:
-    """A socket object for the bridge fd (for recvmsg); the fd itself stays as it is."""
-    sock = _sockets.get(fd)
-    if sock is None:
-        sock = _sockets[fd] = stdlib_socket.socket(stdlib_socket.AF_UNIX,
-                                                   stdlib_socket.SOCK_STREAM, fileno=fd)
-    return sock
-
-
-def _close_bridge(fd: int) -> None:
-    sock = _sockets.pop(fd, None)
-    if sock is not None:
-        sock.close()
-    else:
-        os.close(fd)
-
-
 def tell_bridge(options: RestoreOptions, message: str) -> None:
-    if options.bridge_fd is None:
-        return
-    try:
-        os.write(options.bridge_fd, message.encode("utf-8", "replace") + b"\n")
-    except OSError:
-        pass
+    if options.bridge is not None:
+        options.bridge.send(message)
+
+
+def _close_bridge(options: RestoreOptions) -> None:
+    if options.bridge is not None:
+        options.bridge.close()
+        options.bridge = None
 
 
 def _await_checkpoint(options: RestoreOptions) -> None:
     """Ask the bridge to pause every client and write the checkpoint; return once it is on disk."""
-    if options.bridge_fd is None:
+    bridge = options.bridge
+    if bridge is None:
         return  # started by hand on an existing file
-    tell_bridge(options, "ready")
-    answer = _read_line(options.bridge_fd)
+    bridge.send("ready")
+    answer = bridge.read_line()
     while answer.startswith("fds "):
         # Connections the bridge accepted while this image started: their sockets come now.
-        count = int(answer.split()[1])
-        taken, _received_fds[:] = _received_fds[:count], _received_fds[count:]
-        tell_bridge(options, "fds " + " ".join(str(fd) for fd in taken))
-        answer = _read_line(options.bridge_fd)
+        taken = bridge.take_fds(int(answer.split()[1]))
+        bridge.send("fds " + " ".join(str(fd) for fd in taken))
+        answer = bridge.read_line()
     if answer == "written":
         return
     if answer.startswith("failed"):
@@ -137,9 +96,9 @@ def _await_checkpoint(options: RestoreOptions) -> None:
 
 def _configuration_from_bridge(options: RestoreOptions):
     """The bridge's first line: the configuration data to run on, as (config, topology)."""
-    if options.bridge_fd is None:
+    if options.bridge is None:
         return None
-    line = _read_line(options.bridge_fd)
+    line = options.bridge.read_line()
     if not line.startswith("config "):
         raise BridgeLost("the previous version's bridge process ended before handing over")
     import json
@@ -299,7 +258,7 @@ def restore(options: RestoreOptions):
     # it can never serve a request this image serves too.
     if options.bridge_fd is not None:
         tell_bridge(options, "adopted")
-        _close_bridge(options.bridge_fd)
+        _close_bridge(options)
         if options.bridge_pid:
             reap_later(options.bridge_pid)
 
@@ -456,8 +415,7 @@ def _start_afresh(options: RestoreOptions):
 
     keep = {options.bridge_fd} if options.bridge_fd is not None else set()
     _close_unnamed_fds(keep)
-    if options.bridge_fd is not None:
-        _close_bridge(options.bridge_fd)
+    _close_bridge(options)
     try:
         config, topology = load(options.config_path, options.topology_path)
     except ConfigError as error:

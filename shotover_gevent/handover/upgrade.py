@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import gevent
 
 from .. import __version__
-from ..connection import PAUSE_PROGRESS, State
+from ..connection import State
 from . import checkpoint as checkpoint_format
 
 log = logging.getLogger(__name__)
@@ -166,22 +166,9 @@ def preflight(proxy, python: str, report: Reporter) -> Dict:
 
 def quiesce(proxy, drain_timeout: float, report: Reporter):
     """Stop accepting, stop every connection at a request boundary; close what cannot stop."""
-    for source in proxy.sources.values():
-        source.stop_accepting()
-    connections = proxy.all_connections()
-    for connection in connections:
-        connection.request_pause()
-    deadline = time.monotonic() + drain_timeout
     started = time.monotonic()
-    waiting = connections
-    while True:
-        # Rescan only the connections not yet stopped; each stop wakes this loop at once.
-        waiting = [c for c in waiting if c.state not in (State.PAUSED, State.CLOSED)]
-        remaining = deadline - time.monotonic()
-        if not waiting or remaining <= 0:
-            break
-        PAUSE_PROGRESS.clear()
-        PAUSE_PROGRESS.wait(min(remaining, 0.05))
+    deadline = started + drain_timeout
+    connections = proxy.pause_connections(drain_timeout)
     closed: Dict[str, int] = {}
     for connection in connections:
         if connection.state is State.PAUSED:
@@ -373,17 +360,18 @@ def fork_and_exec(proxy, python: str, request: UpgradeRequest, report: Reporter,
     bridge_fd = parent_end.detach()
     os.set_inheritable(bridge_fd, True)
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
-    tail = program_argv(proxy, python)[3:] + ["--restore", path, "--bridge-fd", str(bridge_fd),
-                                              "--bridge-pid", str(child_pid)]
+    restore_args = ["--restore", path, "--bridge-fd", str(bridge_fd),
+                    "--bridge-pid", str(child_pid)]
+    # How to start this version again: for the new image's roll-back, or right below.
+    own_start = fast_start_argv(sys.executable, {"sys_path": sys.path,
+                                                 "package_root": _package_root()})
     os.environ[PREVIOUS_ENV] = json.dumps({"python": sys.executable,
                                            "argv": program_argv(proxy, sys.executable),
-                                           "boot": fast_start_argv(sys.executable, {
-                                               "sys_path": sys.path,
-                                               "package_root": _package_root()}),
-                                           "version": __version__})
+                                           "boot": own_start, "version": __version__})
     os.environ[EXEC_TIME_ENV] = str(time.time_ns())
     try:
-        os.execv(python, fast_start_argv(python, answer) + tail)
+        os.execv(python, fast_start_argv(python, answer) + program_argv(proxy, python)[3:] +
+                 restore_args)
     except OSError as error:
         reason = f"exec {python} failed: {error.strerror or error}"
     # The new version could not be started: start this one again, in place, on the same
@@ -391,11 +379,8 @@ def fork_and_exec(proxy, python: str, request: UpgradeRequest, report: Reporter,
     os.environ[ROLLBACK_REASON_ENV] = reason
     os.environ[ABORTED_ENV] = "1"
     try:
-        os.execv(sys.executable, fast_start_argv(sys.executable, {
-            "sys_path": sys.path, "package_root": _package_root()}) +
-            program_argv(proxy, sys.executable)[3:] +
-            ["--restore", path, "--bridge-fd", str(bridge_fd), "--bridge-pid", str(child_pid),
-             "--rollback"])
+        os.execv(sys.executable, own_start + program_argv(proxy, sys.executable)[3:] +
+                 restore_args + ["--rollback"])
     except OSError:
         pass
     # Nothing can be exec'ed: the bridge keeps serving on its own.
