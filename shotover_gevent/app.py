@@ -14,7 +14,7 @@ import gevent
 from gevent.event import Event
 
 from . import __version__, observability
-from .config import Config, Topology, files_digest, format_address
+from .config import Config, Topology, format_address
 from .connection import PAUSE_PROGRESS, ClientConnection, State
 from .source import Source
 
@@ -43,9 +43,6 @@ class Proxy:
         self.bridge_for: Optional[int] = None
 
     # ---- start --------------------------------------------------------------------------------
-
-    def config_digest(self) -> str:
-        return files_digest(self.config.path, self.topology.path)
 
     def start_fresh(self) -> None:
         from .handover.control import ControlServer

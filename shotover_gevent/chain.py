@@ -36,6 +36,12 @@ class ConnectionContext:
 class Transform:
     """Per-connection transform. `transform` must return one reply per request, in order."""
 
+    #: True when the transform never waits on its own and, whenever it passes a batch on
+    #: whole, returns the next transform's replies as they are. A chain made only of such
+    #: transforms can be handed over while its sink waits for replies: the next image reads
+    #: them and answers the client without running the transforms again.
+    inflight_handover = False
+
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         raise NotImplementedError
 
@@ -46,15 +52,23 @@ class Transform:
         """Called once before the first request of a connection adopted in an upgrade: a sink
         whose session expects unsolicited messages (subscriptions) connects right away."""
 
-    def export_upstream(self) -> Optional[dict]:
-        """A sink's idle upstream connection, described for the next program image (its fd is
-        then inherited), or None: the next image connects afresh."""
-        return None
+    def export_upstream(self, batch: Optional[List[Message]] = None):
+        """(record, status) for the next program image: a sink's upstream connection as a
+        checkpoint UpstreamRecord (its fd is then inherited), or None (the next image connects
+        afresh); and where `batch`, the requests the client's connection is serving (None:
+        none), stands: "ok" (no batch), "inflight" (the record carries it), "unsent" (nothing
+        of it reached the server), "busy" (cannot be handed over this moment)."""
+        return None, ("ok" if batch is None else "busy")
 
-    def adopt_upstream(self, record: dict) -> bool:
+    def adopt_upstream(self, record) -> bool:
         """Take over an upstream connection that the previous image handed down, if it is one
         this transform would use. False: not ours (the caller closes it)."""
         return False
+
+    def resume_inflight(self, requests: List[Message]) -> Optional[List[Message]]:
+        """The replies to `requests`, the batch that was in flight on the adopted upstream
+        connection (None: no such batch here)."""
+        return None
 
 
 class TransformBuilder:
@@ -79,7 +93,7 @@ def _sink_end(requests: List[Message]) -> List[Message]:
 class Chain:
     """One connection's instance of a topology chain."""
 
-    __slots__ = ("name", "transforms", "_entry", "_metrics")
+    __slots__ = ("name", "transforms", "_entry", "_metrics", "_inflight_handover")
 
     def __init__(self, name: str, builders: Sequence[TransformBuilder],
                  context: ConnectionContext) -> None:
@@ -91,6 +105,7 @@ class Chain:
         for builder, transform in reversed(list(zip(builders, self.transforms))):
             call_next = _bind(transform, call_next, observability.transform_metrics(builder.name))
         self._entry = call_next
+        self._inflight_handover = all(t.inflight_handover for t in self.transforms)
 
     def process(self, requests: List[Message]) -> List[Message]:
         started = time.perf_counter()
@@ -111,15 +126,17 @@ class Chain:
         for transform in self.transforms:
             transform.prepare()
 
-    def export_upstream(self) -> Optional[dict]:
-        for transform in self.transforms:
-            record = transform.export_upstream()
-            if record is not None:
-                return record
-        return None
+    def export_upstream(self, batch: Optional[List[Message]] = None):
+        """The sink's (record, status): see Transform.export_upstream."""
+        if batch is not None and not self._inflight_handover:
+            return None, "busy"  # a transform holds part of the batch's story
+        return self.transforms[-1].export_upstream(batch)
 
-    def adopt_upstream(self, record: dict) -> bool:
-        return any(transform.adopt_upstream(record) for transform in self.transforms)
+    def adopt_upstream(self, record) -> bool:
+        return self.transforms[-1].adopt_upstream(record)
+
+    def resume_inflight(self, requests: List[Message]) -> Optional[List[Message]]:
+        return self.transforms[-1].resume_inflight(requests)
 
     def close(self) -> None:
         for transform in self.transforms:

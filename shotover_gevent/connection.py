@@ -17,7 +17,7 @@ from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
 from .message import Message
-from .netio import send_all
+from .netio import close_for_good
 from .protocol import resp
 from .session import TRACKED_COMMANDS, Session
 
@@ -33,6 +33,8 @@ MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
 
 
 _SESSION_COMMANDS = TRACKED_COMMANDS | {"QUIT"}
+#: Reads that fill the whole receive buffer in a row before a connection lets others run.
+BUSY_READS_BEFORE_YIELD = 4
 
 
 #: Set whenever a connection stops at a request boundary or closes: what a drain waits on.
@@ -55,14 +57,24 @@ class State(enum.Enum):
 
 
 class ClientConnection:
-    #: While frozen for a handover: the pushes (pub/sub messages) that arrived meanwhile, which
-    #: the next image delivers first, or this one once unfrozen.
-    _frozen: Optional[List[bytes]] = None
-    #: Handed down by the previous image: pushes it had read but not yet written to the client.
-    _deliver_first: Optional[bytes] = None
+    # Rarely set, so class-level defaults: an idle connection's footprint is what 10,000 of
+    # them cost.
+    #: The requests being served (from framing until their replies are handed to _write).
+    _batch: Optional[List[Message]] = None
+    #: Payloads waiting for the write side (another greenlet is writing).
+    _outbox: Optional[List[bytes]] = None
+    #: What is left to write of the payload being written.
+    _unsent: Optional[bytes] = None
+    #: Handed down by the previous image: bytes owed to the client before anything else, and
+    #: messages that follow the replies of the batch that was in flight.
+    _output_first: bytes = b""
+    _deferred_first: bytes = b""
+    #: Consecutive reads served without waiting: bounded, then the hub gets a turn.
+    _busy_reads = 0
 
     def __init__(self, sock, source: "Source", peer: str, session: Optional[Session] = None,
-                 unread: bytes = b"", upstream: Optional[dict] = None) -> None:
+                 unread: bytes = b"", upstream=None, output: bytes = b"",
+                 deferred: bytes = b"") -> None:
         self.sock = sock
         self.source = source
         self.peer = peer
@@ -76,17 +88,19 @@ class ClientConnection:
         self._in_batch = False
         self._deferred_pushes: List[bytes] = []
         self._write_lock = Semaphore()
-        # Made only when the connection pauses: most connections never do, and an idle
-        # connection's footprint is what 10,000 of them cost.
+        # Made only when the connection pauses: most connections never do.
         self._resume: Optional[Event] = None
         self.greenlet: Optional[gevent.Greenlet] = None
         # Built on the first request: an idle connection costs no transforms (and adopting
         # thousands of connections in an upgrade stays quick).
         self._chain: Optional[Chain] = None
-        # An upstream connection handed down by the previous image, adopted with the chain.
+        # An upstream connection handed down by the previous image (a checkpoint
+        # UpstreamRecord), adopted with the chain.
         self._upstream_record = upstream
-        if upstream is not None and upstream.get("deliver"):
-            self._deliver_first = upstream.pop("deliver")
+        if output:
+            self._output_first = output
+        if deferred:
+            self._deferred_first = deferred
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -96,9 +110,19 @@ class ClientConnection:
 
     def run(self) -> None:
         try:
-            if self._deliver_first is not None:
-                # Before the adopted subscriber connection's reader can push anything newer.
-                payload, self._deliver_first = self._deliver_first, None
+            if self._output_first:
+                self._write(b"")  # what the previous image owed the client goes out first
+            record = self._upstream_record
+            if record is not None and record.inflight is not None:
+                if self._deferred_first:  # they follow the replies of that batch
+                    self._deferred_pushes.insert(0, self._deferred_first)
+                    self._deferred_first = b""
+                if not self._finish_handed_over_batch(record.inflight):
+                    return
+            elif record is not None and record.push:
+                self.chain  # noqa: B018 (adopted now: messages may be waiting on it)
+            if self._deferred_first:
+                payload, self._deferred_first = self._deferred_first, b""
                 self._write(payload)
             if self.session.subscribed:
                 self.chain.prepare()
@@ -126,6 +150,16 @@ class ClientConnection:
                         return
                 if not self._serve_buffered():
                     return
+                if len(data) == RECV_SIZE:
+                    # The client keeps the socket full: after a few such turns in a row, let
+                    # every other connection have one (gevent's recv() only yields when there
+                    # is nothing to read, so a flooding client would otherwise hold the hub).
+                    self._busy_reads += 1
+                    if self._busy_reads >= BUSY_READS_BEFORE_YIELD:
+                        self._busy_reads = 0
+                        gevent.sleep(0)
+                elif self._busy_reads:
+                    self._busy_reads = 0
         except stdlib_socket.timeout:
             self.close_reason = "idle timeout"
         except OSError as error:
@@ -139,31 +173,37 @@ class ClientConnection:
             if self.state is not State.HANDED_OVER:
                 self._close()
 
+    def _finish_handed_over_batch(self, inflight) -> bool:
+        """Answer the batch the previous image had sent upstream when it handed this
+        connection over: its replies arrive on the inherited upstream connection."""
+        requests = [Message(raw) for raw in inflight.requests]
+        self._batch = requests
+        self._in_batch = True
+        try:
+            replies = self.chain.resume_inflight(requests)
+        finally:
+            self._in_batch = False
+        if replies is None:
+            # The new topology no longer sends this client to that server: the replies cannot
+            # be read. Each request still gets one.
+            log.warning("connection from %s: %d requests in flight were sent to a server the "
+                        "new topology no longer uses", self.peer, len(requests))
+            replies = [Message.error("ERR the proxy was reconfigured while this command was in "
+                                     "flight; its outcome is unknown")] * len(requests)
+        return self._answer(requests, replies)
+
     def _serve_buffered(self) -> bool:
         """Serve every complete request buffered. False when the connection must end."""
         framed, error = self.framer.pop_requests()
         if framed:
             requests = [Message(raw, name) for raw, name in framed]
+            self._batch = requests
             self._in_batch = True
             try:
                 replies = self.chain.process(requests)
             finally:
                 self._in_batch = False
-            session = self.session
-            quit_requested = False
-            for request, reply in zip(requests, replies):
-                name = request.command
-                if name in _SESSION_COMMANDS:
-                    session.observe(request, reply)
-                    if name == "QUIT":
-                        quit_requested = True
-            if len(replies) == 1:
-                payload = replies[0].raw
-            else:
-                payload = b"".join([reply.raw for reply in replies])
-            self._write(payload)
-            if quit_requested:
-                self.close_reason = "client sent QUIT"
+            if not self._answer(requests, replies):
                 return False
         if error is not None:
             self._write(resp.error_reply(f"ERR Protocol error: {error}"))
@@ -177,6 +217,27 @@ class ClientConnection:
             return False
         return True
 
+    def _answer(self, requests: List[Message], replies: List[Message]) -> bool:
+        """Note what the batch changed, then write its replies. False: the client quit."""
+        session = self.session
+        quit_requested = False
+        for request, reply in zip(requests, replies):
+            name = request.command
+            if name in _SESSION_COMMANDS:
+                session.observe(request, reply)
+                if name == "QUIT":
+                    quit_requested = True
+        if len(replies) == 1:
+            payload = replies[0].raw
+        else:
+            payload = b"".join([reply.raw for reply in replies])
+        # From here the replies are output: an upgrade hands them over as bytes to write.
+        self._write(payload, batch_done=True)
+        if quit_requested:
+            self.close_reason = "client sent QUIT"
+            return False
+        return True
+
     @property
     def chain(self) -> Chain:
         chain = self._chain
@@ -187,28 +248,43 @@ class ClientConnection:
             chain = self._chain = Chain(source.chain_name, source.builders, context)
             record, self._upstream_record = self._upstream_record, None
             if record is not None and not chain.adopt_upstream(record):
-                _close_fd(record["fd"])  # the new topology sends this client elsewhere
+                _close_fd(record.fd)  # the new topology sends this client elsewhere
         return chain
 
-    def export_upstream(self) -> Optional[dict]:
-        """This client's idle upstream connection, for the next image (None: it reconnects),
-        with the pushes read from it that the client has not been sent yet."""
-        if self._chain is None:
-            record = self._upstream_record  # handed down to us and not used yet: pass it on
-        else:
-            record = self._chain.export_upstream()
-        undelivered = (self._deliver_first or b"") + b"".join(self._frozen or ())
-        if record is not None and undelivered:
-            record = dict(record, deliver=undelivered)
-        return record
+    def _write(self, payload: bytes, batch_done: bool = False) -> None:
+        """Write `payload` (after whatever is queued), then the pushes a batch deferred.
 
-    def _write(self, payload: bytes) -> None:
-        with self._write_lock:
-            if payload:
-                send_all(self.sock, payload)
+        Everything owed to the client is always somewhere an upgrade can see it: queued in
+        the outbox, or the unsent part of the write under way."""
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = []
+        if self._output_first:
+            outbox.append(self._output_first)
+            self._output_first = b""
+        if payload:
+            outbox.append(payload)
+        if batch_done:
+            self._batch = None
             if self._deferred_pushes:
-                pushes, self._deferred_pushes = self._deferred_pushes, []
-                send_all(self.sock, b"".join(pushes))
+                outbox.extend(self._deferred_pushes)
+                self._deferred_pushes = []
+        if not outbox:
+            return
+        with self._write_lock:
+            sock = self.sock
+            while outbox:
+                data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+                outbox.clear()
+                self._unsent = data
+                try:
+                    sent = sock.send(data)
+                    if sent < len(data):
+                        view = self._unsent = memoryview(data)[sent:]
+                        while view:
+                            view = self._unsent = view[sock.send(view):]
+                finally:
+                    self._unsent = None
 
     def push(self, frame: bytes) -> None:
         """Deliver a frame that answers no request (pub/sub message, RESP3 push).
@@ -217,9 +293,6 @@ class ClientConnection:
         message before the confirmation of the subscription it belongs to.
         """
         if self.state in (State.HANDED_OVER, State.CLOSED):
-            return
-        if self._frozen is not None:
-            self._frozen.append(frame)
             return
         if self._in_batch:
             self._deferred_pushes.append(frame)
@@ -231,14 +304,58 @@ class ClientConnection:
 
     # ---- handover -----------------------------------------------------------------------------
 
+    def handover_status(self) -> str:
+        """Whether this connection can be handed over this very moment: "ok", "tls" (never:
+        its encryption state lives in this process), "closed", or "busy" (a batch is at a
+        point the next image could not take over; it will not be for long)."""
+        if self.state is State.CLOSED:
+            return "closed"
+        if self.source.tls_context is not None:  # every client of a TLS source is encrypted
+            return "tls"
+        if self._chain is None:
+            return "ok"
+        return self._chain.export_upstream(self._batch)[1]
+
+    def export(self):
+        """(record fields, status) for the next image, taken at this moment without waiting
+        for anything: what the client sent and no request was made of yet, what it is owed
+        (output), its session, and its upstream connection as it stands, with the batch in
+        flight on it if there is one. Status as handover_status(); no record unless "ok"."""
+        status = self.handover_status()
+        if status in ("tls", "closed", "busy"):
+            return None, status
+        batch = self._batch
+        upstream = None
+        if self._chain is None:
+            upstream = self._upstream_record  # handed down to us and not used yet: pass it on
+            status = "inflight" if upstream is not None and upstream.inflight is not None \
+                else "ok"
+        else:
+            upstream, status = self._chain.export_upstream(batch)
+            if status == "busy":
+                return None, status
+        unread = self.framer.unread_bytes()
+        if status == "unsent":
+            # Nothing of the batch reached the server: the next image serves it afresh.
+            unread = b"".join([request.raw for request in batch]) + unread
+        output = self._output_first
+        if self._unsent is not None:
+            output += bytes(self._unsent)
+        if self._outbox:
+            output += b"".join(self._outbox)
+        deferred = self._deferred_first + b"".join(self._deferred_pushes)
+        if status != "inflight" and deferred:
+            output, deferred = output + deferred, b""
+        return {"unread": unread, "session": self.session.to_dict(), "upstream": upstream,
+                "output": output, "deferred": deferred}, status
+
     def request_pause(self) -> None:
         """Ask the connection to stop at its next request boundary (then it is PAUSED).
 
         A connection waiting in recv() with every reply written is at a boundary already: it
         becomes PAUSED at once and is left waiting (waking a thousand greenlets would cost
         tens of milliseconds of blackout). If bytes arrive before the handover, run() keeps
-        them unread. A busy one, or one that cannot be handed over yet (MULTI, TLS...), goes on
-        serving and stops at the first boundary where it can.
+        them unread. A busy one goes on serving and stops at the first boundary.
         """
         if self.state is not State.SERVING:
             return
@@ -260,14 +377,6 @@ class ClientConnection:
     def paused(self) -> bool:
         return self.state is State.PAUSED
 
-    def handover_blocker(self) -> Optional[str]:
-        """Why this connection cannot be handed over now (None: it can)."""
-        if self.state is State.CLOSED:
-            return "closed"
-        if self.source.tls_context is not None:  # every client of a TLS source is encrypted
-            return "tls"
-        return self.session.handover_blocker()
-
     def unread_bytes(self) -> bytes:
         return self.framer.unread_bytes()
 
@@ -281,40 +390,12 @@ class ClientConnection:
         if self._resume is not None:
             self._resume.set()
 
-    def freeze(self, timeout: Optional[float] = None) -> bool:
-        """Hold the write side so that no push can be half-written when the image is replaced;
-        pushes arriving from now on are kept for whoever serves the client next. False: a
-        write in progress did not finish within `timeout` seconds."""
-        acquired = (self._write_lock.acquire(blocking=False) if timeout == 0
-                    else self._write_lock.acquire(timeout=timeout))
-        if not acquired:
-            return False
-        self._frozen = []
-        return True
-
-    def unfreeze(self) -> None:
-        if self._frozen is None:
-            return  # not frozen: the write side is not ours to release
-        pushes, self._frozen = self._frozen, None
-        self._write_lock.release()
-        if pushes:
-            try:
-                self._write(b"".join(pushes))
-            except OSError:
-                pass  # the connection's own greenlet notices and closes
-
-    def mark_handed_over(self) -> None:
-        """The socket now belongs to the next image: stop without closing it."""
-        self.state = State.HANDED_OVER
-        self._wake()
-        if self._chain is not None:
-            self._chain.close()
-
-    def close(self, reason: str) -> None:
-        """Close from outside (drain deadline, shutdown)."""
+    def close(self, reason: str, now: bool = False) -> None:
+        """Close from outside (drain deadline, shutdown). `now`: the socket is closed before
+        this returns (an upgrade's old side runs no greenlet after it has handed over)."""
         self.close_reason = reason
         greenlet = self.greenlet
-        if self.state is State.PAUSED:
+        if self.state is State.PAUSED or now:
             # Close now, before the program image can be replaced; a parked greenlet then
             # wakes up to CLOSED and ends, one still waiting in recv() is killed below.
             self._close()
@@ -335,7 +416,7 @@ class ClientConnection:
         if self._chain is not None:
             self._chain.close()
         if self._upstream_record is not None:
-            _close_fd(self._upstream_record["fd"])
+            _close_fd(self._upstream_record.fd)
             self._upstream_record = None
         PAUSE_PROGRESS.set()
         sslobj = getattr(self.sock, "_sslobj", None)
@@ -345,9 +426,6 @@ class ClientConnection:
                 sslobj.shutdown()
             except (OSError, ValueError):
                 pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_for_good(self.sock)
         self.source.connection_closed(self)
 

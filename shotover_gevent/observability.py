@@ -310,6 +310,11 @@ _CONNECTIONS_OPEN = _GaugeFamily(
 _UPGRADES = _CounterFamily(
     "shotover_g_upgrades_total", "In-place upgrades completed by this lineage of processes."
 )
+_UPGRADE_CLOSED = _CounterFamily(
+    "shotover_g_upgrade_closed_connections_total",
+    "Client connections an upgrade closed instead of handing them over, by reason.",
+    ("reason",),
+)
 _UPGRADE_BLACKOUT = _GaugeFamily(
     "shotover_g_upgrade_blackout_seconds",
     "How long client traffic was paused during the most recent upgrade.",
@@ -454,6 +459,11 @@ def record_upgrade(blackout_seconds: float, upgrades_so_far: int | None = None) 
     else:
         cell.value = float(upgrades_so_far)
     _UPGRADE_BLACKOUT.labels().set(blackout_seconds)
+
+
+def record_upgrade_closed(reason: str, count: int) -> None:
+    """Count client connections an upgrade closed (the restoring image reports them)."""
+    _UPGRADE_CLOSED.labels(reason).value += count
 
 
 def set_generation(generation: int) -> None:

@@ -69,8 +69,11 @@ class Session:
         self.reply_mode = "ON"
         # Inside MULTI: the tracked commands the server queued, applied when EXEC succeeds.
         self._queued: List[Message] = []
-        # What EXEC answered for each of them, as reported by the sink that read the reply.
-        self._exec_results: Deque[List[Tuple[Message, Optional[bytes]]]] = deque(maxlen=4)
+        # What each successful EXEC answered for the tracked commands it ran, as reported by
+        # the sink that read the reply: one entry per EXEC, in order (None: not known), so that
+        # a pipeline of several transactions matches each EXEC with its own results.
+        self._exec_results: Deque[Optional[List[Tuple[Message, Optional[bytes]]]]] = \
+            deque(maxlen=1024)
 
     # ---- tracking -------------------------------------------------------------------------
 
@@ -148,8 +151,9 @@ class Session:
         elif command == "RESET":
             self.__init__()
 
-    def exec_results(self, results: List[Tuple[Message, Optional[bytes]]]) -> None:
-        """From the sink: what a successful EXEC answered for each tracked command it ran."""
+    def exec_results(self, results: Optional[List[Tuple[Message, Optional[bytes]]]]) -> None:
+        """From the sink, once per successful EXEC: what it answered for each tracked command
+        it ran (None: not known)."""
         self._exec_results.append(results)
 
     def _observe_exec(self, queued: List[Message]) -> None:
@@ -291,6 +295,21 @@ class Session:
                 "patterns": sorted(self.patterns),
                 "shard_channels": sorted(self.shard_channels),
             }
+        # State the server keeps for the connection, carried so that the client's view goes on
+        # matching it when the upstream connection is handed over with the client.
+        if self.in_multi:
+            data["in_multi"] = True
+            data["queued"] = [request.raw for request in self._queued]
+        if self.watching:
+            data["watching"] = True
+        if self.monitor:
+            data["monitor"] = True
+        if self.tracking:
+            data["tracking"] = True
+        if self._exec_results:
+            data["exec_results"] = [
+                None if results is None else [[request.raw, result] for request, result in results]
+                for results in self._exec_results]
         return data
 
     @classmethod
@@ -311,4 +330,14 @@ class Session:
         session.channels = set(subscriptions.get("channels", ()))
         session.patterns = set(subscriptions.get("patterns", ()))
         session.shard_channels = set(subscriptions.get("shard_channels", ()))
+        session.in_multi = bool(data.get("in_multi", False))
+        session._queued = [Message(raw) for raw in data.get("queued") or () if isinstance(raw, bytes)]
+        session.watching = bool(data.get("watching", False))
+        session.monitor = bool(data.get("monitor", False))
+        session.tracking = bool(data.get("tracking", False))
+        for results in data.get("exec_results") or ():
+            if results is None:
+                session._exec_results.append(None)
+            else:
+                session._exec_results.append([(Message(raw), result) for raw, result in results])
         return session

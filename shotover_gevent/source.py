@@ -122,8 +122,8 @@ class Source:
             self._open_connection(client, describe_peer(address))
 
     def _open_connection(self, client, peer: str, session: Optional[Session] = None,
-                         unread: bytes = b"", upstream: Optional[dict] = None,
-                         adopted: bool = False) -> ClientConnection:
+                         unread: bytes = b"", upstream=None, adopted: bool = False,
+                         output: bytes = b"", deferred: bytes = b"") -> ClientConnection:
         if not adopted:  # an adopted socket keeps the option it was given when accepted
             client.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
         if self.config.timeout:
@@ -132,17 +132,20 @@ class Source:
             from gevent.ssl import SSLContext  # noqa: F401  (gevent's wrapper cooperates)
             client = self.tls_context.wrap_socket(client, server_side=True,
                                                   do_handshake_on_connect=False)
-        connection = ClientConnection(client, self, peer, session, unread, upstream)
+        connection = ClientConnection(client, self, peer, session, unread, upstream, output,
+                                      deferred)
         self.connections.add(connection)
         self._count_changed()
         connection.start()
         return connection
 
-    def adopt(self, client, peer: str, session: Session, unread: bytes,
-              upstream: Optional[dict] = None) -> ClientConnection:
-        """Take over a connection handed down by the previous image (even beyond the limit),
-        with its idle upstream connection when one came along."""
-        return self._open_connection(client, peer, session, unread, upstream, adopted=True)
+    def adopt(self, client, record) -> ClientConnection:
+        """Take over a connection handed down by the previous image (a checkpoint
+        ConnectionRecord; even beyond the limit), with its upstream connection when one came
+        along."""
+        return self._open_connection(client, record.peer, Session.from_dict(record.session),
+                                     record.unread, record.upstream, adopted=True,
+                                     output=record.output, deferred=record.deferred)
 
     def connection_closed(self, connection: ClientConnection) -> None:
         if connection in self.connections:

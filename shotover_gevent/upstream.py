@@ -18,7 +18,7 @@ from gevent.event import Event
 from gevent.socket import wait_read
 
 from .message import NO_REPLY, Message
-from .netio import send_all
+from .netio import close_for_good
 from .protocol import resp
 from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session, apply_subscription_command
 
@@ -113,6 +113,16 @@ class UpstreamConnection:
         self._all_done = Event()
         self._failure: Optional[str] = None
         self.closed = False
+        # The batch being answered, kept on the connection (not in locals) so that an upgrade
+        # can hand it over at any moment: the requests, the replies read so far, the reply
+        # begun for the next request ([count, effect, frames]), the bytes not yet written.
+        self._batch: Optional[List[Message]] = None
+        self._replies: Optional[List[Message]] = None
+        self._current: Optional[list] = None
+        self._entries: Optional[List[_Pending]] = None
+        self._unsent: Optional[memoryview] = None
+        # The batch answered last: its replies are on their way to the client.
+        self._answered: Optional[List[Message]] = None
         if adopted is not None:
             # Handed over by the previous program image, already in this session's state.
             self.sock = adopted
@@ -137,59 +147,145 @@ class UpstreamConnection:
 
     # ---- handover -----------------------------------------------------------------------------
 
-    def handover_state(self) -> Optional[dict]:
-        """What the next program image needs to go on using this connection as it is, or None
-        when it cannot be handed over now (TLS, replies outstanding, MULTI, MONITOR...).
-
-        A subscriber's connection goes too: its subscriptions, and the part of a message its
-        reader had received when the image stopped; messages published meanwhile wait in the
-        socket for the next image, so none is lost."""
-        if (self.closed or self._pending or self._held or self.multi is not None
-                or self.monitor or self.tracking or self._quitting or self.tls):
-            return None
-        state = {"resp_version": self.resp_version, "reply_off": self.reply_off,
-                 "skip_next": self.skip_next}
-        if self.push_mode:
-            state["push"] = True
+    def export_state(self, batch: Optional[List[Message]] = None):
+        """(state, status): what the next program image needs to go on using this connection
+        as it is, and where the client's `batch` (the requests its connection is serving, if
+        any) stands here. Status: "ok" (no batch), "inflight" (the batch was written, or began
+        to be, and the state carries it), "unsent" (nothing of it was written: the client's
+        connection keeps it as unread bytes), "busy" (cannot be handed over this moment).
+        A state of None: the next image connects afresh."""
+        in_flight = batch is not None and self._batch is batch
+        if batch is not None and not in_flight and (self._batch is not None
+                                                     or self._answered is batch):
+            return None, "busy"  # a part of the batch in flight, or replies on their way
+        if self._quitting or (in_flight and (self.closed or self.tls)):
+            return None, "busy"  # moments from done: replies being read or settled as errors
+        if self.closed or self.tls:
+            if self.tls and not self.closed and (self.multi is not None or self.monitor
+                                                 or self.tracking or self.session.watching):
+                return None, "busy"  # a fresh connection could not rebuild that state
+            return None, ("ok" if batch is None else "unsent")
+        state: Dict = {"resp_version": self.resp_version}
+        if self.reply_off:
+            state["reply_off"] = True
+        if self.skip_next:
+            state["skip_next"] = True
+        if self._deliveries:
             state["subscriptions"] = {kind: sorted(names)
                                       for kind, names in self.subscriptions.items() if names}
-            buffered = self.framer.unread_bytes()
-            if buffered:
-                state["buffered"] = buffered
-        elif self.framer.pending():
-            return None
-        return state
+        if self.monitor:
+            state["monitor"] = True
+        if self.tracking:
+            state["tracking"] = True
+        if self.multi is not None:
+            state["multi"] = [request.raw for request in self.multi]
+        if self.push_mode:
+            state["push"] = True
+        buffered = self.framer.unread_bytes()
+        if buffered:
+            state["buffered"] = buffered
+        if self._held:
+            state["held"] = list(self._held)
+        if not in_flight:
+            return state, ("ok" if batch is None else "unsent")
+        state["inflight"] = self._export_inflight()
+        return state, "inflight"
+
+    def _export_inflight(self) -> dict:
+        requests = self._batch or []
+        replies = [reply.raw for reply in self._replies or ()]
+        current = None
+        if self._entries is not None:  # answered by the reader greenlet
+            for entry in self._entries:
+                if entry.done:
+                    replies.append(entry.prefix + b"".join(entry.frames) if entry.frames else b"")
+                    continue
+                if entry.count >= 0:
+                    current = {"count": entry.count, "effect": _effect_name(entry.apply),
+                               "frames": list(entry.frames), "prefix": entry.prefix}
+                break
+        elif self._current is not None:
+            count, apply, frames = self._current
+            current = {"count": count, "effect": _effect_name(apply), "frames": list(frames),
+                       "prefix": b""}
+        inflight = {"requests": [request.raw for request in requests], "replies": replies}
+        if current is not None:
+            inflight["current"] = current
+        if self._unsent is not None and len(self._unsent):
+            inflight["unsent"] = bytes(self._unsent)
+        return inflight
 
     @classmethod
-    def adopt(cls, sock, address, state: dict, session: Session,
+    def adopt(cls, sock, address, record, session: Session,
               on_push: Callable[[bytes], None], **options) -> Optional["UpstreamConnection"]:
-        """Wrap a connection handed over by the previous image; None if the server has closed
-        it meanwhile (the caller then connects afresh)."""
-        push = bool(state.get("push"))
-        if not push:
-            # An idle connection has nothing to read; anything readable (EOF, an error, bytes
-            # nobody asked for) means it is not the connection that was handed over any more.
-            # (A subscriber's may hold messages: its reader finds out if it is closed.)
+        """Wrap a connection handed over by the previous image (a checkpoint UpstreamRecord);
+        None if the server has closed it meanwhile (the caller then connects afresh)."""
+        inflight = record.inflight
+        if not record.push and inflight is None and not record.buffered:
+            # Nothing is owed on it: anything readable (EOF, an error, bytes nobody asked for)
+            # means it is not the connection that was handed over any more. (One with replies
+            # or messages to come finds out when it reads.)
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN | _HANGUP)
             if poller.poll(0):
                 sock.close()
                 return None
         upstream = cls(address, 0, session, on_push, adopted=sock, **options)
-        upstream.resp_version = int(state.get("resp_version", 2))
-        upstream.reply_off = bool(state.get("reply_off", False))
-        upstream.skip_next = bool(state.get("skip_next", False))
-        if push:
-            for kind, names in (state.get("subscriptions") or {}).items():
-                if kind in upstream.subscriptions and isinstance(names, list):
-                    upstream.subscriptions[kind] = set(names)
-            buffered = state.get("buffered")
-            if isinstance(buffered, bytes) and buffered:
-                upstream.framer.feed(buffered)
+        upstream.resp_version = record.resp_version
+        upstream.reply_off = record.reply_off
+        upstream.skip_next = record.skip_next
+        for kind, names in (record.subscriptions or {}).items():
+            if kind in upstream.subscriptions:
+                upstream.subscriptions[kind] = set(names)
+        upstream.monitor = record.monitor
+        upstream.tracking = record.tracking
+        if record.multi is not None:
+            upstream.multi = [Message(raw) for raw in record.multi]
+        if record.buffered:
+            upstream.framer.feed(record.buffered)
+        upstream._held = list(record.held)
         upstream._state_changed()
-        if push and upstream._wants_push():
+        if inflight is not None:
+            # The connection's greenlet reads the rest of the batch's replies first
+            # (resume()); unasked frames can only come after that.
+            upstream._adopted_inflight = inflight
+        elif upstream._wants_push():
             upstream._enter_push_mode()
         return upstream
+
+    #: A batch handed over in flight, until resume() answers it.
+    _adopted_inflight = None
+
+    @property
+    def has_inflight(self) -> bool:
+        return self._adopted_inflight is not None
+
+    def resume(self, requests: List[Message]) -> List[Message]:
+        """Answer the batch that was in flight when this connection was handed over (its
+        `requests`, made from the record's): the replies already read, then the rest as it
+        arrives, one reply per request."""
+        inflight, self._adopted_inflight = self._adopted_inflight, None
+        replies = [Message(raw) if raw else NO_REPLY for raw in inflight.replies]
+        current = inflight.current
+        if current is not None:
+            effect = current.get("effect")
+            self._current = [current["count"], getattr(self, effect) if effect else None,
+                             list(current.get("frames") or ())]
+            prefix = current.get("prefix") or b""
+            if prefix:
+                self._held.insert(0, prefix)
+        watcher = None
+        if self.client_socket is not None and any(_may_block(r)
+                                                  for r in requests[len(replies):]):
+            watcher = gevent.spawn(self._watch_client)
+        try:
+            replies = self._call_direct(requests, replies, inflight.unsent)
+        finally:
+            if watcher is not None:
+                watcher.kill(block=False)
+        if self._wants_push() and not self.closed and not self.push_mode:
+            self._enter_push_mode()
+        return replies
 
     # ---- session replay -----------------------------------------------------------------------
 
@@ -376,11 +472,16 @@ class UpstreamConnection:
         return 0
 
     def _exec_outcomes(self, queued: List[Message], array: bytes) -> None:
-        """Tell the session what each queued command it tracks answered (SELECT, SETNAME...)."""
+        """Tell the session what each queued command it tracks answered (SELECT, SETNAME...):
+        once for every successful EXEC, so that the session matches each EXEC of a pipeline
+        with its own results."""
         if not any(r.command in TRACKED_COMMANDS for r in queued):
+            self.session.exec_results([])
             return
         if any(r.command in SUBSCRIBE_KINDS for r in queued):
-            return  # several frames per command: the session applies them as queued
+            # Several frames per command: the session applies them as queued.
+            self.session.exec_results(None)
+            return
         framer = resp.ReplyFramer()
         framer.feed(array[array.index(b"\r\n") + 2:])
         results = [framer.next_frame() for _ in queued]
@@ -410,11 +511,19 @@ class UpstreamConnection:
     # ---- I/O ----------------------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
+        sock = self.sock
         try:
-            send_all(self.sock, data)
+            sent = sock.send(data)
+            if sent < len(data):
+                # The rest waits for room; what is left is kept where a handover sees it.
+                view = self._unsent = memoryview(data)[sent:]
+                while view:
+                    view = self._unsent = view[sock.send(view):]
         except OSError as error:
             self._broken(f"upstream {_fmt(self.address)} write failed: {_reason(error)}")
             raise UpstreamError(self._failure) from None
+        finally:
+            self._unsent = None
 
     def _read_frame(self) -> bytes:
         framer = self.framer
@@ -455,8 +564,9 @@ class UpstreamConnection:
         """Deliver held pushes that no later reply can carry (they follow every reply)."""
         while self._held:
             held, self._held = self._held, []
-            for frame in held:
-                self.on_push(frame)
+            # In one piece: the client's connection owns it from here (an upgrade finds it
+            # there, not in a list this loop is half-way through).
+            self.on_push(b"".join(held))
 
     def _broken(self, reason: str, expected: bool = False) -> None:
         if self._failure is None and not self.closed:
@@ -477,10 +587,7 @@ class UpstreamConnection:
         reader = self._reader
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=False)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_for_good(self.sock)
 
     # ---- batches ------------------------------------------------------------------------------
 
@@ -544,12 +651,35 @@ class UpstreamConnection:
         self._broken(f"client left while a command on upstream {_fmt(self.address)} "
                      "was blocked", expected=True)
 
-    def _call_direct(self, requests: List[Message]) -> List[Message]:
-        payload = requests[0].raw if len(requests) == 1 else b"".join([r.raw for r in requests])
-        replies: List[Message] = []
+    def _call_direct(self, requests: List[Message], replies: Optional[List[Message]] = None,
+                     payload: Optional[bytes] = None) -> List[Message]:
+        """Write `requests` and read their replies in this greenlet. Resuming a handed-over
+        batch: `replies` holds those already read and `payload` what is left to write."""
+        if replies is None:
+            replies = []
+            payload = requests[0].raw if len(requests) == 1 else b"".join([r.raw for r in requests])
+        self._batch = requests
+        self._replies = replies
         try:
-            self._send(payload)
-            for request in requests:
+            if payload:
+                self._send(payload)
+            self._collect(requests, replies)
+        except UpstreamError as error:
+            # After QUIT the server answers nothing more, and neither does the proxy.
+            reply = NO_REPLY if self._quitting else Message.error(f"ERR {error}")
+            replies.extend([reply] * (len(requests) - len(replies)))
+        finally:
+            self._batch = self._replies = self._current = None
+            self._answered = requests
+        self._release_held()
+        return replies
+
+    def _collect(self, requests: List[Message], replies: List[Message]) -> None:
+        """Read the replies of requests[len(replies):] into `replies`."""
+        for index in range(len(replies), len(requests)):
+            request = requests[index]
+            current = self._current
+            if current is None:
                 count, apply = self._expect(request)
                 if count == 1 and apply is None:
                     frame = self._read_reply_frame()
@@ -557,23 +687,20 @@ class UpstreamConnection:
                         frame = self._take_held(request) + frame
                     replies.append(Message(frame))
                     continue
-                frames: List[bytes] = []
-                while len(frames) < count:
-                    frames.append(self._read_reply_frame())
-                    if len(frames) == 1 and apply == self._exec:
-                        count += self._exec(request, frames)
-                        apply = None
-                if apply is not None:
-                    apply(request, frames)
-                if frames and self._held:
-                    frames.insert(0, self._take_held(request))
-                replies.append(Message(b"".join(frames)) if frames else NO_REPLY)
-        except UpstreamError as error:
-            # After QUIT the server answers nothing more, and neither does the proxy.
-            reply = NO_REPLY if self._quitting else Message.error(f"ERR {error}")
-            replies.extend([reply] * (len(requests) - len(replies)))
-        self._release_held()
-        return replies
+                current = self._current = [count, apply, []]
+            frames = current[2]
+            while len(frames) < current[0]:
+                frames.append(self._read_reply_frame())
+                if len(frames) == 1 and current[1] == self._exec:
+                    current[0] += self._exec(request, frames)
+                    current[1] = None
+            self._current = None
+            apply = current[1]
+            if apply is not None:
+                apply(request, frames)
+            if frames and self._held:
+                frames.insert(0, self._take_held(request))
+            replies.append(Message(b"".join(frames)) if frames else NO_REPLY)
 
     # ---- push mode: a reader greenlet owns the socket's read side -------------------------------
 
@@ -583,6 +710,9 @@ class UpstreamConnection:
 
     def _call_via_reader(self, requests: List[Message]) -> List[Message]:
         entries = [_Pending(request) for request in requests]
+        self._batch = requests
+        self._replies = []
+        self._entries = entries
         self._pending.extend(entries)
         self._all_done.clear()
         self._advance()
@@ -590,8 +720,12 @@ class UpstreamConnection:
             self._send(b"".join(r.raw for r in requests))
         except UpstreamError:
             pass
-        if self._pending and not self.closed:
-            self._all_done.wait()
+        try:
+            if self._pending and not self.closed:
+                self._all_done.wait()
+        finally:
+            self._batch = self._replies = self._entries = None
+            self._answered = requests
         replies = []
         for entry in entries:
             if not entry.done and self._quitting:
@@ -661,6 +795,10 @@ class UpstreamConnection:
             self._pending.clear()
             self._all_done.set()
             self._release_held()
+
+
+def _effect_name(apply) -> Optional[str]:
+    return None if apply is None else apply.__name__
 
 
 def _may_block(request: Message) -> bool:

@@ -142,7 +142,7 @@ def test_envelope_layout():
     env = cbor2.loads(data)
     assert list(env) == ["magic", "format", "sha256", "body"]
     assert env["magic"] == "shotover-g/checkpoint"
-    assert env["format"] == 1
+    assert env["format"] == ckpt.FORMAT == 2
     assert env["sha256"] == hashlib.sha256(env["body"]).digest()
     body = cbor2.loads(env["body"])
     assert body["rollback"] is False
@@ -276,9 +276,9 @@ def test_random_file_is_rejected():
 def test_newer_format_refused_with_both_numbers():
     body = make_checkpoint().to_body()
     with pytest.raises(ckpt.NewerFormat) as info:
-        ckpt.decode(envelope(body, format=2))
+        ckpt.decode(envelope(body, format=3))
     message = str(info.value)
-    assert "2" in message and "1" in message
+    assert "format 3" in message and "format 2" in message
     assert "\n" not in message
     # Refused before the checksum is even looked at.
     with pytest.raises(ckpt.NewerFormat):
@@ -456,7 +456,7 @@ def test_tool_json(written):
     result = run_tool(str(written), "--json")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["format"] == 1
+    assert doc["format"] == ckpt.FORMAT
     assert doc["pid"] == 4242
     assert [c["peer"] for c in doc["connections"]] == ["10.1.2.3:51234", "[::1]:40000"]
     first = doc["connections"][0]
@@ -499,8 +499,8 @@ def test_tool_foreign_file(tmp_path):
 
 def test_tool_newer_format(tmp_path):
     newer = tmp_path / "newer.cbor"
-    newer.write_bytes(envelope(make_checkpoint().to_body(), format=2))
-    _assert_one_line_failure(run_tool(str(newer)), "format 2", "format 1")
+    newer.write_bytes(envelope(make_checkpoint().to_body(), format=3))
+    _assert_one_line_failure(run_tool(str(newer)), "format 3", "format 2")
 
 
 def test_tool_usage_error():
@@ -514,3 +514,78 @@ def test_write_refuses_parent_that_is_a_file(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ckpt.CheckpointError, match="checkpoint directory"):
         ckpt.write(str(blocker / "cp.cbor"), make_checkpoint())
+
+
+# ---- format 2: connections in any state, in a sealed memory file --------------------------------
+
+def test_format_1_is_migrated():
+    """A checkpoint from a version that wrote format 1 (idle upstream state nested under
+    "state", messages owed under "deliver") is read as format 2."""
+    body = make_checkpoint().to_body()
+    body["connections"][0]["upstream"] = {
+        "fd": 11, "sink": "RedisSinkSingle", "address": "127.0.0.1:6379",
+        "state": {"resp_version": 3, "reply_off": False, "skip_next": False, "push": True,
+                  "subscriptions": {"channels": [b"news"]}, "buffered": b"*3\r\n$7"},
+        "deliver": b">3\r\n$7\r\nmessage\r\n"}
+    cp = ckpt.decode(envelope(body, format=1))
+    upstream = cp.connections[0].upstream
+    assert (upstream.fd, upstream.resp_version, upstream.push) == (11, 3, True)
+    assert upstream.subscriptions == {"channels": [b"news"]}
+    assert upstream.buffered == b"*3\r\n$7" and upstream.inflight is None
+    assert cp.connections[0].output == b">3\r\n$7\r\nmessage\r\n"
+
+
+def test_in_flight_records_round_trip_and_are_checked():
+    cp = make_checkpoint()
+    cp.connections[0].upstream = ckpt.UpstreamRecord(
+        12, "RedisSinkSingle", "127.0.0.1:6379", multi=[b"*1\r\n$4\r\nPING\r\n"],
+        monitor=True, held=[b"+123.4 [0 1.2.3.4:5] \"get\"\r\n"],
+        inflight=ckpt.InflightRecord([b"*2\r\n$5\r\nBLPOP\r\n", b"*1\r\n$4\r\nEXEC\r\n"],
+                                     [b"$1\r\nx\r\n"],
+                                     {"count": 3, "effect": "_exec", "frames": [b"*2\r\n"],
+                                      "prefix": b""}, unsent=b"$4\r\n"))
+    cp.connections[0].output = b"+OK\r\n"
+    again = ckpt.decode(ckpt.encode(cp))
+    assert again.connections[0] == cp.connections[0]
+    body = cp.to_body()
+    body["connections"][0]["upstream"]["inflight"]["current"]["effect"] = "__init__"
+    with pytest.raises(ckpt.DamagedCheckpoint, match="unknown effect"):
+        ckpt.decode(envelope(body))
+    body = cp.to_body()
+    body["connections"][0]["upstream"]["inflight"]["replies"] *= 3
+    with pytest.raises(ckpt.DamagedCheckpoint, match="more replies than requests"):
+        ckpt.decode(envelope(body))
+
+
+def test_memfd_is_sealed_and_verified(tmp_path):
+    import fcntl
+
+    fd = ckpt.to_memfd(make_checkpoint())
+    try:
+        assert ckpt.read_fd(fd).pid == make_checkpoint().pid
+        with pytest.raises(OSError):
+            os.write(fd, b"x")  # sealed: nobody can change it
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SEAL
+        kept = tmp_path / "kept.cbor"
+        ckpt.copy_to_file(fd, str(kept))
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert ckpt.read(str(kept)).pid == make_checkpoint().pid
+        with pytest.raises(ckpt.CheckpointError, match="already exists"):
+            ckpt.copy_to_file(fd, str(kept))
+        # A symbolic link planted at the path is not followed.
+        target = tmp_path / "elsewhere"
+        link = tmp_path / "link.cbor"
+        link.symlink_to(target)
+        with pytest.raises(ckpt.CheckpointError):
+            ckpt.copy_to_file(fd, str(link))
+        assert not target.exists()
+    finally:
+        os.close(fd)
+    unsealed = os.memfd_create("not-sealed")
+    try:
+        os.write(unsealed, ckpt.encode(make_checkpoint()))
+        with pytest.raises(ckpt.CheckpointError, match="not sealed"):
+            ckpt.read_fd(unsealed)
+    finally:
+        os.close(unsealed)

@@ -28,7 +28,7 @@ CLI = [sys.executable, "-m", "shotover_gevent"]
 INSPECT_TOOL = REPO_ROOT / "tools" / "inspect_checkpoint.py"
 #: Logged by the old version (in its bridge process) once the new image is ready: from here on
 #: every connection is being paused at its next request boundary.
-DRAINING_MARK = "upgrade: the new image is ready: pausing"
+DRAINING_MARK = "upgrade: the new image is ready: taking over"
 
 
 def tail(path: Path, limit: int = 6000) -> str:
@@ -274,32 +274,30 @@ exec "{sys.executable}" "$@"
 
 
 #: Run by the stand-in below in place of the new image's start-up code: the first time the new
-#: image opens a checkpoint to read it, one byte in the middle of the file on disk is flipped.
-#: The bridge writes the checkpoint only once the new image is ready, so the damage has to be
-#: done from inside it.
+#: image reads its checkpoint (a sealed memory file, read with os.pread), one byte in the
+#: middle of what it reads is flipped, as if the checkpoint had been damaged on the way.
 _DAMAGE_ON_READ = """\
-import builtins, sys
+import os, sys
 boot = sys.argv.pop(1)
-real_open = builtins.open
+real_pread = os.pread
 damaged = []
-def damaging_open(file, mode="r", *args, **kwargs):
-    if not damaged and isinstance(file, str) and file.endswith(".cbor") and "r" in mode:
-        damaged.append(file)
-        with real_open(file, "rb") as f:
-            data = bytearray(f.read())
+def damaging_pread(fd, size, offset):
+    data = real_pread(fd, size, offset)
+    if not damaged and len(data) > 64:
+        damaged.append(fd)
+        data = bytearray(data)
         data[len(data) // 2] ^= 0xFF
-        with real_open(file, "wb") as f:
-            f.write(bytes(data))
-        sys.stderr.write("stand-in interpreter: damaged " + file + "\\n")
-    return real_open(file, mode, *args, **kwargs)
-builtins.open = damaging_open
+        data = bytes(data)
+        sys.stderr.write("stand-in interpreter: damaged the checkpoint\\n")
+    return data
+os.pread = damaging_pread
 exec(boot)
 """
 
 
 def interpreter_damaging_checkpoint(directory: Path) -> str:
     """The real interpreter, except that when started to restore it flips one byte in the
-    middle of the checkpoint file just before reading it."""
+    middle of the checkpoint as it reads it."""
     hook = Path(directory) / "damage_on_read.py"
     hook.write_text(_DAMAGE_ON_READ)
     return _script(directory, "python-damaging-checkpoint", f"""\
@@ -307,7 +305,7 @@ case " $* " in
   *" --restore "*) ;;
   *) exec "{sys.executable}" "$@" ;;
 esac
-# Started as: -S -c <start-up code> start ... --restore FILE ...
+# Started as: -S -c <start-up code> start ... --restore bridge ...
 [ "$2" = "-c" ] || {{ echo "stand-in interpreter: unexpected arguments: $*" >&2; exit 98; }}
 boot="$3"
 shift 3

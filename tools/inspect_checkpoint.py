@@ -26,10 +26,12 @@ import time
 
 try:
     from shotover_gevent.handover import checkpoint as ckpt
+    from shotover_gevent.protocol import resp as ckpt_resp
 except ImportError:
     # Run straight from a checkout without installing the package.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from shotover_gevent.handover import checkpoint as ckpt
+    from shotover_gevent.protocol import resp as ckpt_resp
 
 import cbor2
 
@@ -68,22 +70,43 @@ def _preview(data: bytes) -> str:
     return shown + "..." if len(data) > PREVIEW_BYTES else shown
 
 
-def _upstream_state(upstream: dict) -> str:
-    """How a handed-over upstream connection stood: idle, or a subscriber's, with the bytes of
-    messages travelling with it."""
-    state = upstream.get("state") if isinstance(upstream.get("state"), dict) else {}
-    if not state.get("push"):
-        return "handed over idle"
-    subscriptions = state.get("subscriptions") if isinstance(state.get("subscriptions"),
-                                                             dict) else {}
-    count = sum(len(names) for names in subscriptions.values() if isinstance(names, list))
-    text = f"handed over subscribed to {count} channels/patterns"
-    for key, what in (("buffered", "of a message being received"),
-                      ("deliver", "of messages not yet sent to the client")):
-        data = upstream.get(key) if key == "deliver" else state.get(key)
-        if isinstance(data, (bytes, bytearray)) and data:
-            text += f", {len(data)} bytes {what}"
-    return text
+def _upstream_state(upstream: ckpt.UpstreamRecord) -> str:
+    """How a handed-over upstream connection stood: idle, subscribed, monitoring, inside a
+    transaction, with requests in flight, and the bytes travelling with it."""
+    parts = []
+    count = sum(len(names) for names in upstream.subscriptions.values())
+    if count:
+        parts.append(f"subscribed to {count} channels/patterns")
+    if upstream.monitor:
+        parts.append("monitoring")
+    if upstream.tracking:
+        parts.append("tracking keys")
+    if upstream.multi is not None:
+        parts.append(f"in a transaction with {len(upstream.multi)} commands queued")
+    if upstream.inflight is not None:
+        inflight = upstream.inflight
+        parts.append(f"{len(inflight.requests) - len(inflight.replies)} of "
+                     f"{len(inflight.requests)} requests in flight "
+                     f"({', '.join(_command_names(inflight.requests))})")
+        if inflight.unsent:
+            parts.append(f"{len(inflight.unsent)} request bytes not yet written")
+    if upstream.buffered:
+        parts.append(f"{len(upstream.buffered)} bytes of a reply or message being received")
+    if upstream.held:
+        parts.append(f"{len(upstream.held)} messages held for the next reply")
+    return "handed over " + (", ".join(parts) if parts else "idle")
+
+
+def _command_names(requests: list) -> list:
+    names = []
+    for raw in requests[:5]:
+        try:
+            names.append(ckpt_resp.parse_command(raw)[0].decode("latin-1").upper())
+        except Exception:  # noqa: BLE001 - only a label
+            names.append("?")
+    if len(requests) > 5:
+        names.append("...")
+    return names
 
 
 def _jsonable(value: object) -> object:
@@ -138,7 +161,8 @@ def as_json(path: str, fmt: int, cp: ckpt.Checkpoint, show_secrets: bool) -> dic
                     "unread_bytes": len(rec.unread),
                     "unread": rec.unread,
                     "session": _session(rec.session, show_secrets),
-                    "upstream": rec.upstream,
+                    "upstream": None if rec.upstream is None else rec.upstream.to_body(),
+                    "output_bytes": len(rec.output) + len(rec.deferred),
                 }
                 for rec in cp.connections
             ],
@@ -191,9 +215,12 @@ def as_text(path: str, fmt: int, cp: ckpt.Checkpoint, show_secrets: bool) -> str
         if rec.unread:
             unread += f"  {_preview(rec.unread)}"
         lines.append(f"    unread   {unread}")
+        if rec.output or rec.deferred:
+            lines.append(f"    output   {len(rec.output) + len(rec.deferred)} bytes owed to the "
+                         "client")
         if rec.upstream is not None:
-            lines.append(f"    upstream fd {rec.upstream.get('fd')} to {rec.upstream.get('address')}"
-                         f" ({rec.upstream.get('sink', '?')}, {_upstream_state(rec.upstream)})")
+            lines.append(f"    upstream fd {rec.upstream.fd} to {rec.upstream.address}"
+                         f" ({rec.upstream.sink or '?'}, {_upstream_state(rec.upstream)})")
         session = _session(rec.session, show_secrets)
         if not session:
             lines.append("    session  {}")

@@ -32,7 +32,9 @@ import gevent
 from gevent import socket
 
 from .. import __version__
-from .upgrade import UpgradeAborted, quiesce, resume, write_checkpoint
+from . import checkpoint as checkpoint_format
+from .upgrade import (UpgradeAborted, build_checkpoint, busy_reason, count, resume, settle,
+                      take_snapshot)
 
 #: Sockets per SCM_RIGHTS message (the kernel takes at most 253).
 MAX_FDS_PER_MESSAGE = 253
@@ -113,14 +115,13 @@ class LineChannel:
 
 
 class Bridge:
-    def __init__(self, proxy, request, report, answer: Dict, python: str, path: str,
+    def __init__(self, proxy, request, report, answer: Dict, python: str,
                  channel_socket, inherited: Dict[int, int], parent_pid: int) -> None:
         self.proxy = proxy
         self.request = request
         self.report = report
         self.answer = answer
         self.python = python
-        self.path = path
         self.channel = LineChannel(channel_socket)
         self.inherited = inherited
         self.parent_pid = parent_pid
@@ -180,39 +181,61 @@ class Bridge:
         return reason
 
     def _hand_over(self) -> str:
-        """Pause, checkpoint, and wait for the new image's verdict: "retry", or why the bridge
-        must serve on. Leaves the process when the new image has adopted everything."""
+        """Settle, snapshot, checkpoint, and wait for the new image's verdict: "retry", or why
+        the bridge must serve on. Leaves the process when the new image has adopted
+        everything."""
         proxy = self.proxy
-        log.info("upgrade: the new image is ready: pausing every connection")
+        log.info("upgrade: the new image is ready: taking over every connection")
         # No collection pause inside the blackout (back on if this version serves on).
         gc.disable()
-        quiesce_started_ns = time.time_ns()
-        paused, closed = quiesce(proxy, self.request.drain_timeout, self.report)
-        # From here the new image gets the whole timeout, however long the drain took.
+        started = time.monotonic()
+        deadline = started + self.request.drain_timeout
+        closed: Dict[str, int] = {}
+        while True:
+            # Clients are served while the few connections that cannot be handed over this
+            # moment get to a point where they can.
+            settle(proxy, deadline)
+            # The pause: from here until the new image serves, no greenlet runs in this
+            # process (nothing may move between the snapshot and the new image's adoption).
+            quiesce_started_ns = time.time_ns()
+            snapshot = take_snapshot(proxy)
+            if not snapshot.busy or time.monotonic() >= deadline:
+                break
+        settle_ms = (time.monotonic() - started) * 1000
+        for connection in snapshot.busy:
+            reason = busy_reason(connection)
+            count(closed, reason)
+            connection.close(f"upgrade: cannot hand over ({reason})", now=True)
+        for connection in snapshot.tls:
+            count(closed, "tls")
+            connection.close("upgrade: cannot hand over (tls)", now=True)
+        # From here the new image gets the whole timeout, however long the settling took.
         deadline = time.monotonic() + self.request.restore_timeout
+        channel = getattr(self.report, "channel", None)
         try:
-            write_checkpoint(proxy, paused, closed, quiesce_started_ns, self.request,
-                             self.report, self.answer, self.path, self.parent_pid,
-                             lambda fds: self._translate(fds, deadline))
-        except UpgradeAborted as error:
+            _cp, data = build_checkpoint(
+                proxy, snapshot, closed, settle_ms, quiesce_started_ns, self.request,
+                self.answer, lambda fds: self._translate(fds, deadline),
+                channel.sock.fileno() if channel is not None else None)
+            memfd = checkpoint_format.to_memfd(data)
+        except (UpgradeAborted, checkpoint_format.CheckpointError) as error:
             self.channel.send(f"failed {error}")
-            resume(proxy, paused)
+            resume(proxy, proxy.all_connections())
             gc.enable()
             return str(error)
         # From "written" until the verdict, this process must not run a single greenlet: a
         # connection waiting in recv() would take bytes the new image is about to read.
-        self.channel.send("written")
+        self.channel.send("written", [memfd])
+        os.close(memfd)
         self._written = True
         verdict = self.channel.read_line(deadline)
+        if verdict == "timeout":
+            verdict = self._settle_timeout()
         if verdict == "adopted":
             self._leave()
         if verdict != "retry":
             self._end_new_image()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        resume(proxy, paused)
+        resume(proxy, proxy.all_connections())
         self._written = False
         gc.enable()
         if verdict == "retry":
@@ -223,6 +246,24 @@ class Bridge:
             return (f"the new version did not adopt the connections within "
                     f"{self.request.restore_timeout:g} s")
         return EXITED
+
+    def _settle_timeout(self) -> str:
+        """The new image has not said "adopted" in time. It says so before it reads a single
+        client byte, so: stop it, then look once more. If the word came meanwhile, it serves
+        already and keeps serving (it is let go on); otherwise it has read nothing and is
+        ended, and this process serves on."""
+        try:
+            os.kill(self.parent_pid, signal.SIGSTOP)
+        except OSError:
+            return self.channel.read_line(time.monotonic()) or EXITED
+        verdict = self.channel.read_line(time.monotonic())
+        if verdict == "adopted":
+            try:
+                os.kill(self.parent_pid, signal.SIGCONT)
+            except OSError:
+                pass
+            return verdict
+        return "timeout"
 
     def _send_configuration(self, config_data, topology_data) -> None:
         import json

@@ -17,9 +17,11 @@ from typing import Any, Callable
 import cbor2
 
 MAGIC = "shotover-g/checkpoint"
-FORMAT = 1
+#: 2: connections handed over in any state (requests in flight, transactions, MONITOR,
+#: tracking, output not yet written); typed upstream records. 1 is still read.
+FORMAT = 2
 
-# Every body key format 1 writes.  All are required on read: in particular a
+# Every body key formats 1 and 2 write.  All are required on read: in particular a
 # missing "rollback" must not silently default to False, or a roll-back exec
 # could roll back again and loop.
 BODY_KEYS = (
@@ -116,16 +118,166 @@ class ListenerRecord:
         )
 
 
+def _want_bytes_list(value: object, where: str) -> list:
+    _want(value, list, where)
+    for i, item in enumerate(value):
+        _want(item, bytes, f"{where}[{i}]")
+    return value
+
+
+#: The effects an in-flight reply may still have to apply once read (names of methods of the
+#: upstream connection); anything else in a checkpoint is damage.
+REPLY_EFFECTS = frozenset({"_queue", "_subscription_changed", "_client_reply", "_client_tracking",
+                           "_reset", "_exec", "_hello", "_multi", "_discard", "_monitor",
+                           "_hello_queued"})
+
+
+@dataclass
+class InflightRecord:
+    """A batch of requests written to an upstream connection whose replies are not all read:
+    the next image reads the rest from the inherited socket and answers the client."""
+
+    #: Every request of the batch, as the client sent it.
+    requests: list[bytes]
+    #: The replies of the first len(replies) requests, complete (b"": the client gets none).
+    replies: list[bytes] = field(default_factory=list)
+    #: The next request's reply when it has begun to be counted: {"count": frames expected,
+    #: "effect": what to apply once they are read (None or a REPLY_EFFECTS name), "frames":
+    #: frames read so far, "prefix": pushes that go out in front of it}.
+    current: dict | None = None
+    #: The end of the batch's bytes not yet written to the server.
+    unsent: bytes = b""
+
+    def to_body(self) -> dict:
+        body: dict = {"requests": self.requests, "replies": self.replies}
+        if self.current is not None:
+            body["current"] = self.current
+        if self.unsent:
+            body["unsent"] = bytes(self.unsent)
+        return body
+
+    @classmethod
+    def from_body(cls, item: object, where: str) -> InflightRecord:
+        _want(item, dict, where)
+        requests = _want_bytes_list(_member(item, "requests", where), f"{where}.requests")
+        replies = _want_bytes_list(item.get("replies", []), f"{where}.replies")
+        if len(replies) > len(requests):
+            raise DamagedCheckpoint(f"{where}: more replies than requests")
+        current = item.get("current")
+        if current is not None:
+            _want(current, dict, f"{where}.current")
+            _want_count(_member(current, "count", f"{where}.current"), f"{where}.current.count")
+            effect = current.get("effect")
+            if effect is not None and effect not in REPLY_EFFECTS:
+                raise DamagedCheckpoint(f"{where}.current.effect: unknown effect {effect!r}")
+            _want_bytes_list(current.get("frames", []), f"{where}.current.frames")
+            _want(current.get("prefix", b""), bytes, f"{where}.current.prefix")
+            if len(replies) >= len(requests):
+                raise DamagedCheckpoint(f"{where}: a reply in progress after the last request")
+        return cls(requests, replies, current,
+                   _want(item.get("unsent", b""), bytes, f"{where}.unsent"))
+
+
+@dataclass
+class UpstreamRecord:
+    """A client's upstream connection, handed over with it: the socket, and what the proxy
+    knows of the server's side of it (the server itself keeps the rest: a blocked command,
+    queued transaction commands, WATCHed keys, subscriptions, MONITOR, tracking)."""
+
+    fd: int
+    #: Which sink made it ("RedisSinkSingle") and for which server: the next image adopts it
+    #: only where its topology still sends this client there.
+    sink: str
+    address: str
+    resp_version: int = 2
+    reply_off: bool = False
+    skip_next: bool = False
+    #: {"channels" | "patterns" | "shard_channels": [names]}
+    subscriptions: dict = field(default_factory=dict)
+    monitor: bool = False
+    tracking: bool = False
+    #: Inside MULTI: the requests the server has queued (None: not in a transaction).
+    multi: list[bytes] | None = None
+    #: Frames may arrive unasked (subscriptions, MONITOR, tracking): a reader owns the socket.
+    push: bool = False
+    #: Bytes read from the server and not yet framed (part of a reply or message).
+    buffered: bytes = b""
+    #: Pushes read and held to go out in front of the next reply.
+    held: list[bytes] = field(default_factory=list)
+    inflight: InflightRecord | None = None
+
+    def to_body(self) -> dict:
+        # Defaults are left out: a thousand idle connections are written inside the pause.
+        body: dict = {"fd": self.fd, "sink": self.sink, "address": self.address}
+        if self.resp_version != 2:
+            body["resp_version"] = self.resp_version
+        for key in ("reply_off", "skip_next", "monitor", "tracking", "push"):
+            if getattr(self, key):
+                body[key] = True
+        if self.subscriptions:
+            body["subscriptions"] = self.subscriptions
+        if self.multi is not None:
+            body["multi"] = self.multi
+        if self.buffered:
+            body["buffered"] = bytes(self.buffered)
+        if self.held:
+            body["held"] = self.held
+        if self.inflight is not None:
+            body["inflight"] = self.inflight.to_body()
+        return body
+
+    @classmethod
+    def from_body(cls, item: object, where: str = "upstream") -> UpstreamRecord:
+        _want(item, dict, where)
+        subscriptions = _want(item.get("subscriptions", {}), dict, f"{where}.subscriptions")
+        for kind, names in subscriptions.items():
+            if kind not in ("channels", "patterns", "shard_channels"):
+                raise DamagedCheckpoint(f"{where}.subscriptions: unknown kind {kind!r}")
+            _want_bytes_list(names, f"{where}.subscriptions.{kind}")
+        multi = item.get("multi")
+        if multi is not None:
+            _want_bytes_list(multi, f"{where}.multi")
+        resp_version = _want_count(item.get("resp_version", 2), f"{where}.resp_version")
+        if resp_version not in (2, 3):
+            raise DamagedCheckpoint(f"{where}.resp_version: expected 2 or 3, got {resp_version}")
+        inflight = item.get("inflight")
+        return cls(
+            fd=_want_count(_member(item, "fd", where), f"{where}.fd"),
+            sink=_want(item.get("sink", ""), str, f"{where}.sink"),
+            address=_want(_member(item, "address", where), str, f"{where}.address"),
+            resp_version=resp_version,
+            reply_off=_want(item.get("reply_off", False), bool, f"{where}.reply_off"),
+            skip_next=_want(item.get("skip_next", False), bool, f"{where}.skip_next"),
+            subscriptions=subscriptions,
+            monitor=_want(item.get("monitor", False), bool, f"{where}.monitor"),
+            tracking=_want(item.get("tracking", False), bool, f"{where}.tracking"),
+            multi=multi,
+            push=_want(item.get("push", False), bool, f"{where}.push"),
+            buffered=_want(item.get("buffered", b""), bytes, f"{where}.buffered"),
+            held=_want_bytes_list(item.get("held", []), f"{where}.held"),
+            inflight=None if inflight is None else InflightRecord.from_body(inflight,
+                                                                            f"{where}.inflight"),
+        )
+
+
 @dataclass
 class ConnectionRecord:
+    """One client connection as the next image takes it over."""
+
     fd: int
     source: str
     peer: str
+    #: Bytes the client sent that no request has been made of yet (a half-sent command, a
+    #: pipeline cut by the pause, or a whole batch that had not reached the server).
     unread: bytes
+    #: What the client changed on its server connection (session.Session.to_dict()).
     session: dict
-    #: The client's idle upstream connection, handed over with it: {"fd", "sink", "address",
-    #: "state"}. Optional: absent, the new image connects afresh and replays the session.
-    upstream: dict | None = None
+    #: Its upstream connection; None: the next image connects afresh and replays the session.
+    upstream: UpstreamRecord | None = None
+    #: Bytes owed to the client before anything else: replies and messages not yet written.
+    output: bytes = b""
+    #: Messages that go out after the replies of the batch in flight.
+    deferred: bytes = b""
 
     def to_body(self) -> dict:
         body = {
@@ -138,45 +290,58 @@ class ConnectionRecord:
             "session": self.session,
         }
         if self.upstream is not None:
-            body["upstream"] = self.upstream
+            body["upstream"] = self.upstream.to_body()
+        if self.output:
+            body["output"] = bytes(self.output)
+        if self.deferred:
+            body["deferred"] = bytes(self.deferred)
         return body
 
     @classmethod
     def from_body(cls, item: object, where: str = "connection") -> ConnectionRecord:
         _want(item, dict, where)
+        upstream = item.get("upstream")
         return cls(
             fd=_want_count(_member(item, "fd", where), f"{where}.fd"),
             source=_want(_member(item, "source", where), str, f"{where}.source"),
             peer=_want(_member(item, "peer", where), str, f"{where}.peer"),
             unread=_want(_member(item, "unread", where), bytes, f"{where}.unread"),
             session=_want(_member(item, "session", where), dict, f"{where}.session"),
-            upstream=_check_upstream(item.get("upstream"), f"{where}.upstream"),
+            upstream=None if upstream is None else UpstreamRecord.from_body(upstream,
+                                                                            f"{where}.upstream"),
+            output=_want(item.get("output", b""), bytes, f"{where}.output"),
+            deferred=_want(item.get("deferred", b""), bytes, f"{where}.deferred"),
         )
+
+
+_PLAIN_CONNECTION_KEYS = frozenset({"fd", "source", "peer", "unread", "session"})
+_PLAIN_UPSTREAM_KEYS = frozenset({"fd", "sink", "address"})
 
 
 def _connections_from_body(items: list) -> list[ConnectionRecord]:
     """ConnectionRecord.from_body for every item, with its checks inlined for the common case.
 
-    Thousands of records are read inside the clients' pause.  An item whose fields all have
-    exactly the expected types is built directly; any other item (a wrong type, a missing key,
-    or only a subclass of the expected type) goes through ConnectionRecord.from_body, which
-    accepts it or names the first bad field just as it always has.
+    Thousands of records are read inside the clients' pause.  An idle connection (its idle
+    upstream connection at most) whose fields all have exactly the expected types is built
+    directly; any other item goes through ConnectionRecord.from_body, which accepts it or
+    names the first bad field.
     """
     records: list[ConnectionRecord] = []
     append = records.append
     new = ConnectionRecord
+    new_upstream = UpstreamRecord
     for i, item in enumerate(items):
         if item.__class__ is dict:
-            try:
+            upstream = item.get("upstream")
+            keys = item.keys()
+            if (keys == _PLAIN_CONNECTION_KEYS or (upstream is not None and len(keys) == 6
+                                                    and keys - _PLAIN_CONNECTION_KEYS
+                                                    == {"upstream"})):
                 fd = item["fd"]
                 source = item["source"]
                 peer = item["peer"]
                 unread = item["unread"]
                 session = item["session"]
-            except KeyError:
-                pass
-            else:
-                upstream = item.get("upstream")
                 # `type(x) is int` also keeps out bool, as _want does.
                 if (
                     fd.__class__ is int
@@ -185,29 +350,20 @@ def _connections_from_body(items: list) -> list[ConnectionRecord]:
                     and peer.__class__ is str
                     and unread.__class__ is bytes
                     and session.__class__ is dict
-                    and (
-                        upstream is None
-                        or (
-                            upstream.__class__ is dict
-                            and upstream.get("fd").__class__ is int
-                            and upstream["fd"] >= 0
-                            and upstream.get("address").__class__ is str
-                        )
-                    )
                 ):
-                    append(new(fd, source, peer, unread, session, upstream))
-                    continue
+                    if upstream is None:
+                        append(new(fd, source, peer, unread, session))
+                        continue
+                    if (upstream.__class__ is dict and upstream.keys() == _PLAIN_UPSTREAM_KEYS
+                            and upstream["fd"].__class__ is int and upstream["fd"] >= 0
+                            and upstream["sink"].__class__ is str
+                            and upstream["address"].__class__ is str):
+                        append(new(fd, source, peer, unread, session,
+                                   new_upstream(upstream["fd"], upstream["sink"],
+                                                upstream["address"])))
+                        continue
         append(ConnectionRecord.from_body(item, f"connections[{i}]"))
     return records
-
-
-def _check_upstream(upstream: object, where: str) -> dict | None:
-    if upstream is None:
-        return None
-    _want(upstream, dict, where)
-    _want_count(_member(upstream, "fd", where), f"{where}.fd")
-    _want(_member(upstream, "address", where), str, f"{where}.address")
-    return upstream
 
 
 def _check_drain(drain: object) -> dict:
@@ -257,7 +413,7 @@ class Checkpoint:
     def fds(self) -> list[int]:
         """Every inherited fd the checkpoint names: listeners, connections, control."""
         found = [rec.fd for rec in self.listeners] + [rec.fd for rec in self.connections]
-        found += [rec.upstream["fd"] for rec in self.connections if rec.upstream is not None]
+        found += [rec.upstream.fd for rec in self.connections if rec.upstream is not None]
         if self.control is not None:
             found.append(self.control["fd"])
         return found
@@ -322,10 +478,35 @@ class Checkpoint:
         return cp
 
 
+def _format_1_to_2(body: dict) -> dict:
+    """Format 1 nested an idle upstream connection's state under "state" and the messages not
+    yet written to its client under "deliver"; format 2 keeps both flat."""
+    connections = body.get("connections")
+    if not isinstance(connections, list):
+        return body
+    migrated = []
+    for item in connections:
+        upstream = item.get("upstream") if isinstance(item, dict) else None
+        if isinstance(upstream, dict):
+            item = dict(item)
+            upstream = dict(upstream)
+            state = upstream.pop("state", None)
+            deliver = upstream.pop("deliver", None)
+            if isinstance(state, dict):
+                for key in ("resp_version", "reply_off", "skip_next", "push", "subscriptions",
+                            "buffered"):
+                    if key in state:
+                        upstream[key] = state[key]
+            item["upstream"] = upstream
+            if deliver:
+                item["output"] = deliver
+        migrated.append(item)
+    return dict(body, connections=migrated)
+
+
 # Body migrations keyed by the format they read: _MIGRATIONS[n] turns a
-# format-n body into a format-(n + 1) body.  Format 1 is the first, so there
-# are none yet; when FORMAT becomes 2, add _MIGRATIONS[1].
-_MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+# format-n body into a format-(n + 1) body.
+_MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _format_1_to_2}
 
 
 def _migrate(body: dict, found: int) -> dict:
@@ -490,7 +671,9 @@ def write(path: str, cp: Checkpoint | bytes) -> None:
             ) from exc
     _check_directory(directory)
 
-    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    # O_EXCL: never an existing file, nor a symbolic link planted at the path.
+    flags = (os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_NOFOLLOW", 0))
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
@@ -513,6 +696,98 @@ def write(path: str, cp: Checkpoint | bytes) -> None:
         except OSError:
             pass
         raise CheckpointError(f"cannot write checkpoint file {path}: {exc.strerror}") from exc
+
+
+#: Seals a checkpoint memfd must carry: nobody can change it once written.
+_SEALS = ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE")
+
+
+def to_memfd(cp: Checkpoint | bytes) -> int:
+    """Write a checkpoint into a sealed anonymous memory file and return its fd.
+
+    Nothing is created in any directory: no path another user could pre-create, replace or
+    point a symbolic link at, nothing left on disk (credentials included) when a process is
+    killed mid-upgrade. The next image gets the fd over the bridge socket; the memory is freed
+    when the last process holding it closes it.
+    """
+    import fcntl
+
+    data = cp if isinstance(cp, (bytes, bytearray)) else encode(cp)
+    try:
+        fd = os.memfd_create("shotover-g-checkpoint", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except (AttributeError, OSError) as exc:
+        raise CheckpointError(f"cannot create the checkpoint in memory: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        seals = 0
+        for name in _SEALS:
+            seals |= getattr(fcntl, name)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointError(f"cannot write the checkpoint in memory: {exc.strerror}") from exc
+    return fd
+
+
+def copy_to_file(fd: int, path: str) -> None:
+    """Copy the checkpoint in memfd `fd` to a new file at `path` (0600): never an existing file
+    or a symbolic link planted there, nothing half-written left behind."""
+    data = _memfd_bytes(fd)
+    flags = (os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        out = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise CheckpointError(f"{path} already exists") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot create {path}: {exc.strerror}") from exc
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+            os.fsync(out)
+        finally:
+            os.close(out)
+    except OSError as exc:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def _memfd_bytes(fd: int) -> bytes:
+    try:
+        size = os.fstat(fd).st_size
+        chunks = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint: {exc.strerror}") from exc
+    return b"".join(chunks)
+
+
+def read_fd(fd: int) -> Checkpoint:
+    """Read and verify the checkpoint in a memfd made by to_memfd (it must be sealed)."""
+    import fcntl
+
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint: {exc.strerror}") from exc
+    for name in _SEALS[1:]:
+        if not seals & getattr(fcntl, name):
+            raise CheckpointError("the checkpoint's memory file is not sealed against changes")
+    return decode(_memfd_bytes(fd))
 
 
 def read(path: str) -> Checkpoint:

@@ -18,11 +18,10 @@ from gevent import socket
 
 from .. import __version__, observability
 from ..config import ConfigError, load, load_data
-from ..session import Session
 from . import checkpoint as checkpoint_format
 from .bridge import LineChannel
-from .upgrade import (ABORTED_ENV, CONTROL_SIGNALS, EXEC_TIME_ENV, PREVIOUS_ENV,
-                      ROLLBACK_REASON_ENV, reap_later)
+from .upgrade import (ABORTED_ENV, CONTROL_SIGNALS, EXEC_TIME_ENV, FROM_BRIDGE, PREVIOUS_ENV,
+                      ROLLBACK_REASON_ENV, describe, reap_later)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,8 @@ class RestoreOptions:
         self.bridge_fd = bridge_fd
         self.bridge_pid = bridge_pid
         self.rollback = rollback
+        #: The sealed memfd holding the checkpoint, once the bridge has sent it.
+        self.checkpoint_fd: Optional[int] = None
         # Reads and writes on the bridge socket; the fd itself stays as it is (inheritable:
         # a roll-back exec hands it on).
         self.bridge: Optional[LineChannel] = None
@@ -86,6 +87,12 @@ def _await_checkpoint(options: RestoreOptions) -> None:
         bridge.send("fds " + " ".join(str(fd) for fd in taken))
         answer = bridge.read_line()
     if answer == "written":
+        # The checkpoint itself: a sealed memory file, the one socket-less fd of the message.
+        taken = bridge.take_fds(len(bridge.fds))
+        if taken:
+            options.checkpoint_fd = taken[-1]
+            for fd in taken[:-1]:
+                os.close(fd)
         return
     if answer.startswith("failed"):
         # The bridge serves on, as the previous version: this image has nothing to do.
@@ -112,7 +119,11 @@ def _configuration_from_bridge(options: RestoreOptions):
 
 def _read_checkpoint(options: RestoreOptions):
     try:
-        return checkpoint_format.read(options.restore_path)
+        if options.restore_path != FROM_BRIDGE:  # started by hand on a file
+            return checkpoint_format.read(options.restore_path)
+        if options.checkpoint_fd is None:
+            raise checkpoint_format.CheckpointError("the bridge sent no checkpoint")
+        return checkpoint_format.read_fd(options.checkpoint_fd)
     except (checkpoint_format.CheckpointError, OSError) as error:
         raise RestoreFailed(f"cannot use the checkpoint: {error}") from None
 
@@ -129,10 +140,13 @@ def roll_back(options: RestoreOptions, reason: str) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     boot = list(previous.get("boot") or [previous["python"], "-m", "shotover_gevent"])
-    argv = boot + list(previous["argv"])[3:] + ["--restore", options.restore_path, "--rollback"]
+    argv = boot + list(previous["argv"])[3:] + ["--restore", FROM_BRIDGE, "--rollback"]
     if options.bridge_fd is not None:
         argv += ["--bridge-fd", str(options.bridge_fd), "--bridge-pid", str(options.bridge_pid)]
     os.environ[ROLLBACK_REASON_ENV] = f"new version {__version__}: {reason}"
+    if options.checkpoint_fd is not None:
+        os.close(options.checkpoint_fd)  # the bridge sends a fresh one to the next program
+        options.checkpoint_fd = None
     tell_bridge(options, "retry")
     os.execv(previous["python"], argv)
 
@@ -208,6 +222,8 @@ def restore(options: RestoreOptions):
             keep.add(control[key])
     if options.bridge_fd is not None:
         keep.add(options.bridge_fd)
+    if options.checkpoint_fd is not None:
+        keep.add(options.checkpoint_fd)
 
     proxy.generation = cp.generation if options.rollback else cp.generation + 1
     proxy.started_wall = hints.get("started_wall", proxy.started_wall)
@@ -237,7 +253,7 @@ def restore(options: RestoreOptions):
             continue
         os.close(record.fd)
         if record.upstream is not None:
-            os.close(record.upstream["fd"])
+            os.close(record.upstream.fd)
         closed["source removed"] = closed.get("source removed", 0) + 1
 
     if control.get("fd") is not None:
@@ -268,8 +284,12 @@ def restore(options: RestoreOptions):
     for record in records:
         poller.register(record.fd, select.POLLIN)
     readable = {fd for fd, _event in poller.poll(0)}
-    urgent = [r for r in records if r.unread or r.fd in readable]
-    later = [r for r in records if not (r.unread or r.fd in readable)]
+    def waiting(record) -> bool:
+        return bool(record.unread or record.output or record.fd in readable or (
+            record.upstream is not None and record.upstream.inflight is not None))
+
+    urgent = [r for r in records if waiting(r)]
+    later = [r for r in records if not waiting(r)]
     adopted = _adopt(proxy, urgent, closed)
     proxy.go_live()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
@@ -300,11 +320,10 @@ def _adopt(proxy, records, closed: Dict[str, int]) -> int:
         except OSError:
             client.close()
             if record.upstream is not None:
-                os.close(record.upstream["fd"])
+                os.close(record.upstream.fd)
             closed["client left during upgrade"] = closed.get("client left during upgrade", 0) + 1
             continue
-        source.adopt(client, record.peer, Session.from_dict(record.session), record.unread,
-                     record.upstream)
+        source.adopt(client, record)
         count += 1
     return count
 
@@ -312,18 +331,63 @@ def _adopt(proxy, records, closed: Dict[str, int]) -> int:
 def _finish(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted: int, later,
             keep: Set[int], blackout_ms: float, moments, metrics_listener) -> None:
     """After the pause: the idle connections, then the inherited fds nobody named, then the
-    report."""
+    report. Whatever fails on the way, every connection is adopted and the CLI gets an
+    answer."""
     from ..handover.control import ControlChannel
 
+    control = cp.control or {}
+    channel = None
+    if control.get("channel_fd") is not None:
+        channel = ControlChannel(socket.socket(fileno=control["channel_fd"]))
+    problems = []
     for start in range(0, len(later), ADOPT_BATCH):
         gevent.sleep(0)
-        adopted += _adopt(proxy, later[start:start + ADOPT_BATCH], closed)
-    leaked = _close_unnamed_fds(keep)
+        try:
+            adopted += _adopt(proxy, later[start:start + ADOPT_BATCH], closed)
+        except Exception:
+            log.exception("adopting connections after the upgrade failed; going on one by one")
+            problems.append("some connections could not be adopted (see the log)")
+            for record in later[start:start + ADOPT_BATCH]:
+                try:
+                    adopted += _adopt(proxy, [record], closed)
+                except Exception:
+                    _forget_record(record, closed)
+    result = None
+    try:
+        leaked = _close_unnamed_fds(keep)
+        result = _report(proxy, options, cp, closed, adopted, blackout_ms, moments, leaked,
+                         metrics_listener, channel)
+    except Exception as error:
+        log.exception("finishing the upgrade failed")
+        problems.append(f"internal error while finishing the upgrade: {error}")
+    if result is None:
+        result = {"event": "result", "ok": not options.rollback, "new_version": __version__,
+                  "pid": os.getpid(), "generation": proxy.generation, "kept": adopted,
+                  "summary": f"{__version__} serving {adopted} kept connections, pid "
+                             f"{os.getpid()}; " + "; ".join(problems)}
+        proxy.last_upgrade = result
+    elif problems:
+        result["summary"] += "; " + "; ".join(problems)
+    if channel is not None:
+        channel.send(result)
+        channel.close()
 
+
+def _forget_record(record, closed: Dict[str, int]) -> None:
+    for fd in (record.fd, record.upstream.fd if record.upstream is not None else None):
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    closed["internal error"] = closed.get("internal error", 0) + 1
+
+
+def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted: int,
+            blackout_ms: float, moments, leaked: int, metrics_listener, channel) -> dict:
     ready_ns, written_ns, live_ns = moments
     config = proxy.config
     hints = cp.restore or {}
-    control = cp.control or {}
     quiesce_ns = hints.get("quiesce_started_ns") or cp.created_ns
     gevent.spawn_later(2.0, _collect_garbage_again)
     # Clients are served again; what only scrapes need loads now, off the hub's thread.
@@ -333,8 +397,21 @@ def _finish(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
         gevent.spawn_later(1.0, _start_observability_later, proxy,
                            config.observability_interface, metrics_listener)
 
-    keep_path = hints.get("keep_checkpoint")
-    keep_problem = _dispose_checkpoint(options.restore_path, keep_path)
+    keep_problem = _dispose_checkpoint(options, hints.get("keep_checkpoint"))
+
+    # The stages the old side could not report (it runs nothing once it has taken the
+    # snapshot), for the waiting CLI.
+    drain = cp.drain or {}
+    drained = drain.get("closed_reasons") or {}
+    drained_text = ", ".join(f"{n} {why}" for why, n in drained.items()) or "none"
+    stages = [("drain", f"{len(cp.connections)} connections taken over as they were, after "
+                        f"{drain.get('ms', 0)} ms for those that could not be at once; "
+                        f"closed: {drained_text}"),
+              ("checkpoint", f"{describe(cp)}, in a sealed memory file")]
+    for stage, detail in stages:
+        log.info("upgrade: %s: %s", stage, detail)
+        if channel is not None:
+            channel.send({"event": "stage", "stage": stage, "detail": detail})
 
     reason = os.environ.pop(ROLLBACK_REASON_ENV, None)
     aborted = os.environ.pop(ABORTED_ENV, None) is not None
@@ -345,10 +422,11 @@ def _finish(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
     timings = {
         # While the bridge served every client: start, imports, configuration.
         "exec_to_ready_ms": round((ready_ns - exec_ns) / 1e6, 1) if exec_ns else None,
-        # The pause: the bridge drains and writes; this image reads and adopts.
+        # The pause: the bridge takes the snapshot and writes; this image reads and adopts.
         "drain_and_checkpoint_ms": round((cp.created_ns - quiesce_ns) / 1e6, 1),
         "handover_ms": round((written_ns - cp.created_ns) / 1e6, 1),
         "restore_ms": round((live_ns - written_ns) / 1e6, 1),
+        "settle_ms": drain.get("ms", 0),
     }
     restore_ms = timings["restore_ms"]
     result = {
@@ -374,19 +452,18 @@ def _finish(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
                              f"{blackout_ms:.0f} ms, pid {os.getpid()}, generation "
                              f"{proxy.generation} (start and imports "
                              f"{timings['exec_to_ready_ms']} ms while the old version served; "
-                             f"paused: drain+checkpoint {timings['drain_and_checkpoint_ms']} ms, "
-                             f"adoption {timings['restore_ms']} ms)")
+                             f"paused: snapshot+checkpoint {timings['drain_and_checkpoint_ms']} "
+                             f"ms, adoption {timings['restore_ms']} ms)")
     if keep_problem:
         result["summary"] += f"; {keep_problem}"
         result["checkpoint_problem"] = keep_problem
     proxy.last_upgrade = result
     if result["ok"]:
         observability.record_upgrade(blackout_ms / 1000, upgrades_so_far=proxy.generation)
+    for why, n in closed.items():
+        observability.record_upgrade_closed(why, n)
     (log.info if result["ok"] else log.error)("%s", result["summary"])
-    if control.get("channel_fd") is not None:
-        channel = ControlChannel(socket.socket(fileno=control["channel_fd"]))
-        channel.send(result)
-        channel.close()
+    return result
 
 
 def restore_or_fall_back(options: RestoreOptions):
@@ -468,24 +545,17 @@ def same_address(bound, wanted) -> bool:
     return any(info[4][0] == host for info in infos)
 
 
-def _dispose_checkpoint(path: str, keep_path: Optional[str]) -> Optional[str]:
-    """Delete the checkpoint, or move it to `keep_path`; return a problem worth reporting."""
+def _dispose_checkpoint(options: RestoreOptions, keep_path: Optional[str]) -> Optional[str]:
+    """Release the checkpoint's memory file, keeping a copy at `keep_path` when asked (a new
+    file, 0600, never an existing file or a symbolic link); return a problem worth reporting."""
+    fd, options.checkpoint_fd = options.checkpoint_fd, None
     problem = None
-    if keep_path:
+    if keep_path and fd is not None:
         try:
-            os.replace(path, keep_path)
-            return None
-        except OSError:
-            # Another file system, most likely: copy it, still private, then delete the original.
-            try:
-                descriptor = os.open(keep_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with open(path, "rb") as source, os.fdopen(descriptor, "wb") as target:
-                    target.write(source.read())
-            except OSError as error:
-                problem = f"checkpoint not kept at {keep_path}: {error.strerror or error}"
-                log.warning("%s", problem)
-    try:
-        os.unlink(path)
-    except OSError as error:
-        log.warning("could not remove checkpoint %s: %s", path, error)
+            checkpoint_format.copy_to_file(fd, keep_path)
+        except checkpoint_format.CheckpointError as error:
+            problem = f"checkpoint not kept at {keep_path}: {error}"
+            log.warning("%s", problem)
+    if fd is not None:
+        os.close(fd)
     return problem

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import gevent
 
 from .. import __version__
-from ..connection import State
+from ..connection import PAUSE_PROGRESS
 from . import checkpoint as checkpoint_format
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ EXEC_TIME_ENV = "SHOTOVER_G_EXEC_NS"
 ROLLBACK_REASON_ENV = "SHOTOVER_G_ROLLBACK_REASON"
 #: Set when the new version never ran (its exec failed): the report says "aborted".
 ABORTED_ENV = "SHOTOVER_G_ABORTED"
+#: The value of --restore when the checkpoint comes over the bridge socket (a sealed memfd).
+FROM_BRIDGE = "bridge"
 
 
 class UpgradeAborted(Exception):
@@ -162,127 +164,169 @@ def preflight(proxy, python: str, report: Reporter) -> Dict:
     return answer
 
 
-# ---- step 2: quiesce --------------------------------------------------------------------------
+# ---- step 2: settle (in the bridge, once the new image is ready) ------------------------------
 
-def quiesce(proxy, drain_timeout: float, report: Reporter):
-    """Stop accepting, stop every connection at a request boundary; close what cannot stop."""
-    started = time.monotonic()
-    deadline = started + drain_timeout
-    connections = proxy.pause_connections(drain_timeout)
-    closed: Dict[str, int] = {}
+def settle(proxy, deadline: float) -> List:
+    """Stop accepting, then wait (at most until `deadline`) for the few connections that
+    cannot be handed over this very moment: most can, whatever they are doing (requests in
+    flight, a blocking command, a transaction, MONITOR...). Those that cannot are asked to
+    stop at their next request boundary; the others are served meanwhile. Returns those still
+    busy."""
+    for source in proxy.sources.values():
+        source.stop_accepting()
+    busy = [c for c in proxy.all_connections() if c.handover_status() == "busy"]
+    for connection in busy:
+        connection.request_pause()
+    while busy and time.monotonic() < deadline:
+        PAUSE_PROGRESS.clear()
+        PAUSE_PROGRESS.wait(min(deadline - time.monotonic(), SETTLE_POLL))
+        busy = [c for c in busy if c.handover_status() == "busy"]
+    return busy
+
+
+#: How often settle() looks again at a busy connection that has not stopped yet.
+SETTLE_POLL = 0.005
+
+
+def resume(proxy, connections: List) -> None:
+    """Undo settle(): every paused connection carries on; accepting restarts."""
     for connection in connections:
-        if connection.state is State.PAUSED:
-            blocker = connection.handover_blocker()
-            if blocker is None:
-                continue
-        elif connection.state is State.CLOSED:
-            continue
-        else:
-            blocker = connection.session.handover_blocker() or "busy (command in flight)"
-        closed[blocker] = closed.get(blocker, 0) + 1
-        connection.close(f"upgrade: cannot hand over ({blocker})")
-    paused, writing = [], []
-    for connection in connections:
-        if connection.state is State.PAUSED:
-            (paused if connection.freeze(0) else writing).append(connection)
-    # A write still in progress (a pub/sub message to a client that reads slowly, or not at
-    # all) holds the write side: it gets what is left of the deadline, a second at least.
-    for connection in writing:
-        if connection.state is not State.PAUSED:
-            continue  # the client left meanwhile
-        if connection.freeze(max(deadline - time.monotonic(), 1.0)):
-            paused.append(connection)
-            continue
-        blocker = "still writing to a client that does not read"
-        closed[blocker] = closed.get(blocker, 0) + 1
-        connection.close(f"upgrade: cannot hand over ({blocker})")
-    drain_ms = (time.monotonic() - started) * 1000
-    closed_text = ", ".join(f"{n} {why}" for why, n in closed.items()) or "none"
-    report.stage("drain", f"{len(paused)} connections paused at a request boundary in "
-                          f"{drain_ms:.1f} ms; closed: {closed_text}",
-                 paused=len(paused), closed=closed, drain_ms=round(drain_ms, 1))
-    return paused, closed
-
-
-def resume(proxy, paused: List) -> None:
-    """Undo quiesce: every paused connection carries on; accepting restarts."""
-    for connection in paused:
-        connection.unfreeze()
-    for connection in proxy.all_connections():
         connection.resume()
     for source in proxy.sources.values():
         source.start_accepting()
 
 
-# ---- step 3: checkpoint -----------------------------------------------------------------------
+# ---- step 3: snapshot and checkpoint ----------------------------------------------------------
 
-def write_checkpoint(proxy, paused, closed, quiesce_started_ns: int, request: UpgradeRequest,
-                     report: Reporter, answer: Dict, path: str, main_pid: int,
-                     translate: Callable[[List[int]], Dict[int, int]]):
-    """Describe every paused connection for the next image and write the file.
+@dataclass
+class Snapshot:
+    """Every connection as it stands at one moment (taken without yielding to any other
+    greenlet: nothing can move between the first connection described and the last)."""
 
-    `translate` maps the fds of the paused connections (and of their upstream connections) to
-    the numbers the next image knows them by (the same number for a socket it inherited; a
-    socket opened since, it is sent); an fd missing from the answer is not handed over: such a
-    client is closed, such an upstream connection stays behind (the next image connects
-    afresh)."""
+    #: (connection, fields of its checkpoint record) for each connection handed over.
+    described: List
+    #: Connections that cannot be handed over this moment, with why.
+    busy: List
+    #: TLS connections (their encryption state cannot leave this process).
+    tls: List
+
+
+def take_snapshot(proxy) -> Snapshot:
+    described, busy, tls = [], [], []
+    for connection in proxy.all_connections():
+        fields, status = connection.export()
+        if status == "busy":
+            busy.append(connection)
+        elif status == "tls":
+            tls.append(connection)
+        elif fields is not None:
+            described.append((connection, fields))
+    return Snapshot(described, busy, tls)
+
+
+def busy_reason(connection) -> str:
+    return connection.session.handover_blocker() or "busy (command in flight)"
+
+
+def count(closed: Dict[str, int], reason: str) -> None:
+    closed[reason] = closed.get(reason, 0) + 1
+
+
+def build_checkpoint(proxy, snapshot: Snapshot, closed: Dict[str, int], settle_ms: float,
+                     quiesce_started_ns: int, request: UpgradeRequest, answer: Dict,
+                     translate: Callable[[List[int]], Dict[int, int]],
+                     channel_fd: Optional[int] = None):
+    """The checkpoint of a snapshot, as a Checkpoint and its encoded bytes.
+
+    `translate` maps the fds of the connections (and of their upstream connections) to the
+    numbers the next image knows them by (the same number for a socket it inherited; a socket
+    opened since, it is sent). A client whose fd is missing from the answer is closed; an
+    upstream connection whose fd is missing stays behind (the next image connects afresh),
+    unless requests are in flight on it: then its client is closed too."""
     listeners = [checkpoint_format.ListenerRecord(s.listener.fileno(), name, s.address)
                  for name, s in proxy.sources.items()]
-    described = [(c, c.sock.fileno(), c.export_upstream()) for c in paused]
-    wanted = [fd for _c, fd, _upstream in described]
-    wanted += [upstream["fd"] for _c, _fd, upstream in described if upstream is not None]
+    wanted = [c.sock.fileno() for c, _fields in snapshot.described]
+    wanted += [f["upstream"].fd for _c, f in snapshot.described if f["upstream"] is not None]
     numbers = translate(wanted)
     records = []
-    for c, fd, upstream in described:
+    for connection, fields in snapshot.described:
+        fd = connection.sock.fileno()
+        upstream = fields["upstream"]
+        if upstream is not None:
+            if upstream.fd in numbers:
+                upstream.fd = numbers[upstream.fd]
+            elif upstream.inflight is None:
+                upstream = None
+            else:
+                fd = -1  # its requests' replies could not be read: close it
         if fd not in numbers:
             reason = "socket not transferable to the next image"
-            closed[reason] = closed.get(reason, 0) + 1
-            c.close(f"upgrade: {reason}")
+            count(closed, reason)
+            connection.close(f"upgrade: {reason}", now=True)
             continue
-        if upstream is not None:
-            upstream = dict(upstream, fd=numbers[upstream["fd"]]) if upstream["fd"] in numbers \
-                else None
-        records.append(checkpoint_format.ConnectionRecord(numbers[fd], c.source.name, c.peer,
-                                                          c.unread_bytes(), c.session.to_dict(),
-                                                          upstream))
+        records.append(checkpoint_format.ConnectionRecord(
+            numbers[fd], connection.source.name, connection.peer, fields["unread"],
+            fields["session"], upstream, fields["output"], fields["deferred"]))
     control = {"fd": proxy.control_server.listener.fileno(), "path": proxy.control_path}
-    channel = getattr(report, "channel", None)
-    if channel is not None:
-        control["channel_fd"] = channel.sock.fileno()
+    if channel_fd is not None:
+        control["channel_fd"] = channel_fd
     if proxy.observability_server is not None:
         control["metrics_fd"] = proxy.observability_server.server.socket.fileno()
+    config_data, topology_data = answer.get("config_data"), answer.get("topology_data")
     cp = checkpoint_format.Checkpoint(
         written_by=__version__, created_ns=time.time_ns(), pid=os.getpid(),
         generation=proxy.generation, argv=program_argv(proxy, sys.executable),
-        python=sys.executable, config_sha256=proxy.config_digest(), listeners=listeners,
-        connections=records, control=control,
-        drain={"ms": int((time.time_ns() - quiesce_started_ns) / 1e6),
-               "closed": sum(closed.values()), "closed_reasons": closed},
+        python=sys.executable, config_sha256=configuration_digest(config_data, topology_data),
+        listeners=listeners, connections=records, control=control,
+        drain={"ms": int(settle_ms), "closed": sum(closed.values()), "closed_reasons": closed},
         rollback=False, guardian={"bridge_pid": os.getpid()},
         restore={"quiesce_started_ns": quiesce_started_ns,
                  "keep_checkpoint": request.keep_checkpoint,
                  "started_wall": proxy.started_wall,
                  # What the new version validated in its preflight: it runs on exactly that.
-                 "config_data": answer.get("config_data"),
-                 "topology_data": answer.get("topology_data"),
+                 "config_data": config_data,
+                 "topology_data": topology_data,
                  # What this version runs on, should it have to take over again.
                  "previous_config_data": proxy.config.raw,
                  "previous_topology_data": proxy.topology.raw})
     try:
         data = checkpoint_format.encode(cp, validate=False)
-        try:
-            os.unlink(path)  # an earlier attempt's, which a failed image left behind
-        except OSError:
-            pass
-        checkpoint_format.write(path, data)
     except checkpoint_format.CheckpointError as error:
         raise UpgradeAborted(f"checkpoint: {error}") from None
-    unread = sum(len(r.unread) for r in records)
+    return cp, data
+
+
+def configuration_digest(config_data, topology_data) -> str:
+    """Names the configuration a checkpoint was written for (what the new version validated),
+    from data in memory: nothing is read from disk inside the pause."""
+    import hashlib
+
+    text = json.dumps([config_data, topology_data], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def describe(cp) -> str:
+    """One line on what a checkpoint hands over, for the upgrade's report."""
+    records = cp.connections
     upstreams = sum(1 for r in records if r.upstream is not None)
-    report.stage("checkpoint", f"wrote {path} ({len(data)} bytes: {len(listeners)} listeners, "
-                               f"{len(records)} connections with {upstreams} upstream "
-                               f"connections, {unread} unread bytes)", path=path)
-    return cp
+    inflight = sum(1 for r in records if r.upstream is not None and r.upstream.inflight)
+    unread = sum(len(r.unread) for r in records)
+    output = sum(len(r.output) + len(r.deferred) for r in records)
+    states = []
+    for key, label in (("in_multi", "in a transaction"), ("watching", "watching keys"),
+                       ("monitor", "monitoring"), ("tracking", "tracking keys")):
+        n = sum(1 for r in records if r.session.get(key))
+        if n:
+            states.append(f"{n} {label}")
+    subscribed = sum(1 for r in records if r.session.get("subscriptions"))
+    if subscribed:
+        states.append(f"{subscribed} subscribed")
+    text = (f"{len(cp.listeners)} listeners, {len(records)} connections with {upstreams} "
+            f"upstream connections ({inflight} with requests in flight), {unread} unread bytes, "
+            f"{output} bytes owed to clients")
+    if states:
+        text += "; " + ", ".join(states)
+    return text
 
 
 # ---- step 3: fork the bridge and exec --------------------------------------------------------
@@ -336,7 +380,6 @@ def fork_and_exec(proxy, python: str, request: UpgradeRequest, report: Reporter,
 
     from .bridge import Bridge
 
-    path = checkpoint_format.new_path()
     inodes = mark_sockets_inheritable()
     parent_end, child_end = stdlib_socket.socketpair(stdlib_socket.AF_UNIX,
                                                      stdlib_socket.SOCK_STREAM)
@@ -352,15 +395,14 @@ def fork_and_exec(proxy, python: str, request: UpgradeRequest, report: Reporter,
             from None
     if child_pid == 0:
         parent_end.close()
-        return Bridge(proxy, request, report, answer, python, path, child_end, inodes,
-                      parent_pid)
+        return Bridge(proxy, request, report, answer, python, child_end, inodes, parent_pid)
     # The parent: from here on nothing may yield to the hub (the bridge owns every client now)
     # and nothing may read or write a client socket.
     child_end.close()
     bridge_fd = parent_end.detach()
     os.set_inheritable(bridge_fd, True)
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
-    restore_args = ["--restore", path, "--bridge-fd", str(bridge_fd),
+    restore_args = ["--restore", FROM_BRIDGE, "--bridge-fd", str(bridge_fd),
                     "--bridge-pid", str(child_pid)]
     # How to start this version again: for the new image's roll-back, or right below.
     own_start = fast_start_argv(sys.executable, {"sys_path": sys.path,

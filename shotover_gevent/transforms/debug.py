@@ -43,6 +43,7 @@ class DebugReturnerBuilder(TransformBuilder):
 
 
 class DebugReturner(Transform):
+    inflight_handover = True
     _FAIL = Message.error("ERR DebugReturner is configured to fail every request")
 
     def __init__(self, reply: Optional[Message]) -> None:
@@ -70,6 +71,7 @@ class DebugPrinterBuilder(TransformBuilder):
 
 
 class DebugPrinter(Transform):
+    inflight_handover = True
     def __init__(self, peer: str) -> None:
         self.peer = peer
         self.counter = 0

@@ -28,6 +28,7 @@ class NullSinkBuilder(TransformBuilder):
 
 
 class NullSink(Transform):
+    inflight_handover = True
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         return [_NULL] * len(requests)
 

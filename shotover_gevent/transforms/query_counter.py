@@ -45,6 +45,7 @@ class QueryCounterBuilder(TransformBuilder):
 
 class QueryCounter(Transform):
     __slots__ = ("count",)
+    inflight_handover = True
 
     def __init__(self, count) -> None:
         self.count = count

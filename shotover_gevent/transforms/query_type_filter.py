@@ -104,6 +104,7 @@ class QueryTypeFilterBuilder(TransformBuilder):
 
 class QueryTypeFilter(Transform):
     __slots__ = ("builder",)
+    inflight_handover = True
 
     def __init__(self, builder: QueryTypeFilterBuilder) -> None:
         self.builder = builder

@@ -67,6 +67,7 @@ RESUBSCRIBE_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 class RedisSinkSingle(Transform):
     __slots__ = ("builder", "context", "upstream", "_connecting", "_resubscriber", "_closed")
+    inflight_handover = True
 
     def __init__(self, builder: RedisSinkSingleBuilder, context: ConnectionContext) -> None:
         self.builder = builder
@@ -90,27 +91,41 @@ class RedisSinkSingle(Transform):
                 on_lost=self._upstream_lost, client_socket=_client_socket(self.context))
             return self.upstream
 
-    def export_upstream(self) -> Optional[dict]:
+    def export_upstream(self, batch: Optional[List[Message]] = None):
         upstream = self.upstream
         if upstream is None:
-            return None
-        state = upstream.handover_state()
+            # Not connected yet, or connecting for this very batch: nothing of it was sent.
+            return None, ("ok" if batch is None else "unsent")
+        state, status = upstream.export_state(batch)
         if state is None:
-            return None
-        return {"fd": upstream.sock.fileno(), "sink": "RedisSinkSingle",
-                "address": self.builder.address_text, "state": state}
+            return None, status
+        from ..handover.checkpoint import InflightRecord, UpstreamRecord
 
-    def adopt_upstream(self, record: dict) -> bool:
+        inflight = state.pop("inflight", None)
+        return UpstreamRecord(fd=upstream.sock.fileno(), sink="RedisSinkSingle",
+                              address=self.builder.address_text,
+                              inflight=None if inflight is None else InflightRecord(**inflight),
+                              **state), status
+
+    def adopt_upstream(self, record) -> bool:
         config = self.builder.config
-        if record.get("sink") != "RedisSinkSingle" or config.tls is not None or \
-                record.get("address") != self.builder.address_text:
+        if record.sink != "RedisSinkSingle" or config.tls is not None or \
+                record.address != self.builder.address_text:
             return False
         self.upstream = UpstreamConnection.adopt(
-            _socket_from_fd(record["fd"], config.remote_address),
-            config.remote_address, record.get("state") or {},
-            self.context.session, self.context.push, on_lost=self._upstream_lost,
-            client_socket=_client_socket(self.context))
+            _socket_from_fd(record.fd, config.remote_address),
+            config.remote_address, record, self.context.session, self.context.push,
+            on_lost=self._upstream_lost, client_socket=_client_socket(self.context))
         return True  # even when it turned out dead: the fd is dealt with
+
+    def resume_inflight(self, requests: List[Message]) -> Optional[List[Message]]:
+        upstream = self.upstream
+        if upstream is None or not upstream.has_inflight:
+            return None
+        replies = upstream.resume(requests)
+        if upstream.closed:
+            self.builder.failed_requests(sum(1 for r in replies if r.is_error))
+        return replies
 
     def prepare(self) -> None:
         if self.context.session.subscribed:
