@@ -14,7 +14,7 @@ import gevent
 from gevent.event import Event
 
 from . import __version__, observability
-from .config import Config, Topology, format_address
+from .config import Config, Topology
 from .connection import PAUSE_PROGRESS, ClientConnection, State
 from .source import Source
 
@@ -41,6 +41,10 @@ class Proxy:
         self.last_upgrade: Optional[dict] = None
         #: In the bridge process of an upgrade: the PID being upgraded (the service's PID).
         self.bridge_for: Optional[int] = None
+        #: In a bridge that serves on only for its TLS clients after the new image took over.
+        self.lame_duck = False
+        #: Previous versions still serving TLS clients: pid -> what they last reported.
+        self.lame_ducks: Dict[int, dict] = {}
 
     # ---- start --------------------------------------------------------------------------------
 
@@ -53,7 +57,7 @@ class Proxy:
             self.sources[source.name] = source
         if self.config.observability_interface is not None:
             self.observability_server = observability.start_observability_server(
-                self.config.observability_interface)
+                self.config.observability_interface, token=self.config.observability_token)
         self.control_server = ControlServer(self, self.control_path)
         self.control_server.bind()
         self.go_live()
@@ -68,7 +72,7 @@ class Proxy:
         addresses = ", ".join(f"{s.name}={s.address}" for s in self.sources.values())
         extra = ""
         if self.observability_server is not None:
-            extra = f"; metrics on http://{format_address(self.observability_server.address)}/metrics"
+            extra = f"; metrics on {self.observability_server.metrics_location}"
         log.info("shotover-g %s (pid %d, generation %d) accepting connections on %s%s",
                  __version__, os.getpid(), self.generation, addresses, extra)
         notify_service_manager()
@@ -102,6 +106,7 @@ class Proxy:
                 for name, source in self.sources.items()
             },
             "upgrade_in_progress": self.upgrade_in_progress,
+            "lame_ducks": sorted(self.lame_ducks.values(), key=lambda d: d["pid"]),
             **({"bridge_pid": os.getpid()} if self.bridge_for else {}),
             "last_upgrade": self.last_upgrade,
         }
@@ -110,6 +115,10 @@ class Proxy:
 
     def request_stop(self, why: str = "stop requested") -> None:
         if self.stopped.is_set() or getattr(self, "_stopping", False):
+            return
+        if self.lame_duck:
+            log.info("%s: closing the TLS connections this previous version still serves", why)
+            self.stopped.set()
             return
         if self.bridge_for is not None:
             # A signal for the whole service group: the process being upgraded acts on it once
@@ -144,6 +153,11 @@ class Proxy:
             PAUSE_PROGRESS.wait(min(remaining, 0.05))
 
     def _stop(self) -> None:
+        for pid in list(self.lame_ducks):
+            try:
+                os.kill(pid, signal.SIGTERM)  # previous versions still serving TLS clients
+            except OSError:
+                pass
         # Batches in flight finish; a transaction or a blocking command is not waited for.
         connections = self.pause_connections(STOP_DRAIN_SECONDS,
                                              lambda c: c.session.handover_blocker())

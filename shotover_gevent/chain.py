@@ -48,6 +48,12 @@ class Transform:
     def close(self) -> None:
         """Release upstream resources (called when the client leaves or is handed over)."""
 
+    def abandon(self) -> None:
+        """Let go of upstream resources that another process now owns (an upgrade's old side
+        after the new image adopted them): nothing may be said to the server. By default
+        only the sink's connection is handed over, so the rest is closed as usual."""
+        self.close()
+
     def prepare(self) -> None:
         """Called once before the first request of a connection adopted in an upgrade: a sink
         whose session expects unsolicited messages (subscriptions) connects right away."""
@@ -144,6 +150,18 @@ class Chain:
                 transform.close()
             except Exception:
                 log.exception("closing transform %r failed", transform)
+
+    def abandon(self) -> None:
+        """The client and the sink's upstream connection belong to another process now."""
+        for transform in self.transforms[:-1]:
+            try:
+                transform.close()
+            except Exception:
+                log.exception("closing transform %r failed", transform)
+        try:
+            self.transforms[-1].abandon()
+        except Exception:
+            log.exception("letting go of transform %r failed", self.transforms[-1])
 
 
 def _bind(transform: Transform, call_next: CallNext, metrics) -> CallNext:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Optional
 
 import click
@@ -153,14 +154,19 @@ def _precompile_package() -> None:
               help="interpreter whose installed shotover_gevent is the new version "
                    "[default: the one the proxy runs on]")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="seconds to let transactions and blocking commands finish")
+              help="seconds to wait for the rare connection that cannot be handed over at once "
+                   "(a batch inside a Tee, Coalesce or cluster chain); the rest never waits")
+@click.option("--tls-drain-timeout", type=click.FloatRange(min=0), default=3600.0,
+              show_default=True,
+              help="seconds the previous version keeps serving TLS clients (whose encryption "
+                   "state cannot move) before closing those still connected")
 @click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
               help="seconds the new version gets to take over the connections; past that the "
                    "previous version is restored")
 @click.option("--keep-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="keep a copy of the checkpoint at this path")
-def upgrade(control_socket: str, python: Optional[str], drain_timeout: float, timeout: float,
-            keep_checkpoint: Optional[str]) -> None:
+def upgrade(control_socket: str, python: Optional[str], drain_timeout: float,
+            tls_drain_timeout: float, timeout: float, keep_checkpoint: Optional[str]) -> None:
     """Replace the running proxy with a new version in place, keeping every connection."""
     from .handover.control import ControlError, request
 
@@ -174,6 +180,7 @@ def upgrade(control_socket: str, python: Optional[str], drain_timeout: float, ti
                        "directory; nothing was done", err=True)
             sys.exit(2)
     message = {"command": "upgrade", "python": python, "drain_timeout": drain_timeout,
+               "tls_drain_timeout": tls_drain_timeout,
                "keep_checkpoint": os.path.abspath(keep_checkpoint) if keep_checkpoint else None,
                "restore_timeout": timeout}
 
@@ -223,5 +230,9 @@ def status(control_socket: str, as_json: bool) -> None:
     for name, source in result["sources"].items():
         click.echo(f"source      {name} on {source['address']}: {source['connections']} "
                    "connections")
+    for duck in result.get("lame_ducks") or ():
+        click.echo(f"previous    pid {duck['pid']} (version {duck.get('version', '?')}) still "
+                   f"serves {duck.get('tls_connections', '?')} TLS connections, at most "
+                   f"{max(0, duck.get('until', 0) - time.time()):.0f} s more")
     if result.get("last_upgrade"):
         click.echo(f"last upgrade {result['last_upgrade'].get('summary')}")

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 Address = Tuple[str, int]
+#: Where the HTTP observability interface listens: (host, port), or a Unix socket's path.
+ObservabilityAddress = Union[Address, str]
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -134,11 +141,54 @@ def format_address(address: Address) -> str:
 @dataclass
 class Config:
     main_log_level: str = "info"
-    observability_interface: Optional[Address] = None
+    observability_interface: Optional[ObservabilityAddress] = None
     control_socket: Optional[str] = None
     path: str = ""
     text: str = ""
     raw: Any = None
+    #: When set, `PUT /filter` needs `Authorization: Bearer <this>`.
+    observability_token: Optional[str] = None
+
+
+UNIX_PREFIX = "unix:"
+#: The longest Unix socket path the kernel takes (sun_path, less its terminating NUL).
+MAX_UNIX_PATH_BYTES = 107
+#: A bearer token (RFC 6750's token68), long enough not to be guessed.
+MIN_TOKEN_LENGTH = 16
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
+def parse_observability_interface(text: str, where: str,
+                                  problems: Problems) -> Optional[ObservabilityAddress]:
+    """"host:port", or "unix:/absolute/path" for a Unix socket (returned as the path)."""
+    if not text.startswith(UNIX_PREFIX):
+        return parse_address(text, where, problems)
+    path = text[len(UNIX_PREFIX):]
+    if not path.startswith("/") or path.endswith("/") or "\0" in path:
+        problems.add(where, f'expected "unix:" followed by the absolute path of a socket file, '
+                            f'such as "unix:/run/shotover-g/metrics.sock", got {text!r}')
+        return None
+    if len(path.encode()) > MAX_UNIX_PATH_BYTES:
+        problems.add(where, f"the socket path is {len(path.encode())} bytes long; Unix sockets "
+                            f"take at most {MAX_UNIX_PATH_BYTES}")
+        return None
+    return path
+
+
+def parse_token(value: Any, where: str, problems: Problems) -> Optional[str]:
+    """A bearer token; the messages never repeat it (they end up in logs)."""
+    if not isinstance(value, str):
+        problems.add(where, f"expected a string, got {type(value).__name__}; put the token in "
+                            "quotes")
+        return None
+    if len(value) < MIN_TOKEN_LENGTH or not _TOKEN.fullmatch(value):
+        problems.add(where, f"expected at least {MIN_TOKEN_LENGTH} characters from A-Z, a-z, "
+                            "0-9 and - . _ ~ + / (optionally ending in =), such as the output "
+                            f"of `openssl rand -hex 32`; the value given is {len(value)} "
+                            "characters long" + ("" if _TOKEN.fullmatch(value) or not value
+                                                 else " and has other characters"))
+        return None
+    return value
 
 
 def parse_config(data: Any, name: str = "config.yaml") -> Tuple[Optional[Config], Problems]:
@@ -146,14 +196,20 @@ def parse_config(data: Any, name: str = "config.yaml") -> Tuple[Optional[Config]
     values = take_mapping(data, name, problems, required={}, optional={
         "main_log_level": (str, "info"),
         "observability_interface": (str, None),
+        # Any YAML value here: parse_token reports a mistyped token without showing it.
+        "observability_token": ((str, int, float, bool, list, dict), None),
         "control_socket": (str, None),
     })
     if values is None:
         return None, problems
     address = None
     if values["observability_interface"] is not None:
-        address = parse_address(values["observability_interface"],
-                                f"{name}: observability_interface", problems)
+        address = parse_observability_interface(values["observability_interface"],
+                                                f"{name}: observability_interface", problems)
+    token = None
+    if values["observability_token"] is not None:
+        token = parse_token(values["observability_token"], f"{name}: observability_token",
+                            problems)
     from .observability import parse_log_filter
     try:
         parse_log_filter(values["main_log_level"])
@@ -161,7 +217,22 @@ def parse_config(data: Any, name: str = "config.yaml") -> Tuple[Optional[Config]
         problems.add(f"{name}: main_log_level", str(error))
     if problems.items:
         return None, problems
-    return Config(values["main_log_level"], address, values["control_socket"]), problems
+    return Config(values["main_log_level"], address, values["control_socket"],
+                  observability_token=token), problems
+
+
+def warn_if_token_readable(config: Config) -> None:
+    """A token in a file every local user can read protects nothing: say so."""
+    if config.observability_token is None or not config.path:
+        return
+    try:
+        mode = os.stat(config.path).st_mode
+    except OSError:
+        return
+    if mode & 0o004:
+        log.warning("%s: observability_token: the file is readable by every user, who can then "
+                    "change the log filter; make it private (chmod 600 %s)", config.path,
+                    config.path)
 
 
 # ---- topology.yaml ----------------------------------------------------------------------------
@@ -360,6 +431,7 @@ def load(config_path: str, topology_path: str) -> Tuple[Config, Topology]:
         raise ConfigError(problems.items)
     config.path, config.text, config.raw = config_path, texts[config_path], raw_config
     topology.path, topology.text, topology.raw = topology_path, texts[topology_path], raw_topology
+    warn_if_token_readable(config)
     return config, topology
 
 

@@ -390,6 +390,26 @@ class ClientConnection:
         if self._resume is not None:
             self._resume.set()
 
+    def abandon(self) -> None:
+        """Let go of a connection the next image has adopted: this process stops serving it
+        without touching the sockets (no shutdown, no close_notify, nothing written)."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.HANDED_OVER
+        greenlet = self.greenlet
+        if greenlet is not None and not greenlet.dead and greenlet is not gevent.getcurrent():
+            greenlet.kill(block=False)
+        if self._chain is not None:
+            self._chain.abandon()
+        if self._upstream_record is not None:
+            _close_fd(self._upstream_record.fd)
+            self._upstream_record = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.source.forget(self)
+
     def close(self, reason: str, now: bool = False) -> None:
         """Close from outside (drain deadline, shutdown). `now`: the socket is closed before
         this returns (an upgrade's old side runs no greenlet after it has handed over)."""

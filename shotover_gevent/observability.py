@@ -5,8 +5,10 @@ Metric names and labels follow shotover-proxy so existing dashboards keep workin
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -718,6 +720,14 @@ def setup_logging(level: str, log_format: str = "human") -> None:
 # ---------------------------------------------------------------------------
 
 _MAX_FILTER_BYTES = 64 * 1024
+#: Seconds one request may take, from the moment the server waits for it (on a kept-alive
+#: connection too) until its response is sent: a slow or stalled client is closed then.
+REQUEST_DEADLINE_SECONDS = 5.0
+#: Connections served at once; further ones wait in the listen backlog, not in this process.
+MAX_HTTP_CONNECTIONS = 128
+#: Refused `PUT /filter` requests are logged at most this often (any local user can send them).
+REFUSAL_LOG_INTERVAL_SECONDS = 60.0
+
 _http_log = logging.getLogger(__name__ + ".http")
 
 
@@ -739,35 +749,185 @@ def _read_body(environ) -> bytes:
     return environ["wsgi.input"].read(length) if length > 0 else b""
 
 
-def _application(environ, start_response):
-    path = environ.get("PATH_INFO", "")
-    method = environ.get("REQUEST_METHOD", "GET")
-    if path == "/metrics":
-        if method not in ("GET", "HEAD"):
-            return _respond(start_response, "405 Method Not Allowed", b"use GET\n",
-                            extra=[("Allow", "GET, HEAD")])
-        body = render_metrics()
-        if method == "HEAD":
-            start_response("200 OK", [("Content-Type", METRICS_CONTENT_TYPE),
-                                      ("Content-Length", str(len(body)))])
-            return [b""]
-        return _respond(start_response, "200 OK", body, METRICS_CONTENT_TYPE)
-    if path == "/filter":
-        if method != "PUT":
-            return _respond(start_response, "405 Method Not Allowed", b"use PUT\n",
-                            extra=[("Allow", "PUT")])
+def _bearer_token_matches(environ, token: str) -> bool:
+    scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").strip().partition(" ")
+    # Both sides as bytes: compare_digest refuses non-ASCII text, and a header may hold some.
+    given = credentials.strip().encode("latin-1", "replace")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, token.encode())
+
+
+class _RefusalLog:
+    """Logs refused filter changes, at most once per REFUSAL_LOG_INTERVAL_SECONDS."""
+
+    def __init__(self) -> None:
+        self.unlogged = 0
+        self.logged_at = float("-inf")
+
+    def refused(self, environ) -> None:
+        self.unlogged += 1
+        now = time.monotonic()
+        if now - self.logged_at < REFUSAL_LOG_INTERVAL_SECONDS:
+            return
+        log.warning("PUT /filter refused %d time(s) since the last report (latest from %s): no "
+                    "valid bearer token", self.unlogged, environ.get("REMOTE_ADDR") or "a local socket")
+        self.unlogged = 0
+        self.logged_at = now
+
+
+def _make_application(filter_token: str | None):
+    """The WSGI application; with `filter_token`, PUT /filter needs it as a bearer token."""
+    refusals = _RefusalLog()
+
+    def application(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == "/metrics":
+            if method not in ("GET", "HEAD"):
+                return _respond(start_response, "405 Method Not Allowed", b"use GET\n",
+                                extra=[("Allow", "GET, HEAD")])
+            body = render_metrics()
+            if method == "HEAD":
+                start_response("200 OK", [("Content-Type", METRICS_CONTENT_TYPE),
+                                          ("Content-Length", str(len(body)))])
+                return [b""]
+            return _respond(start_response, "200 OK", body, METRICS_CONTENT_TYPE)
+        if path == "/filter":
+            if method != "PUT":
+                return _respond(start_response, "405 Method Not Allowed", b"use PUT\n",
+                                extra=[("Allow", "PUT")])
+            if filter_token is not None and not _bearer_token_matches(environ, filter_token):
+                refusals.refused(environ)
+                return _respond(start_response, "401 Unauthorized",
+                                b"PUT /filter needs the header "
+                                b"'Authorization: Bearer <observability_token>'\n",
+                                extra=[("WWW-Authenticate", 'Bearer realm="shotover-g"')])
+            try:
+                text = _read_body(environ).decode("utf-8")
+                set_log_filter(text)
+            except OverflowError:
+                return _respond(start_response, "413 Payload Too Large", b"filter too long\n")
+            except UnicodeDecodeError:
+                return _respond(start_response, "400 Bad Request",
+                                b"filter is not valid UTF-8\n")
+            except ValueError as exc:
+                return _respond(start_response, "400 Bad Request", f"{exc}\n".encode())
+            log.info("log filter set to %r", text.strip())
+            return _respond(start_response, "200 OK", b"ok")
+        return _respond(start_response, "404 Not Found", b"not found; try /metrics or /filter\n")
+
+    return application
+
+
+_handler_class = None
+
+
+def _deadline_handler_class():
+    """pywsgi's handler with REQUEST_DEADLINE_SECONDS per request (made on first use: pywsgi
+    is imported late, see the top of this module)."""
+    global _handler_class
+    if _handler_class is not None:
+        return _handler_class
+    import socket as stdlib_socket
+
+    import gevent
+    from gevent.pywsgi import WSGIHandler
+
+    class DeadlineHandler(WSGIHandler):
+        # gevent.Timeout is a BaseException: it passes pywsgi's `except Exception` around the
+        # parsing of the head, and reaches handle_error from its catch-all around the body and
+        # the response.
+        _deadline = None
+
+        def handle_one_request(self):
+            self._deadline = gevent.Timeout.start_new(REQUEST_DEADLINE_SECONDS)
+            try:
+                return super().handle_one_request()
+            except gevent.Timeout as passed:
+                if passed is not self._deadline:
+                    raise
+                self._log_deadline("sent no whole request")
+                return None  # closes the connection
+            finally:
+                self._deadline.close()
+
+        def run_application(self):
+            try:
+                super().run_application()
+            except gevent.Timeout as passed:
+                if passed is self._deadline:
+                    # pywsgi reads what is left of the body next: let it meet the end at once.
+                    try:
+                        self.socket.shutdown(stdlib_socket.SHUT_RD)
+                    except OSError:
+                        pass
+                raise
+
+        def handle_error(self, kind, value, tb):
+            if value is not None and value is self._deadline:
+                self.close_connection = True
+                self._log_deadline("was too slow with its request body or our response")
+                return
+            super().handle_error(kind, value, tb)
+
+        def _log_deadline(self, what: str) -> None:
+            _http_log.debug("closed a connection from %s that %s within %g s",
+                            self.client_address or "a local socket", what,
+                            REQUEST_DEADLINE_SECONDS)
+
+    _handler_class = DeadlineHandler
+    return _handler_class
+
+
+def _bind_unix_listener(path: str):
+    """A listening Unix socket at `path`, mode 0600 from birth. A socket file left by a
+    process that is gone is replaced; one that something still listens on is not."""
+    import stat
+
+    from gevent import socket
+
+    def cannot(why: str) -> OSError:
+        return OSError(f"cannot listen on unix:{path} (observability_interface): {why}")
+
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise cannot("the path exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
         try:
-            text = _read_body(environ).decode("utf-8")
-            set_log_filter(text)
-        except OverflowError:
-            return _respond(start_response, "413 Payload Too Large", b"filter too long\n")
-        except UnicodeDecodeError:
-            return _respond(start_response, "400 Bad Request", b"filter is not valid UTF-8\n")
-        except ValueError as exc:
-            return _respond(start_response, "400 Bad Request", f"{exc}\n".encode())
-        log.info("log filter set to %r", text.strip())
-        return _respond(start_response, "200 OK", b"ok")
-    return _respond(start_response, "404 Not Found", b"not found; try /metrics or /filter\n")
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            try:
+                os.unlink(path)  # left behind by a process that is gone
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise cannot(f"removing the stale socket file: {error.strerror}") from None
+        except OSError as error:
+            raise cannot(error.strerror or str(error)) from None
+        else:
+            raise cannot("a running process listens there")
+        finally:
+            probe.close()
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise cannot(f"creating its directory: {error.strerror or error}") from None
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # no window in which others could connect
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(MAX_HTTP_CONNECTIONS)
+    except OSError as error:
+        listener.close()
+        raise cannot(error.strerror or str(error)) from None
+    finally:
+        os.umask(old_umask)
+    return listener
 
 
 class ObservabilityServer:
@@ -775,29 +935,59 @@ class ObservabilityServer:
 
     def __init__(self, server) -> None:
         self.server = server
-        host, port = server.socket.getsockname()[:2]
-        self.address: tuple[str, int] = (host, port)
+        bound = server.socket.getsockname()
+        #: (host, port), or the path of the Unix socket.
+        self.address: tuple[str, int] | str = bound if isinstance(bound, str) else bound[:2]
+
+    @property
+    def metrics_location(self) -> str:
+        """Where to scrape, for people: a URL, or a socket path and the URL to ask it."""
+        from .config import format_address
+
+        if isinstance(self.address, str):
+            return f"unix:{self.address} (http://localhost/metrics)"
+        return f"http://{format_address(self.address)}/metrics"
 
     def stop(self, timeout: float | None = 1.0) -> None:
-        """Stop accepting, give in-flight requests `timeout` seconds, close the socket."""
+        """Stop accepting, give in-flight requests `timeout` seconds, close the socket (and
+        remove a Unix socket's file)."""
         self.server.stop(timeout=timeout)
+        if isinstance(self.address, str):
+            try:
+                os.unlink(self.address)
+            except OSError:
+                pass
 
 
-def start_observability_server(address: tuple[str, int], listener=None) -> ObservabilityServer:
+def start_observability_server(address: tuple[str, int] | str, listener=None,
+                               token: str | None = None) -> ObservabilityServer:
     """Serve /metrics and /filter on `address` from the gevent hub and return at once.
 
-    Port 0 picks a free port (see `.address`).  `listener` may be an already bound,
-    listening socket to serve from instead, in which case `address` is ignored.
+    `address` is (host, port), port 0 picking a free port (see `.address`), or the absolute
+    path of a Unix socket (created mode 0600). `listener` may be an already bound, listening
+    socket to serve from instead (one inherited across an upgrade); a Unix one bound
+    elsewhere than `address` is closed and `address` bound instead. With `token`, PUT /filter
+    needs `Authorization: Bearer <token>`; GET /metrics stays open.
     """
+    from gevent.pool import Pool
     from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
+    if isinstance(address, str):
+        if listener is not None and listener.getsockname() != address:
+            listener.close()
+            listener = None
+        if listener is None:
+            listener = _bind_unix_listener(address)
     server = WSGIServer(
         listener if listener is not None else tuple(address),
-        _application,
+        _make_application(token),
+        spawn=Pool(MAX_HTTP_CONNECTIONS),
+        handler_class=_deadline_handler_class(),
         log=LoggingLogAdapter(_http_log, logging.DEBUG),
         error_log=LoggingLogAdapter(_http_log, logging.ERROR),
     )
     server.start()
     result = ObservabilityServer(server)
-    log.info("observability interface listening on %s:%d", *result.address)
+    log.info("observability interface listening on %s%s", result.metrics_location,
+             "; PUT /filter needs the observability_token" if token is not None else "")
     return result

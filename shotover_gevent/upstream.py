@@ -575,6 +575,19 @@ class UpstreamConnection:
             (log.debug if self._quitting or expected else log.warning)("%s", reason)
         self._close()
 
+    def abandon(self) -> None:
+        """Let go of a connection another process now owns: stop using it without a word to
+        the server (no shutdown; the fd is closed, the connection lives on elsewhere)."""
+        self.closed = True
+        self.on_lost = None
+        reader = self._reader
+        if reader is not None and reader is not gevent.getcurrent():
+            reader.kill(block=False)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
     def close(self) -> None:
         """Close for good (the client left or was handed over): no loss is reported."""
         self.on_lost = None

@@ -5,7 +5,13 @@ HTTP requests go over loopback from an OS thread while the gevent hub serves the
 
 import json
 import logging
+import os
 import re
+import shutil
+import socket
+import stat
+import tempfile
+import time
 import urllib.error
 import urllib.request
 
@@ -16,12 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from shotover_gevent import observability as obs
 
 
-def _http(server, method, path, body=None):
+def _http(server, method, path, body=None, headers=None):
     """Perform one request from a real thread; return (status, content type, body text)."""
     url = f"http://{server.address[0]}:{server.address[1]}{path}"
 
     def call():
-        request = urllib.request.Request(url, data=body, method=method)
+        request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status, response.headers.get("Content-Type"), response.read()
@@ -280,3 +286,146 @@ def test_setup_logging_rejects_bad_input():
         obs.setup_logging("info", "xml")
     with pytest.raises(ValueError):
         obs.setup_logging("loud")
+
+
+# ---- who may change the filter, where the endpoint listens, how long a request may take ------
+
+TOKEN = "dGVzdC10b2tlbi1mb3ItdGhlLWZpbHRlcg"
+
+
+def _in_thread(function):
+    """Run a blocking function in a real thread while the hub serves; return its result."""
+    return gevent.get_hub().threadpool.spawn(function).get(timeout=20)
+
+
+def _wait_in_hub(predicate, timeout, what):
+    """Poll `predicate` from the hub (the servers under test need it to run) until true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        gevent.sleep(0.02)
+
+
+def test_filter_needs_the_bearer_token_when_given_one():
+    srv = obs.start_observability_server(("127.0.0.1", 0), token=TOKEN)
+    try:
+        logging.getLogger().setLevel(logging.WARNING)
+        assert _http(srv, "GET", "/metrics")[0] == 200
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}):
+            status, _, body = _http(srv, "PUT", "/filter", b"debug", headers)
+            assert status == 401, headers
+            assert "observability_token" in body
+        assert logging.getLogger().level == logging.WARNING
+        status, _, body = _http(srv, "PUT", "/filter", b"debug",
+                                {"Authorization": f"Bearer {TOKEN}"})
+        assert (status, body) == (200, "ok")
+        assert logging.getLogger().level == logging.DEBUG
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def socket_path():
+    directory = tempfile.mkdtemp(prefix="sgo")  # Unix socket paths are short
+    yield os.path.join(directory, "sub", "metrics.sock")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _unix_get(path):
+    def call():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return data
+                data += chunk
+
+    return _in_thread(call)
+
+
+def test_unix_socket_server_serves_and_removes_its_file(socket_path):
+    srv = obs.start_observability_server(socket_path)
+    try:
+        assert srv.address == socket_path
+        assert srv.metrics_location.startswith(f"unix:{socket_path}")
+        mode = os.stat(socket_path).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        assert stat.S_IMODE(os.stat(os.path.dirname(socket_path)).st_mode) == 0o700
+        assert _unix_get(socket_path).startswith(b"HTTP/1.1 200 ")
+    finally:
+        srv.stop()
+    assert not os.path.exists(socket_path)
+
+
+def test_unix_socket_server_leaves_other_files_alone(socket_path):
+    os.makedirs(os.path.dirname(socket_path))
+    with open(socket_path, "w") as handle:
+        handle.write("not a socket")
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        obs.start_observability_server(socket_path)
+    with open(socket_path) as handle:
+        assert handle.read() == "not a socket"
+
+
+def test_unix_socket_server_does_not_take_a_path_in_use(socket_path):
+    os.makedirs(os.path.dirname(socket_path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(socket_path)
+        other.listen(1)
+        with pytest.raises(OSError, match="a running process listens there"):
+            obs.start_observability_server(socket_path)
+        assert os.path.exists(socket_path)
+
+
+def test_inherited_unix_listener_elsewhere_is_replaced(socket_path):
+    from gevent import socket as gevent_socket
+
+    os.makedirs(os.path.dirname(socket_path))
+    elsewhere = socket_path + ".old"
+    inherited = gevent_socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    inherited.bind(elsewhere)
+    inherited.listen(1)
+    srv = obs.start_observability_server(socket_path, listener=inherited)
+    try:
+        assert srv.address == socket_path
+        assert inherited.fileno() == -1  # closed
+        assert _unix_get(socket_path).startswith(b"HTTP/1.1 200 ")
+    finally:
+        srv.stop()
+
+
+def test_idle_kept_alive_connection_is_closed(server, monkeypatch):
+    monkeypatch.setattr(obs, "REQUEST_DEADLINE_SECONDS", 0.5)
+
+    def call():
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while True:  # the answer, then the close (no Connection: close was asked for)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return data
+                data += chunk
+
+    assert _in_thread(call).startswith(b"HTTP/1.1 200 ")
+
+
+def test_client_that_does_not_read_its_answers_is_closed(server, monkeypatch):
+    monkeypatch.setattr(obs, "REQUEST_DEADLINE_SECONDS", 0.5)
+    client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    try:
+        # Pipelined scrapes whose answers are never read: the proxy's writes soon block.
+        _in_thread(lambda: client.connect(server.address))
+        _in_thread(lambda: client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000))
+        pool = server.server.pool
+        _wait_in_hub(lambda: len(pool) == 1, 10, "the connection to be served")
+        _wait_in_hub(lambda: len(pool) == 0, 10, "the connection to be closed")
+    finally:
+        client.close()

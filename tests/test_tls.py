@@ -3,13 +3,16 @@ redis-server), with certificates made by the tests, and what an upgrade does to 
 
 from __future__ import annotations
 
+import json
+import os
 import ssl
+import subprocess
 
 import pytest
 import redis
 
-from feature_support import (ByteClient, TlsRedisServer, client_ssl_context, make_certificates,
-                             topology, upgrade)
+from feature_support import (CLI, ByteClient, TlsRedisServer, client_ssl_context,
+                             make_certificates, topology, upgrade)
 from helpers import redis_client, wait_for
 
 
@@ -171,7 +174,18 @@ def test_sink_by_host_name(tls_redis, proxy_factory, certs):
 # ---- upgrades -----------------------------------------------------------------------------------
 
 
-def test_upgrade_closes_tls_clients_and_keeps_the_listener(redis_server, proxy_factory, certs):
+def _status(proxy) -> dict:
+    done = subprocess.run([*CLI, "status", "--control-socket", proxy.control_socket, "--json"],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_tls_clients_stay_with_the_previous_version_until_they_leave(redis_server,
+                                                                     proxy_factory, certs):
+    """TLS state cannot cross the exec: the previous version keeps serving its TLS clients
+    (subscribers too) as a lame duck; new TLS clients go to the new version; a second upgrade
+    while it still serves chains; it exits once its last client has left."""
     proxy = proxy_factory(topology(redis_server.port, source_tls=source_tls(certs)))
     context = client_ssl_context(certs)
     first, second = ByteClient(proxy.port, ssl_context=context), \
@@ -180,11 +194,46 @@ def test_upgrade_closes_tls_clients_and_keeps_the_listener(redis_server, proxy_f
         assert first.call("SET", "k", "v") == b"+OK\r\n"
         assert second.call("SUBSCRIBE", "c") .startswith(b"*3\r\n")
         result = upgrade(proxy)
-        assert result["closed_reasons"] == {"tls": 2} and result["kept"] == 0, result
-        assert first.wait_eof() == b"" and second.wait_eof() == b""
-    # Same listening socket, new image: a new TLS client is served.
-    with tls_client(proxy, certs) as client:
-        assert client.get("k") == b"v"
+        assert result["closed"] == 0 and result["kept"] == 0, result
+        ducks = _status(proxy)["lame_ducks"]
+        assert len(ducks) == 1 and ducks[0]["tls_connections"] == 2, ducks
+        assert ducks[0]["pid"] != proxy.pid
+        # Still served, by the previous version.
+        assert first.call("GET", "k") == b"$1\r\nv\r\n"
+        with redis_server.client() as admin:
+            assert admin.publish("c", "hello") == 1
+        assert second.read_frame() == b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$5\r\nhello\r\n"
+        # Same listening socket, new image: a new TLS client is served by the new version,
+        # and stays connected through a second upgrade (which chains a second lame duck).
+        with ByteClient(proxy.port, ssl_context=context) as third:
+            assert third.call("GET", "k") == b"$1\r\nv\r\n"
+            upgrade(proxy)
+            ducks = _status(proxy)["lame_ducks"]
+            assert sorted(d["tls_connections"] for d in ducks) == [1, 2], ducks
+            assert third.call("INCR", "n") == b":1\r\n"
+            assert first.call("INCR", "n") == b":2\r\n"
+        wait_for(lambda: [d["tls_connections"] for d in _status(proxy)["lame_ducks"]] == [2],
+                 15, "the second lame duck to exit once its client left")
+        first_duck = _status(proxy)["lame_ducks"][0]["pid"]
+    # Its last clients gone, the first lame duck exits too (and is collected).
+    wait_for(lambda: not _status(proxy)["lame_ducks"], 15, "the first lame duck to exit")
+    wait_for(lambda: not os.path.exists(f"/proc/{first_duck}"), 15, "the lame duck reaped")
+
+
+def test_tls_drain_timeout_closes_the_last_tls_clients_cleanly(redis_server, proxy_factory,
+                                                               certs):
+    """Like Redis, the proxy ends a TLS session with close_notify: after QUIT, and when the
+    previous version's TLS drain time is over."""
+    proxy = proxy_factory(topology(redis_server.port, source_tls=source_tls(certs)))
+    context = client_ssl_context(certs)
+    with ByteClient(proxy.port, ssl_context=context) as quitting, \
+            ByteClient(proxy.port, ssl_context=context) as upgraded:
+        quitting.send("QUIT")
+        assert quitting.wait_eof() == b"+OK\r\n" and quitting.clean_close is True
+        assert upgraded.call("PING") == b"+PONG\r\n"
+        upgrade(proxy, "--tls-drain-timeout", "1")
+        assert upgraded.wait_eof() == b"" and upgraded.clean_close is True
+    wait_for(lambda: not _status(proxy)["lame_ducks"], 15, "the lame duck to exit")
 
 
 def test_upgrade_keeps_plain_clients_of_a_tls_sink(tls_redis, proxy_factory, certs):
@@ -204,16 +253,3 @@ def test_upgrade_keeps_plain_clients_of_a_tls_sink(tls_redis, proxy_factory, cer
 
         wait_for(delivered, 10, "the subscriber's new TLS upstream connection")
         assert subscriber.read_frame() == b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$5\r\nafter\r\n"
-
-
-def test_tls_clients_see_a_clean_close(redis_server, proxy_factory, certs):
-    """Like Redis, the proxy ends a TLS session with close_notify: after QUIT and on upgrade."""
-    proxy = proxy_factory(topology(redis_server.port, source_tls=source_tls(certs)))
-    context = client_ssl_context(certs)
-    with ByteClient(proxy.port, ssl_context=context) as quitting, \
-            ByteClient(proxy.port, ssl_context=context) as upgraded:
-        quitting.send("QUIT")
-        assert quitting.wait_eof() == b"+OK\r\n" and quitting.clean_close is True
-        assert upgraded.call("PING") == b"+PONG\r\n"
-        assert upgrade(proxy)["closed_reasons"] == {"tls": 1}
-        assert upgraded.wait_eof() == b"" and upgraded.clean_close is True

@@ -32,6 +32,7 @@ import gevent
 from gevent import socket
 
 from .. import __version__
+from ..connection import PAUSE_PROGRESS, State
 from . import checkpoint as checkpoint_format
 from .upgrade import (UpgradeAborted, build_checkpoint, busy_reason, count, resume, settle,
                       take_snapshot)
@@ -126,6 +127,7 @@ class Bridge:
         self.inherited = inherited
         self.parent_pid = parent_pid
         self._written = False
+        self._tls: List = []
 
     # ---- the bridge's life --------------------------------------------------------------------
 
@@ -206,9 +208,9 @@ class Bridge:
             reason = busy_reason(connection)
             count(closed, reason)
             connection.close(f"upgrade: cannot hand over ({reason})", now=True)
-        for connection in snapshot.tls:
-            count(closed, "tls")
-            connection.close("upgrade: cannot hand over (tls)", now=True)
+        # TLS connections stay here: their encryption state cannot leave this process. Once
+        # the new image has adopted the rest, this process serves them as a lame duck.
+        self._tls = list(snapshot.tls)
         # From here the new image gets the whole timeout, however long the settling took.
         deadline = time.monotonic() + self.request.restore_timeout
         channel = getattr(self.report, "channel", None)
@@ -232,6 +234,8 @@ class Bridge:
         if verdict == "timeout":
             verdict = self._settle_timeout()
         if verdict == "adopted":
+            if any(c.state is not State.CLOSED for c in self._tls):
+                self._serve_as_lame_duck()
             self._leave()
         if verdict != "retry":
             self._end_new_image()
@@ -264,6 +268,57 @@ class Bridge:
                 pass
             return verdict
         return "timeout"
+
+    def _serve_as_lame_duck(self) -> None:
+        """The new image serves every other connection and every new client; this process
+        goes on serving its TLS clients until each leaves or --tls-drain-timeout passes, then
+        exits. It lets go of everything else without touching it: those sockets are the new
+        image's now."""
+        proxy = self.proxy
+        tls = set(self._tls)
+        for connection in proxy.all_connections():
+            if connection not in tls:
+                connection.abandon()
+        for source in proxy.sources.values():
+            source.close_listener()
+        if proxy.control_server is not None:
+            proxy.control_server.close(unlink=False)
+        if proxy.observability_server is not None:
+            try:
+                proxy.observability_server.server.close()
+            except Exception:  # noqa: BLE001 - nothing of it is ours any more
+                pass
+            proxy.observability_server = None
+        channel = getattr(self.report, "channel", None)
+        if channel is not None:
+            try:
+                channel.sock.close()
+            except OSError:
+                pass
+        proxy.lame_duck = True
+        gc.enable()
+        until = time.time() + self.request.tls_drain_timeout
+        log.info("upgrade: the new version serves; this process (pid %d) serves %d TLS "
+                 "connections until they leave, at most %.0f s", os.getpid(), len(tls),
+                 self.request.tls_drain_timeout)
+        deadline = time.monotonic() + self.request.tls_drain_timeout
+        last = None
+        while time.monotonic() < deadline and not proxy.stopped.is_set():
+            serving = sum(1 for c in tls if c.state is not State.CLOSED)
+            if serving != last:
+                # The new image shows this in its status; a new image of a later upgrade
+                # inherits the channel and goes on listening.
+                self.channel.send(f"lameduck {os.getpid()} {serving} {until:.0f} {__version__}")
+                last = serving
+            if not serving:
+                break
+            PAUSE_PROGRESS.clear()
+            PAUSE_PROGRESS.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        for connection in tls:
+            if connection.state is not State.CLOSED:
+                connection.close("the previous version's TLS drain time is over", now=True)
+        log.info("upgrade: the previous version's last TLS clients are gone; pid %d exits",
+                 os.getpid())
 
     def _send_configuration(self, config_data, topology_data) -> None:
         import json

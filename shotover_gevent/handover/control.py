@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket as stdlib_socket
 import struct
+import time
 from typing import Any, Callable, Dict, Optional
 
 import gevent
@@ -16,10 +18,22 @@ from gevent import socket
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
+#: A request line must arrive whole within this many seconds of the connection, however it
+#: trickles in: a stalled or slow caller does not hold a socket and a greenlet for longer.
+REQUEST_DEADLINE_SECONDS = 5.0
+#: The longest drain or restore timeout an upgrade request may ask for (a day): larger values
+#: overflow the waits they end up in.
+MAX_UPGRADE_TIMEOUT_SECONDS = 86400.0
+#: The longest a previous version may keep serving TLS clients after an upgrade: a week.
+MAX_TLS_DRAIN_SECONDS = 7 * 86400.0
 
 
 class ControlError(Exception):
     """The proxy could not be reached on its control socket."""
+
+
+class BadRequest(Exception):
+    """A control request that cannot be served; its text is the error sent back."""
 
 
 def peer_uid(sock) -> int:
@@ -97,26 +111,28 @@ class ControlServer:
                 log.warning("control socket: refused a request from uid %d", uid)
                 channel.send({"event": "error", "error": "permission denied: different user"})
                 return
-            client.settimeout(10)
-            data = b""
-            while not data.endswith(b"\n") and len(data) < MAX_REQUEST_BYTES:
-                chunk = client.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
-            client.settimeout(None)
-            request = json.loads(data.decode())
-            command = request.get("command")
+            line = read_request_line(client)
+            if line is None:
+                return  # connected and left without asking anything
+            request = parse_request(line)
+            command = request["command"]
             if command == "status":
                 channel.send({"event": "status", **self.proxy.status()})
             elif command == "upgrade":
                 from .upgrade import UpgradeRequest, start_upgrade
 
-                keep_open = start_upgrade(self.proxy, UpgradeRequest.from_json(request), channel)
+                options = upgrade_options(request)
+                keep_open = start_upgrade(self.proxy, UpgradeRequest.from_json(options), channel)
             else:
-                channel.send({"event": "error", "error": f"unknown command {command!r}"})
-        except (OSError, ValueError) as error:
+                raise BadRequest(f"unknown command {command!r}; valid commands: status, upgrade")
+        except BadRequest as error:
             channel.send({"event": "error", "error": f"bad control request: {error}"})
+        except OSError as error:
+            log.debug("control connection failed: %s", error)
+            channel.send({"event": "error", "error": f"control connection failed: {error}"})
+        except Exception as error:  # a bug here must not cost the caller its answer
+            log.exception("control request failed")
+            channel.send({"event": "error", "error": f"internal error: {error}"})
         finally:
             if not keep_open:
                 channel.close()
@@ -131,6 +147,100 @@ class ControlServer:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+
+def read_request_line(client) -> Optional[bytes]:
+    """The request: one line (its newline, or the caller's end of sending, ends it), at most
+    MAX_REQUEST_BYTES, whole within REQUEST_DEADLINE_SECONDS. None when nothing came at all."""
+    deadline = time.monotonic() + REQUEST_DEADLINE_SECONDS
+    data = bytearray()
+    while True:
+        end = data.find(b"\n", 0, MAX_REQUEST_BYTES + 1)
+        if end >= 0:
+            return bytes(data[:end])
+        if len(data) > MAX_REQUEST_BYTES:
+            raise BadRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BadRequest(f"no complete request line within {REQUEST_DEADLINE_SECONDS:g} s")
+        client.settimeout(remaining)
+        try:
+            chunk = client.recv(65536)
+        except socket.timeout:
+            raise BadRequest(f"no complete request line within "
+                             f"{REQUEST_DEADLINE_SECONDS:g} s") from None
+        finally:
+            client.settimeout(None)
+        if not chunk:
+            return bytes(data) if data.strip() else None
+        data += chunk
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def parse_request(line: bytes) -> Dict[str, Any]:
+    """A JSON object with a string "command"; BadRequest otherwise."""
+    try:
+        request = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("the request is not UTF-8 text") from None
+    except RecursionError:
+        raise BadRequest("the request is nested too deeply") from None
+    except ValueError as error:
+        raise BadRequest(f"the request is not valid JSON: {error}") from None
+    if not isinstance(request, dict):
+        raise BadRequest(f'expected a JSON object such as {{"command": "status"}}, got '
+                         f"{_json_type(request)}")
+    command = request.get("command")
+    if not isinstance(command, str):
+        raise BadRequest(f'"command" must be a string (status or upgrade), got '
+                         f"{_json_type(command)}")
+    return request
+
+
+#: The options of an upgrade request: name -> (what is valid, check).
+_UPGRADE_OPTIONS: Dict[str, Any] = {
+    "python": ("a path or command name",
+               lambda v: isinstance(v, str) and "\0" not in v),
+    "keep_checkpoint": ("a path",
+                        lambda v: isinstance(v, str) and "\0" not in v),
+    "drain_timeout": (f"a number of seconds from 0 to {MAX_UPGRADE_TIMEOUT_SECONDS:g}",
+                      lambda v: _is_seconds(v, 0.0)),
+    "restore_timeout": (f"a number of seconds from 1 to {MAX_UPGRADE_TIMEOUT_SECONDS:g}",
+                        lambda v: _is_seconds(v, 1.0)),
+    "tls_drain_timeout": (f"a number of seconds from 0 to {MAX_TLS_DRAIN_SECONDS:g}",
+                          lambda v: _is_seconds(v, 0.0, MAX_TLS_DRAIN_SECONDS)),
+}
+
+
+def _is_seconds(value: Any, least: float, most: float = 0.0) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and least <= value <= (most or MAX_UPGRADE_TIMEOUT_SECONDS))
+
+
+def upgrade_options(request: Dict[str, Any]) -> Dict[str, Any]:
+    """The options of an upgrade request, each checked (null means its default)."""
+    options = {}
+    for name, value in request.items():
+        if name == "command" or value is None:
+            continue
+        if name not in _UPGRADE_OPTIONS:
+            raise BadRequest(f"unknown upgrade option {name!r}; valid options: "
+                             f"{', '.join(_UPGRADE_OPTIONS)}")
+        valid, check = _UPGRADE_OPTIONS[name]
+        if not check(value):
+            shown = json.dumps(value)
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            raise BadRequest(f"upgrade option {name!r} must be {valid}, got {shown}")
+        options[name] = value
+    return options
 
 
 # ---- client side (used by the CLI, plain blocking sockets) -------------------------------------
@@ -148,12 +258,16 @@ def request(path: str, message: Dict[str, Any], on_event: Callable[[Dict[str, An
         raise ControlError(f"cannot reach shotover-g on control socket {path}: "
                            f"{error.strerror or error}") from None
     try:
-        client.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            client.sendall(json.dumps(message).encode() + b"\n")
+        except OSError as error:
+            raise ControlError(f"cannot send the request to shotover-g on {path}: "
+                               f"{error.strerror or error}") from None
         buffer = b""
         while True:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                event = json.loads(line.decode())
+                event = _parse_event(line)
                 on_event(event)
                 if event.get("event") in ("result", "status", "error"):
                     return event
@@ -161,8 +275,22 @@ def request(path: str, message: Dict[str, Any], on_event: Callable[[Dict[str, An
                 chunk = client.recv(65536)
             except stdlib_socket.timeout:
                 raise ControlError(f"no answer from shotover-g within {timeout:g} s") from None
+            except OSError as error:
+                raise ControlError(f"the control connection failed: "
+                                   f"{error.strerror or error}") from None
             if not chunk:
                 raise ControlError("shotover-g closed the control connection without a result")
             buffer += chunk
     finally:
         client.close()
+
+
+def _parse_event(line: bytes) -> Dict[str, Any]:
+    try:
+        event = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        event = None
+    if not isinstance(event, dict):
+        raise ControlError(f"shotover-g answered something other than a JSON object: "
+                           f"{line[:200]!r}")
+    return event

@@ -217,6 +217,7 @@ def restore(options: RestoreOptions):
 
     control = cp.control or {}
     keep = set(cp.fds())
+    keep.update(duck["fd"] for duck in hints.get("lame_ducks") or ())
     for key in ("channel_fd", "metrics_fd"):
         if control.get(key) is not None:
             keep.add(control[key])
@@ -274,9 +275,22 @@ def restore(options: RestoreOptions):
     # it can never serve a request this image serves too.
     if options.bridge_fd is not None:
         tell_bridge(options, "adopted")
-        _close_bridge(options)
-        if options.bridge_pid:
-            reap_later(options.bridge_pid)
+        if hints.get("tls_kept") and options.bridge_pid and not options.rollback:
+            # The old side goes on serving its TLS clients: it reports on this socket until
+            # it exits.
+            watch_lame_duck(proxy, options.bridge, {
+                "pid": options.bridge_pid, "fd": options.bridge_fd, "version": cp.written_by,
+                "tls_connections": hints["tls_kept"],
+                "until": time.time() + float(hints.get("tls_drain_timeout") or 0)})
+            options.bridge = None
+        else:
+            _close_bridge(options)
+            if options.bridge_pid:
+                reap_later(options.bridge_pid)
+    for duck in hints.get("lame_ducks") or ():
+        # Previous versions still serving TLS clients, watched by the image before this one.
+        watch_lame_duck(proxy, LineChannel(stdlib_socket.socket(
+            stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM, fileno=duck["fd"])), dict(duck))
 
     # Inside the pause, only the connections whose requests queued meanwhile are taken over
     # (one poll() finds them); the idle majority follows once these are served again.
@@ -299,6 +313,33 @@ def restore(options: RestoreOptions):
     gevent.spawn(_finish, proxy, options, cp, closed, adopted, later, keep, blackout_ms,
                  (ready_ns, written_ns, live_ns), metrics_listener)
     return proxy
+
+
+def watch_lame_duck(proxy, channel: LineChannel, info: dict) -> None:
+    """Show a previous version that still serves TLS clients in `status` (it reports on
+    `channel`), until it exits; then collect its exit status."""
+    pid = info["pid"]
+    proxy.lame_ducks[pid] = info
+
+    def watch() -> None:
+        try:
+            while True:
+                line = channel.read_line(time.monotonic() + 86400 * 365, cooperative=True)
+                if line.startswith("lameduck "):
+                    parts = line.split()
+                    if len(parts) >= 4:
+                        info["tls_connections"] = int(parts[2])
+                        info["until"] = float(parts[3])
+                elif line in ("", "timeout"):
+                    return
+        except (OSError, ValueError):
+            return
+        finally:
+            proxy.lame_ducks.pop(pid, None)
+            channel.close()
+            reap_later(pid, patience=None)
+
+    gevent.spawn(watch)
 
 
 #: Connections adopted per turn after the pause; between two turns, the served ones run.
@@ -522,12 +563,15 @@ def _start_observability_later(proxy, address, listener) -> None:
         gevent.get_hub().threadpool.apply(warm_imports)
     except Exception:
         log.exception("loading the metrics endpoint failed")
-    proxy.observability_server = observability.start_observability_server(address,
-                                                                           listener=listener)
+    proxy.observability_server = observability.start_observability_server(
+        address, listener=listener, token=proxy.config.observability_token)
 
 
 def same_address(bound, wanted) -> bool:
-    """Whether a bound socket address is the configured "host:port" (port 0: any port)."""
+    """Whether a bound socket address is the configured "host:port" (port 0: any port), or
+    the configured Unix socket path."""
+    if isinstance(bound, str) or isinstance(wanted, str):
+        return bound == wanted
     host, port = bound[0], bound[1]
     wanted_host, wanted_port = wanted[0], wanted[1]
     if wanted_port != 0 and port != wanted_port:

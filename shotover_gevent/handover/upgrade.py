@@ -48,13 +48,16 @@ class UpgradeRequest:
     drain_timeout: float = 10.0
     keep_checkpoint: Optional[str] = None
     restore_timeout: float = 30.0
+    #: How long the previous version keeps serving TLS clients after the switch.
+    tls_drain_timeout: float = 3600.0
 
     @classmethod
     def from_json(cls, data: Dict) -> "UpgradeRequest":
         return cls(python=data.get("python") or None,
                    drain_timeout=float(data.get("drain_timeout", 10.0)),
                    keep_checkpoint=data.get("keep_checkpoint") or None,
-                   restore_timeout=float(data.get("restore_timeout", 30.0)))
+                   restore_timeout=float(data.get("restore_timeout", 30.0)),
+                   tls_drain_timeout=float(data.get("tls_drain_timeout", 3600.0)))
 
 
 class Reporter:
@@ -267,6 +270,11 @@ def build_checkpoint(proxy, snapshot: Snapshot, closed: Dict[str, int], settle_m
         records.append(checkpoint_format.ConnectionRecord(
             numbers[fd], connection.source.name, connection.peer, fields["unread"],
             fields["session"], upstream, fields["output"], fields["deferred"]))
+    lame_ducks = []
+    duck_numbers = translate([duck["fd"] for duck in proxy.lame_ducks.values()])
+    for duck in proxy.lame_ducks.values():
+        if duck["fd"] in duck_numbers:
+            lame_ducks.append(dict(duck, fd=duck_numbers[duck["fd"]]))
     control = {"fd": proxy.control_server.listener.fileno(), "path": proxy.control_path}
     if channel_fd is not None:
         control["channel_fd"] = channel_fd
@@ -288,7 +296,12 @@ def build_checkpoint(proxy, snapshot: Snapshot, closed: Dict[str, int], settle_m
                  "topology_data": topology_data,
                  # What this version runs on, should it have to take over again.
                  "previous_config_data": proxy.config.raw,
-                 "previous_topology_data": proxy.topology.raw})
+                 "previous_topology_data": proxy.topology.raw,
+                 # TLS clients this old side keeps serving after the switch, and how long.
+                 "tls_kept": len(snapshot.tls),
+                 "tls_drain_timeout": request.tls_drain_timeout,
+                 # Earlier versions still serving TLS clients: the next image watches them.
+                 "lame_ducks": lame_ducks})
     try:
         data = checkpoint_format.encode(cp, validate=False)
     except checkpoint_format.CheckpointError as error:
@@ -455,11 +468,13 @@ def fast_start_argv(python: str, answer: Dict) -> List[str]:
     return [python, "-S", "-c", boot]
 
 
-def reap_later(pid: int) -> None:
-    """Collect a child's exit status without blocking the hub (bounded: 10 s)."""
+def reap_later(pid: int, patience: Optional[float] = 10.0) -> None:
+    """Collect a child's exit status without blocking the hub (for `patience` seconds at
+    most; None: as long as it takes)."""
 
     def reap() -> None:
-        for _ in range(200):
+        rounds = 10 ** 9 if patience is None else int(patience / 0.05)
+        for _ in range(rounds):
             try:
                 done, _status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:

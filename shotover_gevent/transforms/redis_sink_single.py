@@ -170,6 +170,15 @@ class RedisSinkSingle(Transform):
             self.builder.failed_requests(sum(1 for r in replies if r.is_error))
         return replies
 
+    def abandon(self) -> None:
+        self._closed = True
+        resubscriber = self._resubscriber
+        if resubscriber is not None and resubscriber is not gevent.getcurrent():
+            resubscriber.kill(block=False)
+        if self.upstream is not None:
+            self.upstream.abandon()
+            self.upstream = None
+
     def close(self) -> None:
         self._closed = True
         resubscriber = self._resubscriber
