@@ -468,6 +468,12 @@ def record_upgrade_closed(reason: str, count: int) -> None:
     _UPGRADE_CLOSED.labels(reason).value += count
 
 
+def upgrade_closed_totals() -> dict:
+    """The closed-by-upgrade counters, for the next image to go on from (a counter never goes
+    back across an upgrade)."""
+    return {labels["reason"]: cell.value for labels, cell in _UPGRADE_CLOSED._snapshot()}
+
+
 def set_generation(generation: int) -> None:
     """Publish the generation number of this process."""
     _GENERATION.labels().set(generation)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import HOST, RawClient, encode, wait_for
+from helpers import (HOST, RawClient, encode, free_port, http_request, metric_value, sink,
+                     source_entry, wait_for)
 from upgrade_support import (BackgroundUpgrade, interpreter_gated_at_restore, status, upgrade,
                              upgrade_ok)
 
@@ -355,3 +356,34 @@ def _serving_pid(proxy):
         return status(proxy.control_socket)["pid"]
     except (AssertionError, OSError, ValueError):
         return None
+
+
+def test_connection_that_cannot_be_handed_over_is_closed_and_counted(proxy_factory, redis_server,
+                                                                     redis_factory):
+    """A batch inside a transform that keeps its own state (a Tee mirroring it) cannot be
+    taken over mid-way: the old side waits for it (here a BLPOP that never ends) until the
+    drain deadline, serving everyone else, then closes it cleanly; the summary and a counter
+    that survives later upgrades say why."""
+    mirror = redis_factory()
+    topology = {"sources": [source_entry("redis", free_port(), [
+        {"Tee": {"behavior": "Ignore", "chain": [sink(mirror.port)]}}, sink(redis_server.port)])]}
+    proxy = proxy_factory(topology, observability=True)
+    direct = redis_server.client()
+
+    def closed_count():
+        text = http_request(proxy.metrics_url)[1]
+        return metric_value(text, "shotover_g_upgrade_closed_connections_total",
+                            reason="busy (command in flight)")
+
+    with RawClient(proxy.port) as blocked, RawClient(proxy.port) as idle:
+        blocked.send(encode("BLPOP", "never", 0))
+        wait_for(lambda: blocked_on(direct, "blpop") == 1, 10, "the BLPOP to block")
+        assert idle.call("SET", "k", "v") == b"OK"
+        result = upgrade_ok(proxy, "--drain-timeout", "0.5")
+        assert "kept 1 connections, closed 1 (1 busy (command in flight))" in result.stdout, result
+        assert blocked.wait_eof() == []
+        wait_for(lambda: blocked_on(direct, "blpop") == 0, 10, "the abandoned BLPOP to go")
+        assert idle.call("GET", "k") == b"v"
+        wait_for(lambda: closed_count() == 1, 15, "the closed-connections counter")
+        upgrade_ok(proxy)
+        wait_for(lambda: closed_count() == 1, 15, "the counter after another upgrade")

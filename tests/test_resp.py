@@ -144,11 +144,77 @@ def test_reply_bulk_above_limit_fails_before_the_payload():
     assert framer.next_frame() == b"$16\r\n" + b"x" * 16 + b"\r\n"
 
 
-def test_reply_nesting_limit():
+def nested(depth: int, kind: bytes = b"*") -> bytes:
+    return kind + b"1\r\n" + b"*1\r\n" * (depth - 1) + b":1\r\n"
+
+
+def depth_of(value) -> int:
+    """How deep a nested single-element list goes (without recursion)."""
+    depth = 0
+    while isinstance(value, list):
+        assert len(value) == 1
+        value, depth = value[0], depth + 1
+    assert value == 1
+    return depth
+
+
+@pytest.mark.parametrize("depth", [65, 1025, 100_000])
+def test_deeply_nested_reply_frames_whole(depth):
+    frame = nested(depth)
+    stream = frame + b"+OK\r\n"
     framer = ReplyFramer()
-    framer.feed(b"*1\r\n" * 100_000 + b":1\r\n")
-    with pytest.raises(ProtocolError):
-        framer.next_frame()
+    framer.feed(stream)
+    assert framer.next_frame() == frame
+    assert framer.next_frame() == b"+OK\r\n"
+    # Cut into reads, the scan resumes: same frames, and nothing returned early.
+    framer = ReplyFramer()
+    frames = []
+    for index in range(0, len(stream), 4093):
+        framer.feed(stream[index:index + 4093])
+        frames += drain_replies(framer)
+    assert frames == [frame, b"+OK\r\n"]
+
+
+@pytest.mark.parametrize("depth", [65, 1025, 100_000])
+def test_deeply_nested_reply_parses_without_recursion(depth):
+    assert depth_of(resp.parse_frame(nested(depth))) == depth
+    push = resp.parse_frame(nested(depth, b">"))
+    assert depth_of(push) == depth
+    assert resp.parse_frame(b":7\r\n") == 7
+
+
+def comparable(value):
+    """A parsed value with errors (which do not compare equal) turned into tuples."""
+    if isinstance(value, hiredis.ReplyError):
+        return ("error", str(value))
+    if isinstance(value, list):
+        return [comparable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: comparable(item) for key, item in value.items()}
+    return value
+
+
+def test_parse_frame_gives_what_hiredis_gives():
+    # The step-by-step reader behind parse_frame must agree with hiredis where both read.
+    for frame in REPLY_FRAMES + [b"*2\r\n-ERR inside\r\n$-1\r\n"]:
+        if frame.startswith((b"|", b"!")):
+            continue
+        reader = hiredis.Reader()
+        reader.feed(frame)
+        expected = comparable(reader.gets())
+        assert comparable(resp._parse_stepwise(frame)) == expected, frame
+        assert comparable(resp.parse_frame(frame)) == expected, frame
+
+
+def test_parse_frame_reads_false_attributes_and_blob_errors():
+    assert resp.parse_frame(b"#f\r\n") is False
+    # An attribute is left out; it must not leave bytes behind for the next frame parsed.
+    assert resp.parse_frame(b"|1\r\n+ttl\r\n:3\r\n:5\r\n") == 5
+    assert resp.parse_frame(b":7\r\n") == 7
+    assert resp.parse_frame(b"*2\r\n|1\r\n+a\r\n:1\r\n:5\r\n:6\r\n") == [5, 6]
+    assert resp.parse_frame(b":8\r\n") == 8
+    error = resp.parse_frame(b"!21\r\nSYNTAX invalid syntax\r\n")
+    assert isinstance(error, hiredis.ReplyError) and str(error) == "SYNTAX invalid syntax"
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -244,7 +310,6 @@ def test_single_quotes_take_escaped_quote_like_redis():
     (b"*2\r\n$3\r\nGET\r\n$-5\r\n", "bulk"),
     (b"*1\r\n$-1\r\n", "bulk"),
     (b"*abc\r\n", "multibulk"),
-    (b"*2\r\n$3\r\nGETxx$1\r\nk\r\n", "CRLF"),
     (b"SET a \"b\r\n", "quotes"),
     (b"SET a \"b\"c\r\n", "quotes"),
 ])
@@ -273,11 +338,124 @@ def test_request_bulk_above_limit_fails_before_the_payload():
     assert drain_requests(framer) == [(multibulk(b"GET", b"x" * 10), b"GET")]
 
 
-def test_huge_multibulk_count_is_refused():
+def test_multibulk_count_above_int_max_is_refused():
     framer = RequestFramer()
-    framer.feed(b"*2000000000\r\n")
+    framer.feed(b"*2147483648\r\n")
     _, error = framer.pop_requests()
-    assert isinstance(error, ProtocolError)
+    assert str(error) == "invalid multibulk length"
+    # Redis takes INT_MAX itself and waits for the elements.
+    framer = RequestFramer()
+    framer.feed(b"*2147483647\r\n$1\r\na\r\n")
+    assert framer.pop_requests() == ([], None)
+    assert framer.pending() == 20
+
+
+# What Redis replies after "Protocol error: " (networking.c, util.c string2ll).
+@pytest.mark.parametrize("bad, message", [
+    (b"*1\r\n$04\r\nPING\r\n", "invalid bulk length"),
+    (b"*1\r\n$+4\r\nPING\r\n", "invalid bulk length"),
+    (b"*1\r\n$ 4\r\nPING\r\n", "invalid bulk length"),
+    (b"*1\r\n$4 \r\nPING\r\n", "invalid bulk length"),
+    (b"*1\r\n$\r\n", "invalid bulk length"),
+    (b"*1\r\n$-0\r\n", "invalid bulk length"),
+    (b"*1\r\n$-2\r\n", "invalid bulk length"),
+    (b"*1\r\n$" + b"1" * 25 + b"\r\n", "invalid bulk length"),
+    (b"*01\r\n$4\r\nPING\r\n", "invalid multibulk length"),
+    (b"*+1\r\n", "invalid multibulk length"),
+    (b"*\r\n", "invalid multibulk length"),
+    (b"*-0\r\n", "invalid multibulk length"),
+    (b"*3000000000\r\n", "invalid multibulk length"),
+    (b"*" + b"1" * 25 + b"\r\n", "invalid multibulk length"),
+    (b"*-9223372036854775809\r\n", "invalid multibulk length"),
+    (b"*1\r\n:1\r\n", "expected '$', got ':'"),
+    (b"*1\r\n" + b"x" * (resp.MAX_INLINE_LEN + 1), "too big bulk count string"),
+    (b"*1\x00\r\n" + b"x" * resp.MAX_INLINE_LEN, "too big mbulk count string"),
+    (b"PI\x00NG\r\n" + b"x" * resp.MAX_INLINE_LEN, "too big inline request"),
+], ids=lambda value: repr(value[:24]) if isinstance(value, bytes) else None)
+def test_request_lengths_are_read_as_redis_reads_them(bad, message):
+    stream = multibulk(b"PING") + bad
+    framer = RequestFramer()
+    framer.feed(stream)
+    requests, error = framer.pop_requests()
+    assert requests == [(multibulk(b"PING"), b"PING")]
+    assert isinstance(error, ProtocolError) and str(error) == message
+    # Byte by byte: the same request, then the same error once the line is whole.
+    framer = RequestFramer()
+    requests = []
+    for index in range(len(stream)):
+        framer.feed(stream[index:index + 1])
+        framed, error = framer.pop_requests()
+        requests += framed
+        if error is not None:
+            break
+    assert requests == [(multibulk(b"PING"), b"PING")]
+    assert str(error) == message and index >= len(stream) - len(bad) - 1
+
+
+def test_request_error_quotes_the_clients_byte():
+    framer = RequestFramer()
+    framer.feed(b"*1\r\n\xff1\r\n")
+    _, error = framer.pop_requests()
+    assert resp.error_reply(f"ERR Protocol error: {error}") == \
+        b"-ERR Protocol error: expected '$', got '\xff'\r\n"
+    assert resp.error_reply("ERR caf\u00e9 \ud800") == b"-ERR caf\xc3\xa9 ?\r\n"
+
+
+@pytest.mark.parametrize("sent, args", [
+    # Redis skips the two bytes after a payload, and the byte after a line's CR, unread.
+    (b"*2\r\n$3\r\nGETxx$1\r\nk\r\n", [b"GET", b"k"]),
+    (b"*2\rx$4\rxECHO\r\n$2\r\nhi\r\n", [b"ECHO", b"hi"]),
+    (b"*1\r\n$4\r\nPING\n\n", [b"PING"]),
+    (b"ECHO a\r\r\n", [b"ECHO", b"a"]),
+])
+def test_odd_separators_redis_accepts_are_passed_on_well_formed(sent, args):
+    for pieces in ([sent], [sent[i:i + 1] for i in range(len(sent))]):
+        framer = RequestFramer()
+        requests = []
+        for piece in pieces:
+            framer.feed(piece)
+            requests += drain_requests(framer)
+        assert requests == [(multibulk(*args), args[0])]
+        assert framer.pending() == 0
+
+
+def test_nul_byte_hides_the_end_of_a_line_as_in_redis():
+    # Redis looks for a line's end with strchr(), which stops at a NUL byte: it waits.
+    for stream in (b"*1\x00\r\n$4\r\nPING\r\n", b"*1\r\n$4\x00\r\nPING\r\n", b"PI\x00NG\r\n"):
+        framer = RequestFramer()
+        framer.feed(stream)
+        assert framer.pop_requests() == ([], None)
+        framer.feed(b"PING\r\n")
+        assert framer.pop_requests() == ([], None)
+        assert framer.unread_bytes() == stream + b"PING\r\n"
+
+
+class CountingBytearray(bytearray):
+    """A buffer that adds up how many bytes find() looked at."""
+
+    examined = 0
+
+    def find(self, sub, start=0, end=None):
+        stop = len(self) if end is None else end
+        found = super().find(sub, start, stop)
+        self.examined += (found + len(sub) if found >= 0 else stop) - start
+        return found
+
+
+@pytest.mark.parametrize("stream, piece", [
+    (b"*1\r\n$" + b"1" * 60_000, 1),  # a length line whose end has not come
+    (b"*2\r\n$3\r\nGET\r\n" + b"9" * 60_000, 1),
+    (b"GET " + b"k" * 60_000, 1),  # an inline command
+    (b"*1000000000\r\n" + b"$1\r\na\r\n" * 100_000, 997),  # a request with no end
+], ids=["bulk length line", "bulk length line after an element", "inline", "endless request"])
+def test_unfinished_request_is_not_scanned_again(stream, piece):
+    framer = RequestFramer()
+    framer._buf.data = counting = CountingBytearray()
+    for index in range(0, len(stream), piece):
+        framer.feed(stream[index:index + piece])
+        assert framer.pop_requests() == ([], None)
+    assert framer.unread_bytes() == stream
+    assert counting.examined <= 3 * len(stream), counting.examined
 
 
 def test_requests_before_an_error_are_still_returned():

@@ -19,6 +19,7 @@ from upgrade_support import (
     interpreter_gated_at_restore,
     status,
     terminate_pid,
+    upgrade,
     upgrade_ok,
 )
 
@@ -166,3 +167,37 @@ def stop_rolled_back_bridge(proxy) -> None:
         return
     if serving != proxy.pid:
         terminate_pid(serving)
+
+
+def interpreter_failing_after_adoption(directory: Path) -> str:
+    """The real interpreter, except that in the new image the step after adopting the
+    connections (closing the inherited fds nobody named, then reporting) raises."""
+    return _script(directory, "python-failing-after-adoption", f"""\
+case " $* " in
+  *" --restore "*) ;;
+  *) exec "{sys.executable}" "$@" ;;
+esac
+[ "$2" = "-c" ] || {{ echo "stand-in interpreter: unexpected arguments: $*" >&2; exit 98; }}
+boot=$(printf '%s' "$3" | sed 's/_run()$/import shotover_gevent.handover.restore as r; r._close_unnamed_fds = lambda keep: 1 \\/ 0; _run()/')
+shift 3
+exec "{sys.executable}" -S -c "$boot" "$@"
+""")
+
+
+def test_failure_after_adoption_still_serves_everyone_and_answers(proxy, redis_server,
+                                                                  tmp_path):
+    """An exception in the new image's follow-up work (after the pause) used to leave the idle
+    connections it had not adopted yet unserved and the CLI without an answer."""
+    clients = [RawClient(proxy.port) for _ in range(150)]  # more than one adoption batch
+    try:
+        for index, client in enumerate(clients):
+            assert client.call("SET", f"k{index}", index) == b"OK"
+        result = upgrade(proxy.control_socket, "--python",
+                         interpreter_failing_after_adoption(tmp_path))
+        assert result.returncode == 0, result
+        assert "internal error while finishing the upgrade" in result.stdout, result
+        for index, client in enumerate(clients):
+            assert client.call("GET", f"k{index}") == str(index).encode()
+    finally:
+        for client in clients:
+            client.close()

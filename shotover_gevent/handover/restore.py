@@ -501,6 +501,9 @@ def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
     proxy.last_upgrade = result
     if result["ok"]:
         observability.record_upgrade(blackout_ms / 1000, upgrades_so_far=proxy.generation)
+    for why, n in (hints.get("upgrade_closed_totals") or {}).items():
+        if isinstance(n, (int, float)):
+            observability.record_upgrade_closed(str(why), n)
     for why, n in closed.items():
         observability.record_upgrade_closed(why, n)
     (log.info if result["ok"] else log.error)("%s", result["summary"])

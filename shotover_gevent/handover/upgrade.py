@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import gevent
 
-from .. import __version__
+from .. import __version__, observability
 from ..connection import PAUSE_PROGRESS
 from . import checkpoint as checkpoint_format
 
@@ -301,7 +301,9 @@ def build_checkpoint(proxy, snapshot: Snapshot, closed: Dict[str, int], settle_m
                  "tls_kept": len(snapshot.tls),
                  "tls_drain_timeout": request.tls_drain_timeout,
                  # Earlier versions still serving TLS clients: the next image watches them.
-                 "lame_ducks": lame_ducks})
+                 "lame_ducks": lame_ducks,
+                 # Counters the next image goes on from.
+                 "upgrade_closed_totals": observability.upgrade_closed_totals()})
     try:
         data = checkpoint_format.encode(cp, validate=False)
     except checkpoint_format.CheckpointError as error:

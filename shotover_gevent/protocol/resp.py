@@ -5,18 +5,19 @@ No sockets and no gevent here, so the exact bytes not yet consumed can always be
 
 from __future__ import annotations
 
+import re
 from typing import Any, List, Optional, Tuple
 
 import hiredis
 
 #: Redis's proto-max-bulk-len default: a longer bulk string is refused before any allocation.
 DEFAULT_MAX_BULK_LEN = 512 * 1024 * 1024
-#: Redis refuses multibulk counts above 1024*1024*1024 as "invalid multibulk length".
+#: A reply announcing more elements than this is refused as "invalid multibulk length".
 MAX_MULTIBULK_LEN = 1024 * 1024 * 1024
+#: Redis refuses a request whose element count does not fit a C int (INT_MAX).
+MAX_REQUEST_MULTIBULK_LEN = 2**31 - 1
 #: Redis's PROTO_INLINE_MAX_SIZE: a longer line without CRLF is a protocol error.
 MAX_INLINE_LEN = 64 * 1024
-#: Nesting deeper than this in a reply is refused rather than followed.
-MAX_DEPTH = 64
 
 # First bytes of RESP types whose payload ends at the first CRLF.
 _LINE_TYPES = frozenset(b"+-:_,#(")
@@ -79,8 +80,10 @@ def scan_frame(buf: bytearray, pos: int, max_bulk_len: int = DEFAULT_MAX_BULK_LE
                state: Optional[_ScanState] = None) -> int:
     """Return the end offset of the complete RESP frame starting at `pos`, or -1 if incomplete.
 
-    Iterative (a count of frames still owed), so deep nesting cannot exhaust the C stack. With
-    `state`, an incomplete scan records where it stopped and a later call resumes there.
+    Iterative (a count of frames still owed, and a list of the enclosing aggregates' counts),
+    so nesting has no limit but the bytes buffered: Redis does send replies nested thousands
+    deep, and a proxy must relay them. With `state`, an incomplete scan records where it
+    stopped and a later call resumes there.
     """
     start = pos
     if state is not None:
@@ -129,8 +132,6 @@ def scan_frame(buf: bytearray, pos: int, max_bulk_len: int = DEFAULT_MAX_BULK_LE
             if count:
                 owed -= 1
                 depth_stack.append(owed)
-                if len(depth_stack) > MAX_DEPTH:
-                    raise ProtocolError("reply nested too deeply")
                 owed = count + 1  # the decrement below consumes the extra one
         else:
             raise ProtocolError(f"unexpected RESP type byte {bytes([kind])!r}")
@@ -193,22 +194,100 @@ class ReplyFramer:
         return self._buf.unread()
 
 
+# How Redis reads a length in a request (string2ll): "0", or digits without a leading zero after
+# an optional '-'; under 21 characters, and within a signed 64-bit integer.
+_REDIS_INTEGER = re.compile(rb"0|-?[1-9][0-9]*")
+_LONG_STR_SIZE = 21
+_LLONG_MIN = -(2**63)
+_LLONG_MAX = 2**63 - 1
+# The lines well-behaved clients send, recognised in one call; anything else (including a line
+# not complete yet) goes through the slower reading that follows Redis step by step.
+_COUNT_LINE = re.compile(rb"\*([1-9][0-9]{0,9})\r\n")
+_BULK_LINE = re.compile(rb"\$(0|[1-9][0-9]{0,19})\r\n")
+#: _line_end: a NUL byte comes before the line's end, which Redis therefore never finds.
+_HIDDEN = -2
+
+
+def _redis_integer(text: bytearray) -> Optional[int]:
+    """A length from a request as Redis reads it, or None where Redis refuses it."""
+    if len(text) >= _LONG_STR_SIZE or _REDIS_INTEGER.fullmatch(text) is None:
+        return None
+    value = int(text)
+    return value if _LLONG_MIN <= value <= _LLONG_MAX else None
+
+
+def _line_end(data: bytearray, start: int, terminator: bytes) -> int:
+    """Index of the first `terminator` from `start` as Redis looks for it (C's strchr, which
+    stops at a NUL byte): -1 while it has not arrived, _HIDDEN when a NUL byte comes first."""
+    found = data.find(terminator, start)
+    if data.find(b"\0", start, found if found >= 0 else len(data)) >= 0:
+        return _HIDDEN
+    return found
+
+
+def _quoted_byte(value: int) -> str:
+    """A client's byte for an error text; one above 0x7f travels as a surrogate escape so that
+    error_reply() sends the byte itself, as Redis does."""
+    return bytes([value]).decode("utf-8", "surrogateescape")
+
+
+def _arguments(data: bytearray, start: int) -> List[bytes]:
+    """Arguments of a complete request at `start`, already checked by RequestFramer, whatever
+    bytes follow its CRs and payloads (Redis skips one after a CR, two after a payload, unread)."""
+    cr = data.find(b"\r", start)
+    count = int(data[start + 1 : cr])
+    pos = cr + 2
+    args: List[bytes] = []
+    for _ in range(count):
+        cr = data.find(b"\r", pos)
+        length = int(data[pos + 1 : cr])
+        pos = cr + 2
+        args.append(bytes(data[pos : pos + length]))
+        pos += length + 2
+    return args
+
+
+class _PartialRequest:
+    """How far a multibulk request not yet complete has been read: what Redis keeps between two
+    reads (elements still to come, the length of the bulk being read), so that the next read
+    starts where this one stopped and nothing is kept per element."""
+
+    __slots__ = ("offset", "remaining", "bulk_len", "name", "canonical")
+
+    def __init__(self, offset: int, remaining: int, bulk_len: int, name: Optional[bytes],
+                 canonical: bool) -> None:
+        #: From the request's start: the next element's '$' line, or its payload once
+        #: `bulk_len` is known.
+        self.offset = offset
+        self.remaining = remaining
+        self.bulk_len = bulk_len
+        self.name = name
+        #: Every separator so far is CRLF, so the raw bytes can be passed on as they are.
+        self.canonical = canonical
+
+
 class RequestFramer:
     """Splits a client's byte stream into commands, as Redis does: multibulk of bulks, or inline.
 
-    Each request comes out as (raw, name): `name` is the command's first word as sent.
+    Each request comes out as (raw, name): `name` is the command's first word as sent, `raw`
+    the request as a well-formed multibulk. Redis's own reading decides what is accepted and
+    what is a protocol error (with its wording), down to where it stops looking for a line's
+    end and the bytes it skips without checking them.
     """
 
-    __slots__ = ("_buf", "max_bulk_len", "_resume")
+    __slots__ = ("_buf", "max_bulk_len", "_partial", "_line_mark", "_line_hidden")
 
     def __init__(self, max_bulk_len: int = DEFAULT_MAX_BULK_LEN) -> None:
         self._buf = _Buffer()
         self.max_bulk_len = max_bulk_len
-        # (offset from the request's start, arguments already scanned, count, name) of an
-        # incomplete multibulk, so a huge request is not rescanned on every read.
-        self._resume: Optional[Tuple[int, int, int, bytes]] = None
+        self._partial: Optional[_PartialRequest] = None
+        # For a line whose end has not arrived: how far from the unread data's start it has been
+        # searched, and whether a NUL byte already hides its end for good.
+        self._line_mark = 0
+        self._line_hidden = False
 
     def feed(self, data: bytes) -> None:
+        # Saved positions are relative to the first unread byte, so compaction is harmless.
         self._buf.feed(data)
 
     def pending(self) -> int:
@@ -218,11 +297,18 @@ class RequestFramer:
         """Every byte received and not yet returned as a request: what a checkpoint must carry."""
         return self._buf.unread()
 
+    def _stop_in_line(self, request_start: int, searched_to: int, line_end: int) -> None:
+        """Remember where the search for an unfinished line's end can resume."""
+        if line_end == _HIDDEN:
+            self._line_hidden = True
+        self._line_mark = searched_to - request_start
+
     def pop_requests(self) -> Tuple[List[Tuple[bytes, bytes]], Optional[ProtocolError]]:
         """Every complete request buffered, and the protocol error that stopped framing, if any.
 
         Requests framed before an error are returned too: Redis serves them before it replies
-        with the error and closes the connection.
+        with the error and closes the connection. The work done is proportional to the bytes
+        fed since the last call: an unfinished request or line is resumed, never rescanned.
         """
         out: List[Tuple[bytes, bytes]] = []
         buf = self._buf
@@ -230,82 +316,122 @@ class RequestFramer:
         end = len(data)
         pos = buf.offset
         max_bulk = self.max_bulk_len
+        bulk_line = _BULK_LINE.match
+        partial, self._partial = self._partial, None
+        # Only the first line looked at can be the one a previous call stopped in.
+        mark, hidden = pos + self._line_mark, self._line_hidden
+        self._line_mark, self._line_hidden = 0, False
         try:
             while pos < end:
-                if data[pos] != 0x2A:  # not '*': an inline command
-                    nl = data.find(b"\n", pos)
+                if data[pos] != 0x2A:  # not '*': an inline command, up to LF
+                    if hidden:
+                        nl = _HIDDEN
+                    else:  # _line_end(), written out: this path can run once per command
+                        start = pos if pos >= mark else mark
+                        nl = data.find(b"\n", start)
+                        if data.find(b"\0", start, nl if nl >= 0 else end) >= 0:
+                            nl = _HIDDEN
+                    hidden = False
                     if nl < 0:
                         if end - pos > MAX_INLINE_LEN:
                             raise ProtocolError("too big inline request")
+                        self._stop_in_line(pos, end, nl)
                         break
-                    line = bytes(data[pos:nl]).rstrip(b"\r")
-                    args = split_inline(line)
+                    # One CR before the LF belongs to the line ending; any other is a blank.
+                    stop = nl - 1 if nl > pos and data[nl - 1] == 0x0D else nl
+                    args = split_inline(bytes(data[pos:stop]))
                     pos = nl + 1
                     if args:
                         out.append((encode_command(args), args[0]))
                     continue
-                resume = self._resume
-                if resume is not None:
-                    self._resume = None
-                    p, first, count, name = pos + resume[0], resume[1], resume[2], resume[3]
+                if partial is not None:  # the request a previous call stopped in
+                    p = pos + partial.offset
+                    remaining, bulk_len = partial.remaining, partial.bulk_len
+                    name, canonical = partial.name, partial.canonical
+                    partial = None
                 else:
-                    nl = data.find(_CRLF, pos + 1)
-                    if nl < 0:
-                        if end - pos > MAX_INLINE_LEN:
-                            raise ProtocolError("too big mbulk count string")
-                        break
-                    text = data[pos + 1 : nl]
-                    # Strict digits, as Redis parses them (int() would take " 1", "+1", "1_0").
-                    if not text.isdigit() and not (text[:1] == b"-" and text[1:].isdigit()):
+                    match = _COUNT_LINE.match(data, pos)
+                    if match is not None:
+                        count = int(match.group(1))
+                        p = match.end()
+                        canonical = True
+                    else:
+                        # Redis takes the line up to the first CR and skips the byte after it.
+                        cr = _HIDDEN if hidden else _line_end(data, max(pos, mark), b"\r")
+                        hidden = False
+                        if cr < 0:
+                            if end - pos > MAX_INLINE_LEN:
+                                raise ProtocolError("too big mbulk count string")
+                            self._stop_in_line(pos, end, cr)
+                            break
+                        if cr + 1 >= end:
+                            self._stop_in_line(pos, cr, cr)
+                            break
+                        count = _redis_integer(data[pos + 1 : cr])
+                        if count is None:
+                            raise ProtocolError("invalid multibulk length")
+                        p = cr + 2
+                        canonical = data[cr + 1] == 0x0A
+                    if count > MAX_REQUEST_MULTIBULK_LEN:
                         raise ProtocolError("invalid multibulk length")
-                    count = int(text)
-                    if count > MAX_MULTIBULK_LEN:
-                        raise ProtocolError("invalid multibulk length")
-                    p = nl + 2
-                    if count <= 0:  # Redis ignores "*0" and "*-1" requests
+                    if count <= 0:  # Redis skips "*0", "*-1" and any other count below 1
                         pos = p
                         continue
-                    first, name = 0, b""
-                complete = True
-                for index in range(first, count):
-                    item_start = p
-                    if p >= end:
-                        complete = False
+                    remaining, bulk_len, name = count, -1, None
+                while remaining:
+                    if bulk_len < 0:
+                        match = bulk_line(data, p)
+                        if match is not None:
+                            bulk_len = int(match[1])
+                            if bulk_len > max_bulk:
+                                raise ProtocolError("invalid bulk length")
+                            p = match.end()
+                        else:
+                            cr = _HIDDEN if hidden else _line_end(data, max(p, mark), b"\r")
+                            hidden = False
+                            if cr < 0:
+                                if end - p > MAX_INLINE_LEN:
+                                    raise ProtocolError("too big bulk count string")
+                                self._stop_in_line(pos, end, cr)
+                                break
+                            if cr + 1 >= end:
+                                self._stop_in_line(pos, cr, cr)
+                                break
+                            # Redis looks at the '$' only once the whole line is there.
+                            if data[p] != 0x24:
+                                raise ProtocolError(
+                                    f"expected '$', got '{_quoted_byte(data[p])}'")
+                            length = _redis_integer(data[p + 1 : cr])
+                            if length is None or length < 0 or length > max_bulk:
+                                raise ProtocolError("invalid bulk length")
+                            if data[cr + 1] != 0x0A:
+                                canonical = False
+                            bulk_len = length
+                            p = cr + 2
+                    payload_end = p + bulk_len
+                    if payload_end + 2 > end:
                         break
-                    if data[p] != 0x24:
-                        raise ProtocolError(f"expected '$', got '{chr(data[p])}'")
-                    nl = data.find(_CRLF, p + 1)
-                    if nl < 0:
-                        if end - p > MAX_INLINE_LEN:
-                            raise ProtocolError("too big bulk count string")
-                        complete = False
-                        break
-                    text = data[p + 1 : nl]
-                    if not text.isdigit():
-                        raise ProtocolError("invalid bulk length")
-                    length = int(text)
-                    if length > max_bulk:
-                        raise ProtocolError("invalid bulk length")
-                    payload = nl + 2
-                    p = payload + length + 2
-                    if p > end:
-                        p = item_start
-                        complete = False
-                        break
-                    if data[p - 2 : p] != _CRLF:
-                        raise ProtocolError("bulk payload not followed by CRLF")
-                    if index == 0:
-                        name = bytes(data[payload : payload + length])
-                if not complete:
-                    if index >= 64:
-                        self._resume = (p - pos, index, count, name)
+                    # Redis skips the two bytes after a payload without checking them.
+                    if data[payload_end] != 0x0D or data[payload_end + 1] != 0x0A:
+                        canonical = False
+                    if name is None:
+                        name = bytes(data[p:payload_end])
+                    p = payload_end + 2
+                    bulk_len = -1
+                    remaining -= 1
+                if remaining:
+                    partial = _PartialRequest(p - pos, remaining, bulk_len, name, canonical)
                     break
-                out.append((bytes(data[pos:p]), name))
+                if canonical:
+                    out.append((bytes(data[pos:p]), name))
+                else:  # passed on well-formed, as Redis understood it
+                    out.append((encode_command(_arguments(data, pos)), name))
                 pos = p
         except ProtocolError as error:
             buf.offset = pos
             return out, error
         buf.offset = pos
+        self._partial = partial
         return out, None
 
 
@@ -395,9 +521,15 @@ def parse_command(raw: bytes) -> List[bytes]:
 
 
 def error_reply(message: str) -> bytes:
-    """A RESP error line; CR and LF in the text would end the frame early, so they become spaces."""
+    """A RESP error line; CR and LF in the text would end the frame early, so they become spaces.
+
+    Bytes carried as surrogate escapes (a client's bytes quoted back to it) go out unchanged.
+    """
     text = message.replace("\r", " ").replace("\n", " ")
-    return b"-" + text.encode("utf-8", "replace") + b"\r\n"
+    try:
+        return b"-" + text.encode("utf-8", "surrogateescape") + b"\r\n"
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return b"-" + text.encode("utf-8", "replace") + b"\r\n"
 
 
 def simple_reply(text: str) -> bytes:
@@ -443,20 +575,99 @@ def encode_value(value: Any, resp3: bool = False) -> bytes:
     raise TypeError(f"cannot encode {type(value).__name__} as RESP")
 
 
-_reader = hiredis.Reader()
+#: What a hiredis reader returns while a frame is incomplete (its default, False, is also #f).
+_NOT_ENOUGH = object()
+_reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
 
 
 def parse_frame(raw: bytes) -> Any:
-    """Parse one complete frame into Python values (hiredis; errors come back as ReplyError)."""
+    """Parse one complete frame into Python values (errors come back as ReplyError).
+
+    hiredis does the work. What it refuses (nesting deeper than its limit of 1024 levels, blob
+    errors) or stops short in (an attribute, which it returns in place of the value it
+    annotates) is read by _parse_stepwise(), which gives the values hiredis would.
+    """
     global _reader
+    reader = _reader
     # One shared reader is safe: this C call never yields to another greenlet.
-    _reader.feed(raw)
+    reader.feed(raw)
     try:
-        value = _reader.gets()
+        value = reader.gets()
+    except hiredis.ProtocolError:
+        _reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+        return _parse_stepwise(raw)
     except Exception:
-        _reader = hiredis.Reader()
+        _reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
         raise
-    if value is False:
-        _reader = hiredis.Reader()
+    if value is _NOT_ENOUGH:
+        _reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
         raise ProtocolError("incomplete frame")
+    if reader.has_data():
+        # Bytes left over mean an attribute was taken for a value: they must not be read as
+        # the start of the next frame parsed.
+        _reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+        return _parse_stepwise(raw)
     return value
+
+
+def _parse_stepwise(raw: bytes) -> Any:
+    """The value of the first frame in `raw`, built with an explicit stack (no recursion, so no
+    depth limit but memory). Attributes are left out: the value they annotate takes their place.
+    Single values are still read by hiredis, so that they come out exactly as it makes them."""
+    data = bytes(raw)
+    end = len(data)
+    single = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+    # One entry per aggregate still open: [type byte, values so far, values still owed].
+    stack: List[list] = []
+    pos = 0
+    while True:
+        nl = data.find(_CRLF, pos + 1)
+        if pos >= end or nl < 0:
+            raise ProtocolError("incomplete frame")
+        kind = data[pos]
+        if kind in _AGGREGATE_TYPES or kind in _PAIR_TYPES:
+            count = _parse_length(data, pos + 1, nl, "multibulk")
+            pos = nl + 2
+            if count < 0:
+                value = None
+            else:
+                owed = count * 2 if kind in _PAIR_TYPES else count
+                if kind == 0x7C:  # an attribute, then the value it annotates
+                    owed += 1
+                if owed:
+                    stack.append([kind, [], owed])
+                    continue
+                value = {} if kind == 0x25 else []
+        elif kind in _BLOB_TYPES or kind in _LINE_TYPES:
+            stop = nl + 2
+            if kind in _BLOB_TYPES:
+                length = _parse_length(data, pos + 1, nl, "bulk")
+                if length >= 0:
+                    stop += length + 2
+            if stop > end:
+                raise ProtocolError("incomplete frame")
+            if kind == 0x21:  # '!': a blob error, which hiredis does not read
+                value = hiredis.ReplyError(data[nl + 2 : stop - 2].decode("utf-8", "replace"))
+            else:
+                single.feed(data[pos:stop])
+                value = single.gets()
+            pos = stop
+        else:
+            raise ProtocolError(f"unexpected RESP type byte {bytes([kind])!r}")
+        # Give the value to its aggregate, and each aggregate it completes to the one outside.
+        while stack:
+            top = stack[-1]
+            top[1].append(value)
+            top[2] -= 1
+            if top[2]:
+                break
+            stack.pop()
+            kind, items = top[0], top[1]
+            if kind == 0x25:  # '%'
+                value = dict(zip(items[0::2], items[1::2]))
+            elif kind == 0x7C:  # '|'
+                value = items[-1]
+            else:
+                value = items
+        else:
+            return value
