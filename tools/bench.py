@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """Throughput and memory benchmarks of the proxy, next to Redis itself and HAProxy.
 
-Throughput (the default): starts its own redis-server, the proxy (one or both generated
-topologies) and, when installed, HAProxy in TCP mode, then runs
+Throughput (the default): starts its own redis-server, the proxy (passthrough: RedisSinkSingle
+only; filtered: QueryCounter + QueryTypeFilter + RedisSinkSingle) and, when installed, HAProxy
+in TCP mode with one thread, then runs
 
     redis-benchmark -h 127.0.0.1 -p PORT -t set,get -n N -c C [-P 16] --csv
 
-against each of them in the same run, without pipelining and with -P 16, and prints one
-table: requests per second, p50 and p99 latency, the CPU time the server process (redis-server,
-HAProxy or the proxy) spent per request, and the proxy's throughput relative to direct Redis
-and to HAProxy. With --repeat K every cell is the median of K runs; the runs of different
-targets are interleaved, in an order rotated each round, so that a noisy neighbour hurts all of
-them alike. CPU time per request is the steadier figure on a shared machine: waiting for a CPU
-lowers requests per second but not CPU time.
+against each of them in the same run, for every -c of --clients (50 and 500), without
+pipelining and with -P 16, and prints one table: requests per second and the CPU time per
+request (user and system) of the process redis-benchmark talks to, read from /proc/PID/stat
+before and after each run; for the proxy, of its process tree (the proxy and any child
+process). Ratio rows give proxy/HAProxy and filtered/passthrough for both figures. CPU time
+per request is the figure to compare on a shared machine: waiting for a CPU lowers requests
+per second but not CPU time. A last, small run per target (redis-benchmark -k 0) gives the CPU
+cost of one connection (connect, PING, close), which is inside every run's figure too. With
+--repeat K every cell is the median of K runs; the runs of different targets are interleaved,
+in an order rotated each time, so that a noisy neighbour hurts all of them alike.
 
 Cluster (--topology cluster): builds a Redis Cluster instead (six cluster-enabled
 redis-servers, three masters with a replica each, made by `redis-cli --cluster create`) and
@@ -23,7 +27,8 @@ the proxy with a RedisSinkCluster chain over all six nodes, then compares, in th
 
 Both use -r 100000 (random keys, so the proxy's traffic is spread over all three masters as
 the cluster-aware client's is); no HAProxy target. CPU us/req of cluster-direct is that of all
-six redis-servers together.
+six redis-servers together (the cluster-aware client's own CPU is not counted anywhere), so
+only requests per second compare between the two; proxy[cluster]'s is the proxy's.
 
 Idle connections (--idle-connections [N], default N=10000): raises this process's open-file
 limit (the proxy inherits it), opens N TCP connections to the proxy and leaves them idle, and
@@ -52,7 +57,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +66,7 @@ from bench_common import (  # noqa: E402
     HOST,
     REDIS_BENCHMARK,
     BenchError,
+    Child,
     Stack,
     describe_load,
     format_table,
@@ -68,47 +74,120 @@ from bench_common import (  # noqa: E402
     machine_load,
     median,
     percentile,
-    proc_cpu_seconds,
     proc_fd_count,
     proc_nofile_limit,
+    proc_stat_ticks,
     proc_status_kib,
+    process_tree,
     raise_nofile,
     tool_version,
     wait_until,
 )
 
-TESTS = ("SET", "GET")
+#: redis-benchmark tests run by default (-t).
+DEFAULT_TESTS = ("SET", "GET")
+
+
+# ---- CPU time -----------------------------------------------------------------------------------
+
+#: Clock ticks a second: the unit of the times in /proc/<pid>/stat.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: A CPU figure resting on fewer ticks than this is marked "~" (one tick more or less: > 2 %).
+PRECISE_TICKS = 50
+
+#: pid -> (user, system, waited-for children's user, their system), in clock ticks.
+CpuSnapshot = Dict[int, Tuple[int, int, int, int]]
+
+
+def cpu_snapshot(roots: Sequence[int]) -> CpuSnapshot:
+    """The CPU times of every process in the trees under `roots` (a process's own times cover
+    all its threads)."""
+    snapshot: CpuSnapshot = {}
+    for pid in process_tree(roots):
+        try:
+            snapshot[pid] = proc_stat_ticks(pid)[1:]
+        except (OSError, ValueError, IndexError):
+            pass  # exited meanwhile
+    return snapshot
+
+
+def cpu_used(before: CpuSnapshot, after: CpuSnapshot) -> Tuple[int, int]:
+    """(user, system) ticks the process trees used between two snapshots. A process started in
+    between counts whole; one that ended in between counts through the children's times of the
+    parent that waited for it, less what it had used before the first snapshot."""
+    user = system = 0
+    for pid, (u, s, cu, cs) in after.items():
+        bu, bs, bcu, bcs = before.get(pid, (0, 0, 0, 0))
+        user += u - bu + cu - bcu
+        system += s - bs + cs - bcs
+    for pid, (u, s, _cu, _cs) in before.items():
+        if pid not in after:
+            user -= u
+            system -= s
+    return max(0, user), max(0, system)
+
+
+def settled_snapshot(roots: Sequence[int], step: float = 0.1, limit: float = 1.0) -> CpuSnapshot:
+    """A snapshot taken once the processes stop using CPU (the connections the benchmark has
+    just closed are torn down, and that is part of their cost), or after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    last = cpu_snapshot(roots)
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        now = cpu_snapshot(roots)
+        if sum(map(sum, now.values())) == sum(map(sum, last.values())):
+            return now
+        last = now
+    return last
 
 
 # ---- throughput ---------------------------------------------------------------------------------
 
 
-def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int,
-                        timeout: float, server_pid: Union[None, int, List[int]] = None,
-                        cluster: bool = False, key_range: Optional[int] = None
-                        ) -> Dict[str, Dict[str, float]]:
-    """One redis-benchmark run; returns {"SET": {...}, "GET": {...}} from its CSV output.
+class Target:
+    """Something redis-benchmark talks to, and the processes whose CPU time it costs."""
 
-    With `server_pid` (one pid or a list), each result also carries that process's (those
-    processes' total) CPU time per request over the whole run (SET and GET together), in
-    microseconds. `cluster` adds --cluster (a cluster-aware client, `port` being any node's);
-    `key_range` adds -r (random keys)."""
-    argv = [REDIS_BENCHMARK, "-h", HOST, "-p", str(port), "-t", "set,get", "-n", str(requests),
-            "-c", str(clients), "--csv"]
+    __slots__ = ("name", "kind", "port", "pids", "cluster_mode")
+
+    def __init__(self, name: str, kind: str, port: int, pids: List[int],
+                 cluster_mode: bool = False) -> None:
+        self.name = name
+        self.kind = kind  # "redis", "cluster" (the nodes themselves), "haproxy" or "proxy"
+        self.port = port
+        self.pids = pids
+        self.cluster_mode = cluster_mode  # redis-benchmark --cluster
+
+
+def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int,
+                        timeout: float, cpu_roots: Sequence[int] = (), cluster: bool = False,
+                        key_range: Optional[int] = None, tests: Sequence[str] = DEFAULT_TESTS,
+                        keepalive: bool = True) -> Dict[str, Any]:
+    """One redis-benchmark run of `tests` (`requests` each).
+
+    Returns {"tests": {"SET": {"rps", latencies...}, ...}, "rps": requests per second over all
+    the tests together, "requests": their total} and, with `cpu_roots`, the CPU ticks the
+    process trees under those pids used over the whole run ("cpu_user_ticks",
+    "cpu_system_ticks"). `cluster` adds --cluster (a cluster-aware client, `port` being any
+    node's); `key_range` adds -r (random keys); keepalive=False adds -k 0 (a new connection for
+    every request)."""
+    argv = [REDIS_BENCHMARK, "-h", HOST, "-p", str(port), "-t", ",".join(tests).lower(),
+            "-n", str(requests), "-c", str(clients), "--csv"]
     if pipeline > 1:
         argv += ["-P", str(pipeline)]
     if cluster:
         argv.append("--cluster")
     if key_range:
         argv += ["-r", str(key_range)]
-    pids = [] if not server_pid else [server_pid] if isinstance(server_pid, int) else server_pid
-    cpu_before = cpu_seconds(pids) if pids else None
+    if not keepalive:
+        argv += ["-k", "0"]
+    before = cpu_snapshot(cpu_roots) if cpu_roots else None
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               stdin=subprocess.DEVNULL, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise BenchError(f"redis-benchmark against port {port} took more than {timeout:g} s "
                          f"(raise --run-timeout or lower --requests)") from None
+    after = settled_snapshot(cpu_roots) if cpu_roots else None
     out = done.stdout.decode("utf-8", "replace")
     err = done.stderr.decode("utf-8", "replace")
     if done.returncode != 0:
@@ -116,10 +195,11 @@ def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int,
                          f"{(err or out).strip()[-500:]}")
     # redis-benchmark 7.0 CSV: test, rps, avg/min/p50/p95/p99/max latency in ms.
     lines = [line for line in out.splitlines() if line.startswith('"')]
+    wanted = {test.upper() for test in tests}
     results: Dict[str, Dict[str, float]] = {}
     for row in csv.DictReader(io.StringIO("\n".join(lines))):
         name = row.get("test", "").split()[0].upper()
-        if name in TESTS:
+        if name in wanted:
             results[name] = {
                 "rps": float(row["rps"]),
                 "avg_ms": float(row["avg_latency_ms"]),
@@ -128,146 +208,213 @@ def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int,
                 "p99_ms": float(row["p99_latency_ms"]),
                 "max_ms": float(row["max_latency_ms"]),
             }
-    if cpu_before is not None:
-        user, system = cpu_seconds(pids)
-        total = requests * len(TESTS)
-        for row in results.values():
-            row["cpu_us"] = (user - cpu_before[0] + system - cpu_before[1]) * 1e6 / total
-            row["cpu_sys_us"] = (system - cpu_before[1]) * 1e6 / total
-    missing = [t for t in TESTS if t not in results]
-    if missing:
-        raise BenchError(f"redis-benchmark printed no result for {', '.join(missing)}:\n"
-                         f"{out[-500:]}{err[-500:]}")
+    missing = sorted(wanted - set(results))
+    if missing or any(not row["rps"] for row in results.values()):
+        raise BenchError(f"redis-benchmark printed no result for {', '.join(missing) or 'a test'}"
+                         f":\n{out[-500:]}{err[-500:]}")
     if "error" in err.lower() and "could not fetch server config" not in err.lower():
         sys.stderr.write(f"redis-benchmark (port {port}) said: {err.strip()[-300:]}\n")
-    return results
+    # Over all the tests: the total requests over the time the tests took together.
+    total = requests * len(results)
+    result: Dict[str, Any] = {"tests": results, "requests": total,
+                              "rps": total / sum(requests / row["rps"] for row in results.values())}
+    if before is not None and after is not None:
+        result["cpu_user_ticks"], result["cpu_system_ticks"] = cpu_used(before, after)
+    return result
 
 
-def cpu_seconds(pids: List[int]) -> Tuple[float, float]:
-    """(user, system) CPU seconds of `pids` together."""
-    times = [proc_cpu_seconds(pid) for pid in pids]
-    return sum(t[0] for t in times), sum(t[1] for t in times)
-
+#: Redis, HAProxy and the cluster's nodes serve this many times the requests of a proxy run:
+#: they are several times faster and cheaper, and their CPU time must stay well above the
+#: 10 ms tick of /proc/PID/stat (per-request figures compare whatever the run's length).
+REFERENCE_FACTOR = 4
 
 #: -r of the cluster topology's runs (random keys over every master).
 CLUSTER_KEY_RANGE = 100000
 
 
+def per_request_us(ticks: float, requests: int) -> float:
+    return ticks / CLOCK_TICKS * 1e6 / requests
+
+
+def start_targets(stack: Stack, options, topologies: List[str]
+                  ) -> Tuple[List[Target], Dict[str, Any], Optional[Child]]:
+    """Start what the runs compare: Redis (or a Redis Cluster), HAProxy, the proxies."""
+    targets: List[Target] = []
+    proxies: Dict[str, Any] = {}
+    haproxy = None
+    if options.topology == "cluster":
+        cluster = stack.start_cluster()
+        targets.append(Target("cluster-direct", "cluster", cluster.masters[0].port,
+                              cluster.pids, cluster_mode=True))
+        proxy = stack.start_proxy("cluster", None, contact_points=cluster.contact_points)
+        proxies["cluster"] = proxy
+        targets.append(Target("proxy[cluster]", "proxy", proxy.port, [proxy.pid]))
+        return targets, proxies, None
+    redis = stack.start_redis(max_clients=max(options.clients) * 4 + 1000)
+    targets.append(Target("direct", "redis", redis.port, [redis.pid]))
+    if not options.no_haproxy:
+        haproxy = stack.start_haproxy(redis.port, threads=options.haproxy_threads,
+                                      max_conn=max(4096, max(options.clients) * 2 + 100))
+        if haproxy is None:
+            stack.say("haproxy is not installed: no HAProxy rows")
+        else:
+            targets.append(Target("haproxy", "haproxy", haproxy.port, [haproxy.pid]))
+    for topology in topologies:
+        proxy = stack.start_proxy(topology, redis.port)
+        proxies[topology] = proxy
+        targets.append(Target(f"proxy[{topology}]", "proxy", proxy.port, [proxy.pid]))
+    return targets, proxies, haproxy
+
+
 def throughput(options) -> Dict[str, Any]:
-    topologies = ["passthrough", "filtered"] if options.topology == "both" else [options.topology]
+    topologies = (["passthrough", "filtered"] if options.topology == "both"
+                  else [options.topology])
     pipelines = [1] if options.pipeline <= 1 else [1, options.pipeline]
+    tests = options.tests
+    key_range = CLUSTER_KEY_RANGE if options.topology == "cluster" else None
+    requests = {1: options.requests}
+    if options.pipeline > 1:
+        requests[options.pipeline] = options.pipelined_requests
     timeout = options.run_timeout
     raise_nofile()
+    load_before = machine_load()
     with Stack(keep=options.keep_logs, quiet=options.json and not options.verbose) as stack:
-        # target: (name, port, pid or pids whose CPU time is measured, redis-benchmark --cluster)
-        targets: List[Tuple[str, int, Union[int, List[int]], bool]] = []
-        haproxy = None
-        proxies = {}
-        key_range: Optional[int] = None
-        if options.topology == "cluster":
-            cluster = stack.start_cluster()
-            load_before = machine_load()
-            targets.append(("cluster-direct", cluster.masters[0].port, cluster.pids, True))
-            proxy = stack.start_proxy("cluster", None, contact_points=cluster.contact_points)
-            proxies["cluster"] = proxy
-            targets.append(("proxy[cluster]", proxy.port, proxy.pid, False))
-            key_range = CLUSTER_KEY_RANGE
-        else:
-            redis = stack.start_redis()
-            load_before = machine_load()
-            targets.append(("direct", redis.port, redis.pid, False))
-        if not options.no_haproxy and options.topology != "cluster":
-            haproxy = stack.start_haproxy(redis.port, threads=options.haproxy_threads)
-            if haproxy is None:
-                stack.say("haproxy is not installed: no HAProxy column")
-            else:
-                targets.append(("haproxy", haproxy.port, haproxy.pid, False))
-        for topology in topologies:
-            if topology == "cluster":
-                continue  # started above, with the cluster
-            proxy = stack.start_proxy(topology, redis.port)
-            proxies[topology] = proxy
-            targets.append((f"proxy[{topology}]", proxy.port, proxy.pid, False))
+        targets, proxies, haproxy = start_targets(stack, options, topologies)
+
+        def run(target: Target, count: int, clients: int, pipeline: int,
+                **extra) -> Dict[str, Any]:
+            try:
+                return run_redis_benchmark(target.port, count, clients, pipeline, timeout,
+                                           target.pids, cluster=target.cluster_mode,
+                                           key_range=key_range, **extra)
+            except BenchError as error:
+                tails = "".join(server_log_tail(stack, pid) for pid in target.pids)
+                raise BenchError(f"{target.name}, -c {clients} -P {pipeline}: {error}{tails}") \
+                    from None
 
         # Warm every path (connections, caches, the proxy's slot map) once before measuring.
-        for _name, port, _pid, cluster_mode in targets:
-            run_redis_benchmark(port, 2000, options.clients, 1, timeout, cluster=cluster_mode,
-                                key_range=key_range)
+        for target in targets:
+            run(target, 2000, min(options.clients), 1, tests=tests)
 
-        samples: Dict[Tuple[str, str, int], List[Dict[str, float]]] = {}
+        samples: Dict[Tuple[str, int, int], List[Dict[str, Any]]] = {}
         for repeat in range(options.repeat):
-            # Rotate the order each round so that no target always runs first or last.
-            shift = repeat % len(targets)
-            order = targets[shift:] + targets[:shift]
-            for pipeline in pipelines:
-                for name, port, pid, cluster_mode in order:
-                    stack.say(f"run {repeat + 1}/{options.repeat}: {name}, -P {pipeline}")
-                    try:
-                        result = run_redis_benchmark(port, options.requests, options.clients,
-                                                     pipeline, timeout, pid,
-                                                     cluster=cluster_mode, key_range=key_range)
-                    except BenchError as error:
-                        tails = "".join(server_log_tail(stack, p)
-                                        for p in (pid if isinstance(pid, list) else [pid]))
-                        raise BenchError(f"{name}, -P {pipeline}: {error}{tails}") from None
-                    for test, row in result.items():
-                        samples.setdefault((name, test, pipeline), []).append(row)
-                    for proxy in proxies.values():
-                        proxy.check_alive()
+            for clients in options.clients:
+                for pipeline in pipelines:
+                    # Rotate the order each time so that no target always runs first or last.
+                    shift = (repeat + len(samples)) % len(targets)
+                    for target in targets[shift:] + targets[:shift]:
+                        stack.say(f"run {repeat + 1}/{options.repeat}: {target.name}, "
+                                  f"-c {clients} -P {pipeline}")
+                        count = requests[pipeline] * (1 if target.kind == "proxy"
+                                                      else REFERENCE_FACTOR)
+                        result = run(target, count, clients, pipeline, tests=tests)
+                        samples.setdefault((target.name, clients, pipeline), []).append(result)
+                        for proxy in proxies.values():
+                            proxy.check_alive()
 
-        cells: Dict[Tuple[str, str, int], Dict[str, Any]] = {}
-        for key, rows in samples.items():
-            cells[key] = {
-                "rps": median([r["rps"] for r in rows]),
-                "p50_ms": median([r["p50_ms"] for r in rows]),
-                "p99_ms": median([r["p99_ms"] for r in rows]),
-                "cpu_us": median([r["cpu_us"] for r in rows]),
-                "cpu_sys_us": median([r["cpu_sys_us"] for r in rows]),
-                "runs": rows,
-            }
+        # What a connection costs, apart from its requests: open, one PING, close.
+        connection_cost: Dict[str, Dict[str, Any]] = {}
+        if options.connections:
+            for target in targets:
+                if target.cluster_mode:
+                    continue  # a cluster-aware client's connections are not the proxy's
+                stack.say(f"connection cost: {target.name}, {options.connections} connections")
+                result = run(target, options.connections, min(50, options.connections), 1,
+                             tests=("PING_MBULK",), keepalive=False)
+                user, system = result["cpu_user_ticks"], result["cpu_system_ticks"]
+                connection_cost[target.name] = {
+                    "connections": options.connections,
+                    "cpu_us": round(per_request_us(user + system, options.connections), 1),
+                    "cpu_user_us": round(per_request_us(user, options.connections), 1),
+                    "cpu_sys_us": round(per_request_us(system, options.connections), 1),
+                    "cpu_ticks": user + system,
+                    "connections_per_second": round(result["rps"], 1),
+                }
         proxy_rss = {topology: proxy_kib(p.pid) for topology, p in proxies.items()}
-        load_after = machine_load()
+    load_after = machine_load()
+
+    cells: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
+    for (name, clients, pipeline), runs in samples.items():
+        user = median([per_request_us(r["cpu_user_ticks"], r["requests"]) for r in runs])
+        system = median([per_request_us(r["cpu_system_ticks"], r["requests"]) for r in runs])
+        cells[(name, clients, pipeline)] = {
+            "target": name, "clients": clients, "pipeline": pipeline,
+            "requests": runs[0]["requests"], "runs": len(runs),
+            "rps": round(median([r["rps"] for r in runs]), 1),
+            "cpu_us": round(user + system, 2),
+            "cpu_user_us": round(user, 2),
+            "cpu_sys_us": round(system, 2),
+            # The fewest ticks any run's figure rests on: its precision.
+            "cpu_ticks": min(r["cpu_user_ticks"] + r["cpu_system_ticks"] for r in runs),
+            "tests": {test: {key: round(median([r["tests"][test][key] for r in runs]), 3)
+                             for key in ("rps", "p50_ms", "p99_ms")}
+                      for test in runs[0]["tests"]},
+        }
+
+    ratios = []
+    for numerator, denominator, label, with_cpu in ratio_pairs(
+            [t.name for t in targets], topologies):
+        for clients in options.clients:
+            for pipeline in pipelines:
+                top, bottom = cells[(numerator, clients, pipeline)], \
+                    cells[(denominator, clients, pipeline)]
+                ratios.append({
+                    "name": label, "clients": clients, "pipeline": pipeline,
+                    "rps": ratio(top["rps"], bottom["rps"]),
+                    "cpu": ratio(top["cpu_us"], bottom["cpu_us"]) if with_cpu else None,
+                })
+
+    # Connection set-up is inside every run's CPU figure: redis-benchmark opens its -c
+    # connections once per test (and a cluster-aware client, once per node).
+    kinds = {target.name: target.kind for target in targets}
+    setup_share = {name: {str(clients): round(
+        cost["cpu_us"] * clients / (requests[1] * (1 if kinds[name] == "proxy"
+                                                   else REFERENCE_FACTOR)), 2)
+        for clients in options.clients} for name, cost in connection_cost.items()}
 
     environment = {
         "cpus": os.cpu_count(),
+        "clock_ticks_per_second": CLOCK_TICKS,
         "python": platform.python_version(),
         "redis_benchmark": tool_version([REDIS_BENCHMARK, "--version"]),
         "haproxy": tool_version([HAPROXY, "-v"]) if HAPROXY and haproxy else None,
         "haproxy_threads": options.haproxy_threads if haproxy else None,
     }
-    results = []
-    for pipeline in pipelines:
-        for test in TESTS:
-            direct = cells.get(("direct", test, pipeline)) or cells.get(
-                ("cluster-direct", test, pipeline))
-            via_haproxy = cells.get(("haproxy", test, pipeline))
-            passthrough = cells.get(("proxy[passthrough]", test, pipeline))
-            for name, _port, _pid, _cluster in targets:
-                cell = cells[(name, test, pipeline)]
-                row: Dict[str, Any] = {"target": name, "test": test, "pipeline": pipeline,
-                                       "rps": round(cell["rps"], 1),
-                                       "p50_ms": round(cell["p50_ms"], 3), "p99_ms": round(cell["p99_ms"], 3),
-                                       "server_cpu_us_per_request": round(cell["cpu_us"], 2),
-                                       "server_sys_us_per_request": round(cell["cpu_sys_us"], 2),
-                                       "runs": len(cell["runs"])}
-                if name.startswith("proxy"):
-                    row["vs_direct"] = ratio(cell["rps"], direct)
-                    row["vs_haproxy"] = ratio(cell["rps"], via_haproxy)
-                    if name == "proxy[filtered]" and passthrough is not None:
-                        row["vs_passthrough"] = ratio(cell["rps"], passthrough)
-                elif name == "haproxy":
-                    row["vs_direct"] = ratio(cell["rps"], direct)
-                results.append(row)
     return {
         "mode": "throughput",
-        "settings": {"requests": options.requests, "clients": options.clients,
-                     "pipelines": pipelines, "repeat": options.repeat,
+        "settings": {"tests": list(tests), "requests": requests[1],
+                     "pipelined_requests": requests.get(options.pipeline),
+                     "reference_factor": REFERENCE_FACTOR,
+                     "clients": options.clients, "pipelines": pipelines,
+                     "repeat": options.repeat, "topology": options.topology,
                      "topologies": topologies, "key_range": key_range},
         "environment": environment,
         "machine_load": {"before": load_before, "after": load_after},
-        "results": results,
+        "targets": [t.name for t in targets],
+        "cells": [cells[(t.name, clients, pipeline)] for pipeline in pipelines
+                  for t in targets for clients in options.clients],
+        "ratios": ratios,
+        "connection_cost": connection_cost,
+        "connection_setup_us_per_request_p1": setup_share,
         "proxy_rss_kib_after": proxy_rss,
     }
+
+
+def ratio_pairs(names: List[str], topologies: List[str]) -> List[Tuple[str, str, str, bool]]:
+    """(numerator, denominator, label, whether CPU per request compares) of the ratio rows."""
+    pairs = []
+    if "cluster-direct" in names:
+        # The cluster-aware client's CPU is spent in the client and the six servers, not in a
+        # process of its own: only requests per second compare.
+        pairs.append(("proxy[cluster]", "cluster-direct", "proxy/cluster-direct", False))
+        return pairs
+    if "haproxy" in names:
+        for topology in topologies:
+            label = "proxy/haproxy" if len(topologies) == 1 else f"{topology}/haproxy"
+            pairs.append((f"proxy[{topology}]", "haproxy", label, True))
+    if "passthrough" in topologies and "filtered" in topologies:
+        pairs.append(("proxy[filtered]", "proxy[passthrough]", "filtered/passthrough", True))
+    return pairs
 
 
 def server_log_tail(stack: Stack, pid: int) -> str:
@@ -286,54 +433,80 @@ def proxy_kib(pid: int) -> Optional[int]:
         return None
 
 
-def ratio(value: float, reference: Optional[Dict[str, Any]]) -> Optional[float]:
-    if reference is None or not reference["rps"]:
+def ratio(value: float, reference: Optional[float]) -> Optional[float]:
+    if not reference:
         return None
-    return round(value / reference["rps"], 3)
+    return round(value / reference, 3)
 
 
 def print_throughput(report: Dict[str, Any]) -> None:
     s = report["settings"]
     env = report["environment"]
-    print(f"redis-benchmark -t set,get -n {s['requests']} -c {s['clients']} "
-          f"{'-r %d ' % s['key_range'] if s.get('key_range') else ''}"
-          f"(pipeline {' and '.join(str(p) for p in s['pipelines'])}); median of "
-          f"{s['repeat']} run(s) per cell; {env['cpus']} CPU(s); "
-          f"haproxy: {'%d thread(s)' % env['haproxy_threads'] if env['haproxy'] else 'not run'}")
-    has_passthrough_ratio = any("vs_passthrough" in r for r in report["results"])
-    has_haproxy = any(r["target"] == "haproxy" for r in report["results"])
-    headers = ["target", "test", "pipeline", "rps", "p50 ms", "p99 ms", "CPU us/req",
-               "rps/direct"] + (["rps/haproxy"] if has_haproxy else [])
-    if has_passthrough_ratio:
-        headers.append("filtered/passthrough")
-    rows = []
-    previous = None
-    for r in report["results"]:
-        group = (r["pipeline"], r["test"])
-        if previous is not None and group != previous:
+    pipelined = [p for p in s["pipelines"] if p > 1]
+    counts = f"-n {s['requests']:,} per test" + (
+        f" (with -P {pipelined[0]}: -n {s['pipelined_requests']:,})" if pipelined else "") + (
+        f" through the proxy, {s['reference_factor']}x that for the others")
+    haproxy = (f"HAProxy {env['haproxy'].split()[2] if len(env['haproxy'].split()) > 2 else ''}"
+               f" mode tcp, {env['haproxy_threads']} thread(s)" if env["haproxy"]
+               else "no HAProxy")
+    print(f"redis-benchmark -t {','.join(s['tests']).lower()}"
+          f"{' -r %d' % s['key_range'] if s.get('key_range') else ''} {counts}; "
+          f"{'median of %d runs' % s['repeat'] if s['repeat'] > 1 else 'one run'} per cell; "
+          f"{env['cpus']} CPU(s); {haproxy}")
+    headers = ["target", "-P"]
+    for clients in s["clients"]:
+        headers += [f"c{clients} req/s", "CPU us/req", "usr", "sys"]
+    cells = {(c["target"], c["clients"], c["pipeline"]): c for c in report["cells"]}
+    ratios = {(r["name"], r["clients"], r["pipeline"]): r for r in report["ratios"]}
+    ratio_names = list(dict.fromkeys(r["name"] for r in report["ratios"]))
+    rows: List[List[str]] = []
+    imprecise = False
+    for pipeline in s["pipelines"]:
+        if rows:
             rows.append([""] * len(headers))
-        previous = group
-        row = [r["target"], r["test"], r["pipeline"], f"{r['rps']:,.0f}", f"{r['p50_ms']:.3f}",
-               f"{r['p99_ms']:.3f}",
-               f"{r['server_cpu_us_per_request']:.1f} ({r['server_sys_us_per_request']:.0f} sys)",
-               fmt_ratio(r.get("vs_direct"))]
-        if has_haproxy:
-            row.append(fmt_ratio(r.get("vs_haproxy")))
-        if has_passthrough_ratio:
-            row.append(fmt_ratio(r.get("vs_passthrough")))
-        rows.append(row)
-    print(format_table(headers, rows, right=[False, False] + [True] * (len(headers) - 2)))
-    print("CPU us/req: CPU time (user + system) of the process the benchmark talks to "
-          "(redis-server, haproxy or the proxy) per request, SET and GET runs together")
+        for name in report["targets"]:
+            row = [name, str(pipeline)]
+            for clients in s["clients"]:
+                cell = cells[(name, clients, pipeline)]
+                mark = "~" if cell["cpu_ticks"] < PRECISE_TICKS else ""
+                imprecise = imprecise or bool(mark)
+                row += [f"{cell['rps']:,.0f}", f"{mark}{cell['cpu_us']:.2f}",
+                        f"{cell['cpu_user_us']:.2f}", f"{cell['cpu_sys_us']:.2f}"]
+            rows.append(row)
+        for name in ratio_names:
+            row = [name, str(pipeline)]
+            for clients in s["clients"]:
+                r = ratios[(name, clients, pipeline)]
+                row += [fmt_ratio(r["rps"]), fmt_ratio(r["cpu"]), "", ""]
+            rows.append(row)
+    print(format_table(headers, rows, right=[False] + [True] * (len(headers) - 1)))
     if "cluster" in s["topologies"]:
-        print("cluster-direct: redis-benchmark --cluster against the six nodes (CPU us/req: "
-              "all six redis-servers together); proxy[cluster]: through RedisSinkCluster, "
-              "the cluster hidden (CPU us/req: the proxy only)")
-        print("rps/direct: this row's requests per second divided by cluster-direct's in the "
-              "same test")
+        print("CPU us/req: CPU time per request of cluster-direct's six redis-servers together, "
+              "of the proxy (and any child process of it) for proxy[cluster]")
     else:
-        print("rps/direct and rps/haproxy: this row's requests per second divided by direct "
-              "Redis's and HAProxy's in the same test")
+        print("CPU us/req: CPU time per request of the process redis-benchmark talks to "
+              "(redis-server, haproxy, the proxy and any child process of it)")
+    print("  user + system from /proc/PID/stat over the whole run, connection set-up and "
+          "every test included; usr and sys are its parts"
+          + (f"; ~: fewer than {PRECISE_TICKS} clock ticks measured (1 tick = "
+             f"{1000 // env['clock_ticks_per_second']} ms): raise -n" if imprecise else ""))
+    print("a/b rows: a's requests per second (under req/s) and CPU per request (under CPU "
+          "us/req) divided by b's in the same column")
+    cost = report["connection_cost"]
+    if cost:
+        any_cost = next(iter(cost.values()))
+        print(f"connection cost (connect, PING, close; redis-benchmark -k 0, "
+              f"{any_cost['connections']:,} connections), CPU us per connection: "
+              + ", ".join(f"{name} {'~' if c['cpu_ticks'] < PRECISE_TICKS else ''}"
+                          f"{c['cpu_us']:.0f} ({c['cpu_user_us']:.0f} usr)"
+                          for name, c in cost.items()))
+        share = report["connection_setup_us_per_request_p1"]
+        proxies = [name for name in share if name.startswith("proxy")]
+        if proxies:
+            print("  of which in the CPU us/req above without pipelining: "
+                  + "; ".join(f"{name} " + ", ".join(f"{v:.2f} at -c {c}"
+                                                     for c, v in share[name].items())
+                              for name in proxies))
     print(describe_load(report["machine_load"]["before"], report["machine_load"]["after"]))
 
 
@@ -606,23 +779,64 @@ def print_idle(report: Dict[str, Any]) -> None:
 # ---- command line -------------------------------------------------------------------------------
 
 
+def count_list(text: str) -> List[int]:
+    """"50,500" -> [50, 500] (argparse type)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") \
+            from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least 1, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def test_list(text: str) -> Tuple[str, ...]:
+    """"set,get" -> ("SET", "GET") (argparse type)."""
+    tests = tuple(dict.fromkeys(part.strip().upper() for part in text.split(",") if part.strip()))
+    if not tests:
+        raise argparse.ArgumentTypeError("expected redis-benchmark test names, e.g. set,get")
+    return tests
+
+
+#: Defaults of --requests: the cluster topology's proxy serves several times fewer requests/s.
+DEFAULT_REQUESTS = {"cluster": 10000}
+DEFAULT_REQUESTS_SINGLE = 50000
+
+
 def parse_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", "-n", type=int, default=100000,
-                        help="requests per redis-benchmark test (default 100000)")
-    parser.add_argument("--clients", "-c", type=int, default=50,
-                        help="redis-benchmark parallel connections (default 50)")
+    parser.add_argument("--requests", "-n", type=int, default=None,
+                        help="requests per redis-benchmark test through the proxy without "
+                             f"pipelining; Redis and HAProxy get {REFERENCE_FACTOR} times as "
+                             "many (default "
+                             f"{DEFAULT_REQUESTS_SINGLE}; {DEFAULT_REQUESTS['cluster']} with "
+                             "--topology cluster)")
+    parser.add_argument("--pipelined-requests", type=int, default=None, metavar="N",
+                        help="requests per test of the pipelined runs (default: --requests "
+                             "times P/2, so that the CPU time measured stays well above the "
+                             "10 ms resolution of /proc/PID/stat)")
+    parser.add_argument("--clients", "-c", type=count_list, default=[50, 500], metavar="C[,C...]",
+                        help="redis-benchmark parallel connections, one column each "
+                             "(default 50,500)")
     parser.add_argument("--pipeline", "-P", type=int, default=16,
-                        help="pipeline depth of the pipelined runs; 1 runs only "
-                             "non-pipelined (default 16)")
+                        help="pipeline depth of the pipelined runs, which follow the "
+                             "non-pipelined ones; 1 runs only non-pipelined (default 16)")
+    parser.add_argument("--tests", "-t", type=test_list, default=DEFAULT_TESTS,
+                        metavar="TEST[,TEST...]",
+                        help="redis-benchmark tests; CPU time covers them all (default set,get)")
     parser.add_argument("--topology", choices=["passthrough", "filtered", "both", "cluster"],
-                        default="passthrough",
-                        help="proxy chain: RedisSinkSingle only, or QueryCounter + "
-                             "QueryTypeFilter + RedisSinkSingle, or both (default passthrough); "
+                        default=None,
+                        help="proxy chain: RedisSinkSingle only (passthrough), QueryCounter + "
+                             "QueryTypeFilter + RedisSinkSingle (filtered), or both (default; "
+                             "passthrough with --idle-connections); "
                              "cluster: a 3-master/3-replica Redis Cluster, direct "
                              "(redis-benchmark --cluster) and behind RedisSinkCluster")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs per cell; the median is reported (default 3)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per cell; the median is reported (default 1)")
+    parser.add_argument("--connections", type=int, default=3000, metavar="N",
+                        help="connection cost: N connections opened, each for one PING "
+                             "(redis-benchmark -k 0); 0 skips it (default 3000)")
     parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy target")
     parser.add_argument("--haproxy-threads", type=int, default=1,
                         help="HAProxy nbthread (default 1, like the single-threaded proxy)")
@@ -641,8 +855,16 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the temporary directory with configs and logs")
     options = parser.parse_args(argv)
-    if options.requests < 1 or options.clients < 1 or options.repeat < 1:
-        parser.error("--requests, --clients and --repeat must be at least 1")
+    if options.topology is None:
+        options.topology = "both" if options.idle_connections is None else "passthrough"
+    if options.requests is None:
+        options.requests = DEFAULT_REQUESTS.get(options.topology, DEFAULT_REQUESTS_SINGLE)
+    if options.pipelined_requests is None:
+        options.pipelined_requests = options.requests * max(1, options.pipeline // 2)
+    if options.requests < 1 or options.pipelined_requests < 1 or options.repeat < 1:
+        parser.error("--requests, --pipelined-requests and --repeat must be at least 1")
+    if options.connections < 0:
+        parser.error("--connections must be 0 or more")
     if options.idle_connections is not None and options.idle_connections < 1:
         parser.error("--idle-connections must be at least 1")
     if options.idle_connections is not None and options.topology == "cluster":

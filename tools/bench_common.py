@@ -121,6 +121,38 @@ def proc_cpu_seconds(pid: int) -> Tuple[float, float]:
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
+def proc_stat_ticks(pid: int) -> Tuple[int, int, int, int, int]:
+    """(parent pid, user, system, waited-for children's user, their system) of a process from
+    /proc/<pid>/stat, times in clock ticks (SC_CLK_TCK a second). The process's own times
+    cover all its threads."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[11]), int(fields[12]), int(fields[13]), int(fields[14])
+
+
+def process_tree(roots: Sequence[int]) -> List[int]:
+    """`roots` and every live descendant of theirs (children, grandchildren...), from the
+    parent pids in /proc."""
+    children: Dict[int, List[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            parent = proc_stat_ticks(int(name))[0]
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(name))
+    found: List[int] = []
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
 def machine_load() -> Dict[str, Any]:
     """Load average and CPU pressure: how much else competed for the CPUs."""
     info: Dict[str, Any] = {"cpus": os.cpu_count()}
