@@ -184,10 +184,13 @@ def upgrade(control_socket: str, python: Optional[str], drain_timeout: float,
                "keep_checkpoint": os.path.abspath(keep_checkpoint) if keep_checkpoint else None,
                "restore_timeout": timeout}
 
+    began = time.monotonic()
+
     def show(event: dict) -> None:
+        # Timed here: the stages come from the old version and then from the new one.
         if event.get("event") == "stage":
-            click.echo(f"[{event.get('elapsed_ms', 0):>8.1f} ms] {event['stage']}: "
-                       f"{event['detail']}")
+            elapsed_ms = (time.monotonic() - began) * 1000
+            click.echo(f"[{elapsed_ms:>8.1f} ms] {event['stage']}: {event['detail']}")
 
     try:
         # The bridge gives the new image `timeout` seconds to adopt the connections, and a

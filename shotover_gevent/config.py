@@ -265,6 +265,9 @@ class SourceConfig:
     timeout: Optional[float] = None
     chain: List[TransformConfig] = field(default_factory=list)
     tls: Optional[TlsAcceptorConfig] = None
+    #: Bytes owed to one client (replies and messages not yet taken) beyond which it is
+    #: closed, like Redis's client-output-buffer-limit; 0: no limit.
+    output_buffer_limit: int = 1024 * 1024 * 1024
 
 
 @dataclass
@@ -359,7 +362,8 @@ def parse_topology(data: Any, name: str = "topology.yaml") -> Tuple[Optional[Top
                               optional={"connection_limit": (int, 512),
                                         "hard_connection_limit": (bool, False),
                                         "timeout": (float, None),
-                                        "tls": (dict, None)})
+                                        "tls": (dict, None),
+                                        "output_buffer_limit": (int, 1024 * 1024 * 1024)})
         if fields is None:
             if isinstance(body, dict) and isinstance(body.get("chain"), list):
                 parse_chain(body["chain"], f"{where}.chain", problems)
@@ -369,6 +373,9 @@ def parse_topology(data: Any, name: str = "topology.yaml") -> Tuple[Optional[Top
             problems.add(f"{where}.connection_limit", "must be at least 1")
         if fields["timeout"] is not None and fields["timeout"] <= 0:
             problems.add(f"{where}.timeout", "must be a positive number of seconds")
+        if fields["output_buffer_limit"] < 0:
+            problems.add(f"{where}.output_buffer_limit",
+                         "must be a number of bytes (0: no limit)")
         tls = None
         if fields["tls"] is not None:
             tls_values = take_mapping(fields["tls"], f"{where}.tls", problems,
@@ -389,7 +396,8 @@ def parse_topology(data: Any, name: str = "topology.yaml") -> Tuple[Optional[Top
         if address is not None:
             sources.append(SourceConfig(SOURCE_KINDS[kind], fields["name"], address,
                                         fields["connection_limit"], fields["hard_connection_limit"],
-                                        fields["timeout"], chain, tls))
+                                        fields["timeout"], chain, tls,
+                                        fields["output_buffer_limit"]))
     if problems.items:
         return None, problems
     return Topology(sources), problems

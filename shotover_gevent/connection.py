@@ -17,7 +17,7 @@ from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
 from .message import Message
-from .netio import close_for_good
+from .netio import arrival_order, close_for_good, let_go
 from .protocol import resp
 from .session import TRACKED_COMMANDS, Session
 
@@ -33,8 +33,16 @@ MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
 
 
 _SESSION_COMMANDS = TRACKED_COMMANDS | {"QUIT"}
+#: Requests sent upstream as one batch at most: what a batch's replies can hold in memory is
+#: this many replies (a client that pipelines thousands of GETs of large values and reads
+#: nothing holds one batch's replies, not all of them).
+MAX_BATCH = 128
+#: Replies this large are checked against the source's output_buffer_limit before they are
+#: queued (smaller ones cannot pass it on their own).
+LARGE_OUTPUT = 64 * 1024
 #: Reads that fill the whole receive buffer in a row before a connection lets others run.
 BUSY_READS_BEFORE_YIELD = 4
+YIELD_SECONDS = 0.0001
 
 
 #: Set whenever a connection stops at a request boundary or closes: what a drain waits on.
@@ -130,19 +138,41 @@ class ClientConnection:
                 if not self._serve_buffered():
                     return
             sock = self.sock
+            # Plain sockets are read in arrival order across connections, which also gives
+            # the others a turn when this client keeps its socket full (see netio); TLS ones
+            # through their wrapper.
+            order = arrival_order(gevent.get_hub()) if self.source.tls_context is None else None
             while True:
                 if self.state is State.PAUSING and self.session.drain_blocker() is None:
                     if not self._park():
                         return
                 self._idle = True
                 try:
-                    data = sock.recv(RECV_SIZE)
+                    if order is not None:
+                        data, arrived, waited = order.recv(sock, RECV_SIZE)
+                    else:
+                        data = sock.recv(RECV_SIZE)
                 finally:
                     self._idle = False
                 if not data:
                     self.close_reason = self.close_reason or "client closed"
                     return
                 self.framer.feed(data)
+                if order is not None:
+                    order.my_turn(arrived, waited)
+                    if self.state is State.HANDED_OVER:
+                        return
+                elif len(data) == RECV_SIZE:
+                    # A TLS client keeping its socket full: after a few such reads in a row,
+                    # every other connection gets a turn (gevent's recv() only yields when
+                    # there is nothing to read). A timer, not sleep(0), which would only run
+                    # pending callbacks without polling the others' sockets.
+                    self._busy_reads += 1
+                    if self._busy_reads >= BUSY_READS_BEFORE_YIELD:
+                        self._busy_reads = 0
+                        gevent.sleep(YIELD_SECONDS)
+                elif self._busy_reads:
+                    self._busy_reads = 0
                 if self.state is State.PAUSED:
                     # Paused while it waited in recv(): what arrived stays unread (a successor
                     # gets it from the checkpoint) until the pause ends.
@@ -150,16 +180,6 @@ class ClientConnection:
                         return
                 if not self._serve_buffered():
                     return
-                if len(data) == RECV_SIZE:
-                    # The client keeps the socket full: after a few such turns in a row, let
-                    # every other connection have one (gevent's recv() only yields when there
-                    # is nothing to read, so a flooding client would otherwise hold the hub).
-                    self._busy_reads += 1
-                    if self._busy_reads >= BUSY_READS_BEFORE_YIELD:
-                        self._busy_reads = 0
-                        gevent.sleep(0)
-                elif self._busy_reads:
-                    self._busy_reads = 0
         except stdlib_socket.timeout:
             self.close_reason = "idle timeout"
         except OSError as error:
@@ -177,12 +197,7 @@ class ClientConnection:
         """Answer the batch the previous image had sent upstream when it handed this
         connection over: its replies arrive on the inherited upstream connection."""
         requests = [Message(raw) for raw in inflight.requests]
-        self._batch = requests
-        self._in_batch = True
-        try:
-            replies = self.chain.resume_inflight(requests)
-        finally:
-            self._in_batch = False
+        replies = self._run_batch(requests, self.chain.resume_inflight)
         if replies is None:
             # The new topology no longer sends this client to that server: the replies cannot
             # be read. Each request still gets one.
@@ -192,19 +207,30 @@ class ClientConnection:
                                      "flight; its outcome is unknown")] * len(requests)
         return self._answer(requests, replies)
 
+    def _run_batch(self, requests: List[Message], run) -> Optional[List[Message]]:
+        """`run(requests)` through the chain, the batch recorded where an upgrade finds it and
+        pushes meanwhile held back until its replies are written."""
+        self._batch = requests
+        self._in_batch = True
+        try:
+            return run(requests)
+        finally:
+            self._in_batch = False
+
     def _serve_buffered(self) -> bool:
-        """Serve every complete request buffered. False when the connection must end."""
-        framed, error = self.framer.pop_requests()
-        if framed:
-            requests = [Message(raw, name) for raw, name in framed]
-            self._batch = requests
-            self._in_batch = True
-            try:
-                replies = self.chain.process(requests)
-            finally:
-                self._in_batch = False
-            if not self._answer(requests, replies):
-                return False
+        """Serve every complete request buffered, MAX_BATCH at a time (a deep pipeline of large
+        replies is held a batch at a time, not all at once). False when the connection must
+        end."""
+        while True:
+            if self.state is State.HANDED_OVER:
+                return False  # another process serves this client now
+            framed, error = self.framer.pop_requests(MAX_BATCH)
+            if framed:
+                requests = [Message(raw, name) for raw, name in framed]
+                if not self._answer(requests, self._run_batch(requests, self.chain.process)):
+                    return False
+            if error is not None or len(framed) < MAX_BATCH:
+                break
         if error is not None:
             self._write(resp.error_reply(f"ERR Protocol error: {error}"))
             log.info("closing connection from %s: protocol error: %s", self.peer, error)
@@ -231,6 +257,8 @@ class ClientConnection:
             payload = replies[0].raw
         else:
             payload = b"".join([reply.raw for reply in replies])
+        if len(payload) > LARGE_OUTPUT and self._over_output_limit(len(payload)):
+            return False
         # From here the replies are output: an upgrade hands them over as bytes to write.
         self._write(payload, batch_done=True)
         if quit_requested:
@@ -286,6 +314,24 @@ class ClientConnection:
                 finally:
                     self._unsent = None
 
+    def _over_output_limit(self, adding: int) -> bool:
+        """Whether what this client is owed, with `adding` more bytes, passes the source's
+        output_buffer_limit; if so the connection is closed (logged and counted), as Redis
+        closes a client over its client-output-buffer-limit."""
+        limit = self.source.config.output_buffer_limit
+        if not limit:
+            return False
+        owed = adding + (len(self._unsent) if self._unsent is not None else 0)
+        if self._outbox:
+            owed += sum(len(part) for part in self._outbox)
+        if owed <= limit:
+            return False
+        log.warning("closing connection from %s: %d bytes owed to it, over the source's "
+                    "output_buffer_limit of %d (it does not read its replies)", self.peer,
+                    owed, limit)
+        self.close_reason = "output buffer limit"
+        return True
+
     def push(self, frame: bytes) -> None:
         """Deliver a frame that answers no request (pub/sub message, RESP3 push).
 
@@ -293,6 +339,9 @@ class ClientConnection:
         message before the confirmation of the subscription it belongs to.
         """
         if self.state in (State.HANDED_OVER, State.CLOSED):
+            return
+        if self._write_lock.locked() and self._over_output_limit(len(frame)):
+            self.close(self.close_reason or "output buffer limit")
             return
         if self._in_batch:
             self._deferred_pushes.append(frame)
@@ -398,16 +447,15 @@ class ClientConnection:
         self.state = State.HANDED_OVER
         greenlet = self.greenlet
         if greenlet is not None and not greenlet.dead and greenlet is not gevent.getcurrent():
+            # Killed at the next turn of the loop; should anything wake it first (its turn in
+            # arrival order, a reply), it finds itself handed over and serves nothing.
             greenlet.kill(block=False)
         if self._chain is not None:
             self._chain.abandon()
         if self._upstream_record is not None:
             _close_fd(self._upstream_record.fd)
             self._upstream_record = None
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        let_go(self.sock)
         self.source.forget(self)
 
     def close(self, reason: str, now: bool = False) -> None:

@@ -1,6 +1,10 @@
 """Socket helpers shared by the client side and the server side of the proxy."""
 
+import itertools
 import socket as stdlib_socket
+import struct
+
+from gevent import getcurrent
 
 
 def send_all(sock, payload: bytes) -> None:
@@ -9,6 +13,21 @@ def send_all(sock, payload: bytes) -> None:
     sent = sock.send(payload)
     if sent < len(payload):
         sock.sendall(memoryview(payload)[sent:])
+
+
+def let_go(sock) -> None:
+    """Close a gevent socket whose connection another process now owns (an upgrade's old side
+    after the new image adopted it): nothing said to the peer, and no greenlet of this process
+    is woken by it again - its watchers stop now (gevent itself would close the fd only at the
+    next turn of the loop, when a waiting greenlet could still read bytes that are not ours)."""
+    for name in ("_read_event", "_write_event"):
+        watcher = getattr(sock, name, None)
+        if watcher is not None:
+            watcher.stop()
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def close_for_good(sock) -> None:
@@ -23,3 +42,118 @@ def close_for_good(sock) -> None:
         sock.close()
     except OSError:
         pass
+
+
+# ---- reading in arrival order -------------------------------------------------------------------
+#
+# The event loop does not run the connections that became readable in the order their bytes
+# arrived: libev runs the watchers of one turn newest first, its lazy epoll bookkeeping does not
+# keep the kernel's order either, and a connection that finds bytes at once (its greenlet was
+# running) would read them before an older arrival still waiting for the next poll. Two
+# clients sending together would then be served second-sender first: the second RPUSH landing
+# first, the second BLPOP served first. So a client connection reads with the kernel's arrival
+# timestamp (SO_TIMESTAMPNS) and goes on at once only when nothing older can be waiting: no
+# other watcher pending in this turn, nobody waiting for its turn, and (when it did not have to
+# wait) bytes that arrived before the last poll. Otherwise it waits for its turn: after the
+# turn's watchers have run (a check watcher of the lowest priority), the waiting connections go
+# on oldest bytes first. The bytes are in the connection's framer meanwhile (an upgrade's
+# snapshot sees them).
+
+_TIMESTAMP_SPACE = stdlib_socket.CMSG_SPACE(16)
+_SCM_TIMESTAMPNS = getattr(stdlib_socket, "SCM_TIMESTAMPNS", 35)
+_SO_TIMESTAMPNS = getattr(stdlib_socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+
+
+def stamp_arrivals(sock) -> None:
+    """Have the kernel stamp what arrives on `sock` with its arrival time."""
+    try:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        pass
+
+
+class ArrivalOrder:
+    """The turn-taking of the client connections of one event loop (see above)."""
+
+    def __init__(self, hub) -> None:
+        self.hub = hub
+        self.loop = hub.loop
+        # (arrival ns, sequence, greenlet, the loop iteration from which it may go on)
+        self.waiting: list = []
+        self._sequence = itertools.count()
+        self._turn = self.loop.check()
+        self._turn.priority = self.loop.MINPRI
+        self._turn.ref = False
+        self._turn.start(self._take_turns)
+        # Keeps the loop from blocking in its poll while someone waits for the next turn.
+        self._spin = self.loop.idle()
+        self._spin.ref = False
+
+    def recv(self, sock, size: int):
+        """(bytes, their arrival time in ns or 0, whether it had to wait for them) from a plain
+        (non-TLS) gevent socket; then call my_turn() before acting on them."""
+        raw = sock._sock
+        try:
+            data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
+            waited = False
+        except BlockingIOError:
+            sock._wait(sock._read_event)
+            try:
+                data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
+            except BlockingIOError:
+                return sock.recv(size), 0, True
+            waited = True
+        return data, _arrival(ancillary), waited
+
+    def my_turn(self, stamp: int, waited: bool) -> None:
+        """Wait, if an older arrival may not have been served yet."""
+        loop = self.loop
+        if not self.waiting and not loop.pendingcnt and (
+                waited or stamp <= int(loop.now() * 1e9)):
+            return
+        # Woken by this turn's poll: after this turn's watchers; found at once: after the
+        # next poll, which reports what arrived meanwhile.
+        start = loop.iteration if waited else loop.iteration + 1
+        self.waiting.append((stamp, next(self._sequence), getcurrent(), start))
+        if not waited and not self._spin.active:
+            self._spin.start(_nothing)
+        self.hub.switch()
+
+    def _take_turns(self) -> None:
+        if not self.waiting:
+            return
+        iteration = self.loop.iteration
+        due = [entry for entry in self.waiting if entry[3] <= iteration]
+        if not due:
+            return
+        self.waiting = [entry for entry in self.waiting if entry[3] > iteration]
+        if not self.waiting and self._spin.active:
+            self._spin.stop()
+        due.sort()
+        for _stamp, _sequence, greenlet, _start in due:
+            if not greenlet.dead:
+                greenlet.switch()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _arrival(ancillary) -> int:
+    for level, kind, payload in ancillary:
+        if level == stdlib_socket.SOL_SOCKET and kind == _SCM_TIMESTAMPNS and len(payload) >= 16:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+            return seconds * 1_000_000_000 + nanoseconds
+    return 0
+
+
+_ORDERS: dict = {}
+
+
+def arrival_order(hub) -> ArrivalOrder:
+    """The ArrivalOrder of `hub`'s loop (one per process: after a fork, the child's own)."""
+    order = _ORDERS.get(id(hub))
+    if order is None or order.hub is not hub:
+        order = _ORDERS[id(hub)] = ArrivalOrder(hub)
+    return order

@@ -309,6 +309,12 @@ _CONNECTIONS_OPEN = _GaugeFamily(
     "Client connections currently held open by the source, including ones handed over.",
     ("source",),
 )
+_CONNECTIONS_CLOSED = _CounterFamily(
+    "shotover_g_connections_closed_total",
+    "Client connections closed, by source and why (the client left, QUIT, idle timeout, "
+    "protocol error, output buffer limit...).",
+    ("source", "reason"),
+)
 _UPGRADES = _CounterFamily(
     "shotover_g_upgrades_total", "In-place upgrades completed by this lineage of processes."
 )
@@ -442,6 +448,11 @@ def failed_requests(
 def available_connections(source_name: str) -> GaugeCell:
     """Gauge of the client connections connected to a source."""
     return _AVAILABLE_CONNECTIONS.labels(source_name)
+
+
+def connection_closed(source_name: str, reason: str) -> None:
+    """Count a client connection closed for `reason` (its first words: no addresses)."""
+    _CONNECTIONS_CLOSED.labels(source_name, reason.split(":", 1)[0]).value += 1
 
 
 def connections_open(source_name: str) -> GaugeCell:

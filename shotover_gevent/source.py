@@ -16,6 +16,7 @@ from gevent.event import Event
 from . import observability
 from .config import SourceConfig, format_address
 from .connection import ClientConnection
+from .netio import stamp_arrivals
 from .session import Session
 from .transforms import build_builders
 
@@ -51,6 +52,8 @@ class Source:
         self._available = observability.available_connections(self.name)
         self._available.set(config.connection_limit)
         self._open = observability.connections_open(self.name)
+        #: Set by an upgrade when the previous version stamped arrivals on its sockets already.
+        self.adopted_stamped = False
         self.tls_context = None
         if config.tls is not None:
             from .tls import server_context
@@ -124,8 +127,10 @@ class Source:
     def _open_connection(self, client, peer: str, session: Optional[Session] = None,
                          unread: bytes = b"", upstream=None, adopted: bool = False,
                          output: bytes = b"", deferred: bytes = b"") -> ClientConnection:
-        if not adopted:  # an adopted socket keeps the option it was given when accepted
+        if not adopted:  # an adopted socket keeps the options it was given when accepted
             client.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+        if self.tls_context is None and not (adopted and self.adopted_stamped):
+            stamp_arrivals(client)
         if self.config.timeout:
             client.settimeout(self.config.timeout)
         if self.tls_context is not None:
@@ -153,6 +158,7 @@ class Source:
             self._count_changed()
             reason = connection.close_reason or "closed"
             log.debug("connection from %s closed: %s", connection.peer, reason)
+            observability.connection_closed(self.name, reason)
 
     def forget(self, connection: ClientConnection) -> None:
         """Drop a connection that was handed over, without closing it."""

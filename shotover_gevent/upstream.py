@@ -18,7 +18,7 @@ from gevent.event import Event
 from gevent.socket import wait_read
 
 from .message import NO_REPLY, Message
-from .netio import close_for_good
+from .netio import close_for_good, let_go
 from .protocol import resp
 from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session, apply_subscription_command
 
@@ -583,10 +583,7 @@ class UpstreamConnection:
         reader = self._reader
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=False)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        let_go(self.sock)
 
     def close(self) -> None:
         """Close for good (the client left or was handed over): no loss is reported."""

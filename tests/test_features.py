@@ -9,7 +9,7 @@ import ssl
 import pytest
 
 from differential import harness
-from feature_support import (ByteClient, Upgrade, client_ssl_context, make_certificates,
+from feature_support import (ByteClient, client_ssl_context, make_certificates,
                              server_clients, topology, upgrade)
 from helpers import redis_client, wait_for
 

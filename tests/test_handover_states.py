@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import (HOST, RawClient, encode, free_port, http_request, metric_value, sink,
-                     source_entry, wait_for)
+from feature_support import ByteClient, client_ssl_context, make_certificates, topology
+from helpers import (HOST, RawClient, encode, free_port, http_request, metric_value,
+                     passthrough_topology, sink, source_entry, wait_for)
 from upgrade_support import (BackgroundUpgrade, interpreter_gated_at_restore, status, upgrade,
                              upgrade_ok)
 
@@ -68,9 +69,22 @@ class BusyClients:
             self.errors.append(f"{key}: {error!r}")
 
 
-def test_every_kind_of_client_is_handed_over_as_it_is(proxy, redis_server, capsys):
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certificates(tmp_path_factory.mktemp("certificates"))
+
+
+def test_every_kind_of_client_is_handed_over_as_it_is(proxy_factory, redis_server, certs,
+                                                      capsys):
+    plain = passthrough_topology(redis_server.port)["sources"][0]
+    secure = topology(redis_server.port, source_tls={
+        "certificate_path": certs.server_cert, "private_key_path": certs.server_key})
+    secure["sources"][0]["Redis"]["name"] = "secure"
+    proxy = proxy_factory({"sources": [plain, secure["sources"][0]]})
     direct = redis_server.client()
     clients = []
+    tls_client = ByteClient(proxy.port_of(1), ssl_context=client_ssl_context(certs))
+    assert tls_client.call("SET", "tls:key", "before") == b"+OK\r\n"
 
     def client() -> RawClient:
         made = RawClient(proxy.port, timeout=20)
@@ -133,12 +147,17 @@ def test_every_kind_of_client_is_handed_over_as_it_is(proxy, redis_server, capsy
         assert sub.read_reply() == [b"message", b"news", b"hello"]
         direct.set("t:key", "changed")
         assert track.read_reply() == [b"invalidate", [b"t:key"]]
+        # The TLS client is still served, by the previous version that kept it (a lame duck).
+        assert tls_client.call("GET", "tls:key") == b"$6\r\nbefore\r\n"
+        ducks = status(proxy.control_socket)["lame_ducks"]
+        assert any(d["tls_connections"] == 1 for d in ducks), ducks
         # The pipeline cut before the upgrades is completed by the rest of its bytes.
         mid.send(pipeline[-7:])
         assert mid.read_reply() == b"v"
         for each in (blpop, xread, multi, watch, sub, mid):
             assert each.call("PING") in (b"PONG", [b"pong", b""]), each
     finally:
+        tls_client.close()
         for each in clients:
             each.close()
 

@@ -169,6 +169,11 @@ def stop_rolled_back_bridge(proxy) -> None:
         terminate_pid(serving)
 
 
+#: Start-up code for the stand-in below: what the new image runs after adopting raises.
+_BREAK_AFTER_ADOPTION = ("import shotover_gevent.handover.restore as r; "
+                         "r._close_unnamed_fds = lambda keep: 1 / 0; ")
+
+
 def interpreter_failing_after_adoption(directory: Path) -> str:
     """The real interpreter, except that in the new image the step after adopting the
     connections (closing the inherited fds nobody named, then reporting) raises."""
@@ -178,7 +183,7 @@ case " $* " in
   *) exec "{sys.executable}" "$@" ;;
 esac
 [ "$2" = "-c" ] || {{ echo "stand-in interpreter: unexpected arguments: $*" >&2; exit 98; }}
-boot=$(printf '%s' "$3" | sed 's/_run()$/import shotover_gevent.handover.restore as r; r._close_unnamed_fds = lambda keep: 1 \\/ 0; _run()/')
+boot=$(printf '%s' "$3" | sed 's|_run()$|{_BREAK_AFTER_ADOPTION}_run()|')
 shift 3
 exec "{sys.executable}" -S -c "$boot" "$@"
 """)

@@ -232,6 +232,7 @@ def restore(options: RestoreOptions):
     # Listeners: keep a source's socket when the source still listens on that address.
     by_name = {record.source: record for record in cp.listeners}
     for source in proxy.sources.values():
+        source.adopted_stamped = bool(hints.get("arrivals_stamped"))
         record = by_name.pop(source.name, None)
         if record is not None:
             listener = socket.socket(fileno=record.fd)

@@ -303,7 +303,9 @@ def build_checkpoint(proxy, snapshot: Snapshot, closed: Dict[str, int], settle_m
                  # Earlier versions still serving TLS clients: the next image watches them.
                  "lame_ducks": lame_ducks,
                  # Counters the next image goes on from.
-                 "upgrade_closed_totals": observability.upgrade_closed_totals()})
+                 "upgrade_closed_totals": observability.upgrade_closed_totals(),
+                 # The client sockets carry SO_TIMESTAMPNS already (arrival order).
+                 "arrivals_stamped": True})
     try:
         data = checkpoint_format.encode(cp, validate=False)
     except checkpoint_format.CheckpointError as error:

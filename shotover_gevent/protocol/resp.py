@@ -303,8 +303,10 @@ class RequestFramer:
             self._line_hidden = True
         self._line_mark = searched_to - request_start
 
-    def pop_requests(self) -> Tuple[List[Tuple[bytes, bytes]], Optional[ProtocolError]]:
-        """Every complete request buffered, and the protocol error that stopped framing, if any.
+    def pop_requests(self, limit: int = 0
+                     ) -> Tuple[List[Tuple[bytes, bytes]], Optional[ProtocolError]]:
+        """Every complete request buffered (the first `limit` of them, when given), and the
+        protocol error that stopped framing, if any.
 
         Requests framed before an error are returned too: Redis serves them before it replies
         with the error and closes the connection. The work done is proportional to the bytes
@@ -343,6 +345,8 @@ class RequestFramer:
                     pos = nl + 1
                     if args:
                         out.append((encode_command(args), args[0]))
+                        if len(out) == limit:
+                            break
                     continue
                 if partial is not None:  # the request a previous call stopped in
                     p = pos + partial.offset
@@ -427,6 +431,8 @@ class RequestFramer:
                 else:  # passed on well-formed, as Redis understood it
                     out.append((encode_command(_arguments(data, pos)), name))
                 pos = p
+                if len(out) == limit:
+                    break
         except ProtocolError as error:
             buf.offset = pos
             return out, error

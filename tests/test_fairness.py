@@ -1,0 +1,115 @@
+"""One client cannot hold the proxy: another client is served while it floods."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from helpers import HOST, RawClient, wait_for
+
+
+def test_flooding_client_does_not_freeze_the_others(proxy):
+    """A client sends an endless multibulk (`*1000000000` then `$1 a` elements) as fast as it
+    can. Another client's PING must be answered while the flood is still going on, not after
+    it (the flooder's greenlet never had to wait for data, so it never let others run)."""
+    flood_done = threading.Event()
+    sent = {"bytes": 0}
+
+    def flood() -> None:
+        element = b"$1\r\na\r\n" * 9362  # about 64 KiB
+        deadline = time.monotonic() + 8
+        try:
+            with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+                sock.sendall(b"*1000000000\r\n")
+                while time.monotonic() < deadline and sent["bytes"] < 64 * 1024 * 1024:
+                    sock.sendall(element)
+                    sent["bytes"] += len(element)
+        except OSError:
+            pass
+        finally:
+            flood_done.set()
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    with RawClient(proxy.port, timeout=30) as other:
+        assert other.call("PING") == b"PONG"
+        flooder.start()
+        deadline = time.monotonic() + 5
+        while sent["bytes"] < 4 * 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.01)  # let the flood get going (not synchronisation of the check)
+        assert other.call("PING") == b"PONG"
+        answered_during_flood = not flood_done.is_set()
+        flooder.join(30)
+    assert answered_during_flood, f"PING answered only after the flood ({sent['bytes']} bytes)"
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_holds_one_batch_not_its_whole_pipeline(proxy, redis_server):
+    """A client pipelines 20,000 GETs of a 100 KB value and reads nothing: the proxy holds the
+    replies of one batch at a time (it used to read thousands of requests at once and hold all
+    their replies, hundreds of MB), and serves everyone else meanwhile."""
+    direct = redis_server.client()
+    direct.set("big", b"v" * 100_000)
+
+    def processed() -> int:
+        return int(direct.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+    with RawClient(proxy.port) as other:
+        assert other.call("PING") == b"PONG"
+        before = _rss_bytes(proxy.pid)
+        greedy = socket.create_connection((HOST, proxy.port), timeout=10)
+        try:
+            greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            pipeline = b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 20_000
+            sender = threading.Thread(target=lambda: _send_quietly(greedy, pipeline), daemon=True)
+            sender.start()
+            # Wait until the proxy has stopped sending GETs upstream: it waits for the client.
+            last = [processed(), time.monotonic()]
+
+            def settled() -> bool:
+                now = processed()
+                if now != last[0]:
+                    last[:] = [now, time.monotonic()]
+                    return False
+                return time.monotonic() - last[1] > 1.0
+
+            wait_for(settled, 30, "the proxy to stop reading the client's pipeline")
+            grown = _rss_bytes(proxy.pid) - before
+            assert other.call("PING") == b"PONG"
+            assert grown < 100 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
+        finally:
+            greedy.close()
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def test_output_buffer_limit_closes_the_client_and_counts_it(proxy_factory, redis_server):
+    from helpers import http_request, metric_value, passthrough_topology
+
+    topology = passthrough_topology(redis_server.port)
+    topology["sources"][0]["Redis"]["output_buffer_limit"] = 1024 * 1024
+    proxy = proxy_factory(topology, observability=True)
+    direct = redis_server.client()
+    direct.set("small", b"s" * 1000)
+    direct.set("large", b"l" * (2 * 1024 * 1024))
+    with RawClient(proxy.port) as client, RawClient(proxy.port) as other:
+        assert client.call("GET", "small") == b"s" * 1000
+        client.send(b"*2\r\n$3\r\nGET\r\n$5\r\nlarge\r\n")
+        assert client.wait_eof() == []
+        assert other.call("GET", "small") == b"s" * 1000
+    text = http_request(proxy.metrics_url)[1]
+    assert metric_value(text, "shotover_g_connections_closed_total", source="redis",
+                        reason="output buffer limit") == 1
+    assert "over the source's output_buffer_limit" in proxy.log_text()

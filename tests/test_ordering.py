@@ -1,0 +1,76 @@
+"""Requests that reach the proxy in some order reach Redis in that order, across connections,
+as they would reach Redis directly (fair queues depend on it)."""
+
+from __future__ import annotations
+
+import socket
+
+from helpers import HOST, RawClient, encode, wait_for
+
+
+def _first_sent_lands_first(port: int, direct, rounds: int) -> int:
+    """Two connections each push their own value without waiting, the first one first; how
+    often the first one's value ends up first in the list."""
+    first = socket.create_connection((HOST, port))
+    second = socket.create_connection((HOST, port))
+    try:
+        for sock in (first, second):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(encode("PING"))
+            assert sock.recv(64) == b"+PONG\r\n"
+        wins = 0
+        for index in range(rounds):
+            key = f"order:{index}"
+            first.sendall(encode("RPUSH", key, "first"))
+            second.sendall(encode("RPUSH", key, "second"))
+            for sock in (first, second):
+                assert sock.recv(64).startswith(b":")
+            wins += direct.lindex(key, 0) == b"first"
+        return wins
+    finally:
+        first.close()
+        second.close()
+
+
+def test_order_across_connections_is_kept(proxy, redis_server):
+    direct = redis_server.client()
+    rounds = 300
+    through_redis = _first_sent_lands_first(redis_server.port, direct, rounds)
+    direct.flushall()
+    through_proxy = _first_sent_lands_first(proxy.port, direct, rounds)
+    # Directly, the first one sent lands first (almost) every time; the proxy must not turn
+    # that around (it did: libev wakes the readiest connection last).
+    # (Directly it is all but every time; before the proxy kept arrival order it managed about
+    # one time in five. The margins leave room for a machine that is busy with other work.)
+    assert through_redis >= rounds * 0.9, through_redis
+    assert through_proxy >= rounds * 0.75, (through_proxy, through_redis)
+
+
+def test_blocked_clients_are_served_first_come_first_served(proxy, redis_server):
+    """Two clients send BLPOP one right after the other: Redis serves the one that blocked
+    first; so must it through the proxy (a worker pool relying on fair queues starves
+    otherwise)."""
+    direct = redis_server.client()
+
+    def blocked() -> int:
+        return sum(1 for c in direct.client_list()
+                   if c.get("cmd") == "blpop" and "b" in c.get("flags", ""))
+
+    served_first = 0
+    rounds = 20
+    for index in range(rounds):
+        key = f"fifo:{index}"
+        with RawClient(proxy.port) as early, RawClient(proxy.port) as late:
+            # Connections a worker pool has open already (each has its upstream connection).
+            assert early.call("PING") == b"PONG" and late.call("PING") == b"PONG"
+            early.send(encode("BLPOP", key, 0))
+            late.send(encode("BLPOP", key, 0))
+            wait_for(lambda: blocked() == 2, 10, "both BLPOPs to block")
+            # Redis hands "one" to the client that blocked first, "two" to the other.
+            direct.rpush(key, "one", "two")
+            got_early = early.read_reply(timeout=10)
+            got_late = late.read_reply(timeout=10)
+            assert sorted([got_early, got_late]) == [[key.encode(), b"one"],
+                                                     [key.encode(), b"two"]]
+            served_first += got_early == [key.encode(), b"one"]
+    assert served_first >= rounds * 0.75, served_first
