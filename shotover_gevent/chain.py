@@ -21,16 +21,22 @@ CallNext = Callable[[List[Message]], List[Message]]
 class ConnectionContext:
     """What a transform may know about the client connection it serves."""
 
-    __slots__ = ("source_name", "chain_name", "peer", "session", "push")
+    __slots__ = ("source_name", "chain_name", "peer", "session", "push", "hang_up")
 
     def __init__(self, source_name: str, chain_name: str, peer: str, session: Session,
-                 push: Callable[[bytes], None]) -> None:
+                 push: Callable[[bytes], None],
+                 hang_up: Optional[Callable[[str], None]] = None) -> None:
         self.source_name = source_name
         self.chain_name = chain_name
         self.peer = peer
         self.session = session
         # Writes bytes that are not a reply to a request (pub/sub messages, RESP3 pushes).
         self.push = push
+        # Ends the client's connection (with the reason to log) as the server ended the one
+        # made for it: at once if it waits for requests, else once the replies of the batch
+        # under way are written. None: this chain cannot (a sub-chain's view), and the sink
+        # answers with errors instead.
+        self.hang_up = hang_up
 
 
 class Transform:

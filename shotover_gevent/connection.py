@@ -79,6 +79,9 @@ class ClientConnection:
     _deferred_first: bytes = b""
     #: Consecutive reads served without waiting: bounded, then the hub gets a turn.
     _busy_reads = 0
+    #: Why the server ended this client's upstream connection: this one ends after the
+    #: replies of the batch under way are written (see hang_up).
+    _hang_up: Optional[str] = None
 
     def __init__(self, sock, source: "Source", peer: str, session: Optional[Session] = None,
                  unread: bytes = b"", upstream=None, output: bytes = b"",
@@ -261,6 +264,9 @@ class ClientConnection:
             return False
         # From here the replies are output: an upgrade hands them over as bytes to write.
         self._write(payload, batch_done=True)
+        if self._hang_up is not None:
+            self.close_reason = self._hang_up
+            return False
         if quit_requested:
             self.close_reason = "client sent QUIT"
             return False
@@ -272,7 +278,7 @@ class ClientConnection:
         if chain is None:
             source = self.source
             context = ConnectionContext(source.name, source.chain_name, self.peer, self.session,
-                                        self.push)
+                                        self.push, self.hang_up)
             chain = self._chain = Chain(source.chain_name, source.builders, context)
             record, self._upstream_record = self._upstream_record, None
             if record is not None and not chain.adopt_upstream(record):
@@ -313,6 +319,14 @@ class ClientConnection:
                             view = self._unsent = view[sock.send(view):]
                 finally:
                     self._unsent = None
+
+    def hang_up(self, reason: str) -> None:
+        """The server ended this client's upstream connection: end this one too, as the
+        client would have seen directly; at once when it waits for requests, else once the
+        replies that did arrive are written (_answer)."""
+        self._hang_up = reason
+        if self._idle or self.state is State.PAUSED:
+            self.close(reason)
 
     def _over_output_limit(self, adding: int) -> bool:
         """Whether what this client is owed, with `adding` more bytes, passes the source's

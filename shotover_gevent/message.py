@@ -70,3 +70,13 @@ class Message:
 
 #: A reply the client must not see (CLIENT REPLY OFF/SKIP): it still holds its request's place.
 NO_REPLY = Message(b"")
+
+#: Commands that would turn the connection into a replication stream (the RDB file, then every
+#: write): the sinks refuse them rather than leave the client waiting for a reply that is not one.
+REPLICATION_COMMANDS = frozenset({"SYNC", "PSYNC"})
+
+
+def replication_refused(command: str) -> Message:
+    """The error a sink answers SYNC/PSYNC with."""
+    return Message.error(f"ERR {command} is not supported through the proxy; connect replicas "
+                         "to the server directly")

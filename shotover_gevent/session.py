@@ -88,9 +88,11 @@ class Session:
             return
         if not reply.raw:
             # CLIENT REPLY OFF/SKIP: nothing to judge by. Modes that keep a connection from
-            # being handed over are assumed to be on, which is the safe side.
-            if command == "MONITOR" or (command == "CLIENT" and request.subcommand() == "TRACKING"
-                                        and len(request.args) > 2):
+            # being handed over are assumed to be on, which is the safe side; RESET cannot
+            # fail on a client's connection (Redis skips its +RESET after CLIENT REPLY SKIP).
+            if command in ("MONITOR", "RESET") or (
+                    command == "CLIENT" and request.subcommand() == "TRACKING"
+                    and len(request.args) > 2):
                 self._apply(request, _OK)
             return
         if command in SUBSCRIBE_KINDS:

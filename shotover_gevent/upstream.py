@@ -5,19 +5,22 @@ Knows how many reply frames each request produces (pub/sub, MULTI, CLIENT REPLY)
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import select
 import socket as stdlib_socket
+import ssl
+import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional
 
 import gevent
-from gevent import socket
+from gevent import get_hub, socket
 from gevent.event import Event
 from gevent.socket import wait_read
 
-from .message import NO_REPLY, Message
+from .message import NO_REPLY, REPLICATION_COMMANDS, Message, replication_refused
 from .netio import close_for_good, let_go
 from .protocol import resp
 from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session, apply_subscription_command
@@ -41,10 +44,19 @@ _RUN_IN_MULTI = frozenset({"EXEC", "DISCARD", "MULTI", "WATCH", "QUIT", "RESET"}
 # All a RESP2 connection with subscriptions may run; anything else gets an error, no effect.
 _RESP2_SUBSCRIBED_ALLOWED = frozenset(SUBSCRIBE_KINDS) | {"PING", "QUIT", "RESET"}
 _QUEUED = b"+QUEUED\r\n"
+# Requests that call() may not send as they are (see _call_amended).
+_NOT_SENT_AS_IS = REPLICATION_COMMANDS | {"MULTI"}
 # Commands that may wait for another client's write (XREAD/XREADGROUP only with BLOCK).
 _BLOCKING = frozenset({"BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN",
                        "BZPOPMAX", "BZMPOP", "WAIT", "WAITAOF", "XREAD", "XREADGROUP"})
 _HANGUP = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
+#: While replies are owed, how often (at most) the proxy looks whether the client is still
+#: there and whether the request timeout has passed.
+CLIENT_CHECK_INTERVAL = 1.0
+# Sent in place of SYNC/PSYNC: a command with no effect whose reply the server counts, skips
+# (CLIENT REPLY OFF/SKIP) or refuses (subscribed RESP2) as it would any other's; the proxy then
+# puts the refusal in the place of the reply, if there is one.
+_REPLICATION_STANDIN = Message.request([b"PING", b"shotover-g: replication refused"])
 # Redis answers CLIENT REPLY inside a transaction with a truncated EXEC reply that no client can
 # parse; the proxy refuses it instead of forwarding it.
 _CLIENT_REPLY_IN_MULTI = "ERR CLIENT REPLY is not supported inside MULTI by the proxy"
@@ -82,15 +94,34 @@ class UpstreamConnection:
     def __init__(self, address, connect_timeout: float, session: Session,
                  on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None,
                  on_lost: Optional[Callable[["UpstreamConnection"], None]] = None,
-                 client_socket=None, adopted=None) -> None:
+                 client_socket=None, adopted=None, request_timeout: Optional[float] = None,
+                 client_follows: bool = False) -> None:
         self.address = address
         self.session = session
         self.on_push = on_push
-        # Called when the server goes away while nothing is asked of it (push mode).
-        self.on_lost = on_lost
-        # Watched while a blocking command waits: a client that leaves must not stay blocked
-        # on the server (it would take the next value pushed and lose it).
+        # Called (once, after the session is restored) when the server ends the connection or
+        # it breaks: whether replies were owed, or nothing was asked of it.
+        self.on_lost: Optional[Callable[["UpstreamConnection"], None]] = None
+        # The client's connection is closed when the server closes this one (set by a sink
+        # that can do so): requests left without a reply then get none, as they would directly.
+        self.client_follows = False
+        # Watched while a reply is owed: a client that leaves must not stay blocked on the
+        # server (it would take the next value pushed and lose it), nor stay counted as open.
         self.client_socket = client_socket
+        # Seconds without a byte from the server while a reply is owed before the proxy gives
+        # up on the connection (None: never); a blocking command's own timeout comes on top.
+        self.request_timeout = request_timeout
+        # How often the wait for a reply is looked at (see _Waits; None: never).
+        self._tick: Optional[float] = None
+        if request_timeout is not None or client_socket is not None:
+            self._tick = min(CLIENT_CHECK_INTERVAL, (request_timeout or 2.0) / 2)
+        # Since when the server has sent nothing while a reply is owed (None: bytes came since
+        # the wait was last looked at).
+        self._quiet_since: Optional[float] = None
+        # The server closed the connection (or it broke): not the proxy's own decision.
+        self.lost_by_server = False
+        # Watches the socket while nothing is asked of the server (see _watch_idle).
+        self._idle_watcher = None
         self.framer = resp.ReplyFramer()
         # The server's view of this connection.
         self.resp_version = 2
@@ -126,6 +157,7 @@ class UpstreamConnection:
         if adopted is not None:
             # Handed over by the previous program image, already in this session's state.
             self.sock = adopted
+            self.on_lost, self.client_follows = on_lost, client_follows
             return
         try:
             raw = connect(address, connect_timeout)
@@ -143,7 +175,11 @@ class UpstreamConnection:
                     from None
         raw.settimeout(None)
         self.sock = raw
+        # A server that closes the connection while the session is restored is a failure to
+        # connect, reported as one: the client's requests get errors, its connection stays.
         self._replay_session()
+        self.on_lost, self.client_follows = on_lost, client_follows
+        self._watch_idle()
 
     # ---- handover -----------------------------------------------------------------------------
 
@@ -160,6 +196,8 @@ class UpstreamConnection:
             return None, "busy"  # a part of the batch in flight, or replies on their way
         if self._quitting or (in_flight and (self.closed or self.tls)):
             return None, "busy"  # moments from done: replies being read or settled as errors
+        if self.lost_by_server and self.client_follows:
+            return None, "busy"  # the client's connection is about to be closed too
         if self.closed or self.tls:
             if self.tls and not self.closed and (self.multi is not None or self.monitor
                                                  or self.tracking or self.session.watching):
@@ -251,6 +289,8 @@ class UpstreamConnection:
             upstream._adopted_inflight = inflight
         elif upstream._wants_push():
             upstream._enter_push_mode()
+        else:
+            upstream._watch_idle()
         return upstream
 
     #: A batch handed over in flight, until resume() answers it.
@@ -314,8 +354,11 @@ class UpstreamConnection:
         command = request.command
         if self._plain and command not in _SPECIAL:
             return 1, None
-        silent = self.reply_off or self.skip_next
-        if self.skip_next:  # used up by this request
+        if self._quitting:
+            return 0, None  # the server reads nothing after QUIT, answered or skipped
+        skipped = self.skip_next
+        silent = self.reply_off or skipped
+        if skipped:  # used up by this request
             self.skip_next = False
             self._reply_mode_changed()
         one = 0 if silent else 1
@@ -350,7 +393,9 @@ class UpstreamConnection:
                 return 1, self._client_tracking
             return one, None
         if command == "RESET":
-            return 1, self._reset  # +RESET is sent even with CLIENT REPLY OFF
+            # RESET turns CLIENT REPLY OFF off before it answers, so +RESET is sent; the SKIP
+            # of a CLIENT REPLY SKIP is not turned off, so it is not.
+            return (0 if skipped else 1), self._reset
         if command == "EXEC":
             if self.multi is None:
                 return one, None
@@ -360,6 +405,7 @@ class UpstreamConnection:
             return 1, self._exec
         if command == "QUIT":
             self._quitting = True
+            self._state_changed()
             return one, None
         if silent:
             # Nothing comes back to judge by: assume the command did what it asks.
@@ -399,7 +445,7 @@ class UpstreamConnection:
     def _state_changed(self) -> None:
         self._deliveries = any(self.subscriptions.values())
         self._plain = not (self.reply_off or self.skip_next or self.multi is not None
-                           or (self._deliveries and self.resp_version == 2))
+                           or (self._deliveries and self.resp_version == 2) or self._quitting)
 
     def _queue(self, request: Message, frames: List[bytes]) -> None:
         if self.multi is not None and (not frames or frames[0] == _QUEUED):
@@ -511,16 +557,24 @@ class UpstreamConnection:
     # ---- I/O ----------------------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
-        sock = self.sock
         try:
-            sent = sock.send(data)
+            sent = self.sock.send(data)
             if sent < len(data):
                 # The rest waits for room; what is left is kept where a handover sees it.
                 view = self._unsent = memoryview(data)[sent:]
                 while view:
-                    view = self._unsent = view[sock.send(view):]
+                    view = self._unsent = view[self.sock.send(view):]
+                    self._quiet_since = None  # the server is reading: not silent
         except OSError as error:
-            self._broken(f"upstream {_fmt(self.address)} write failed: {_reason(error)}")
+            if self.closed:  # given up on meanwhile (request timeout, client gone)
+                raise UpstreamError(self.failure) from None
+            if error.errno in (errno.EPIPE, errno.ECONNRESET):
+                # The server has closed the connection: the replies it sent before it did are
+                # still to be read, then the end of the connection.
+                log.debug("upstream %s: write failed: %s", _fmt(self.address), _reason(error))
+                return
+            self._broken(f"upstream {_fmt(self.address)} write failed: {_reason(error)}",
+                         by_server=self._ended_by_server(error))
             raise UpstreamError(self._failure) from None
         finally:
             self._unsent = None
@@ -538,11 +592,14 @@ class UpstreamConnection:
             try:
                 data = self.sock.recv(RECV_SIZE)
             except OSError as error:
-                self._broken(f"upstream {_fmt(self.address)} read failed: {_reason(error)}")
+                self._broken(f"upstream {_fmt(self.address)} read failed: {_reason(error)}",
+                             by_server=self._ended_by_server(error))
                 raise UpstreamError(self._failure) from None
             if not data:
-                self._broken(f"upstream {_fmt(self.address)} closed the connection")
+                self._broken(f"upstream {_fmt(self.address)} closed the connection",
+                             by_server=self._ended_by_server(None))
                 raise UpstreamError(self._failure)
+            self._quiet_since = None
             framer.feed(data)
 
     def _read_reply_frame(self) -> bytes:
@@ -568,18 +625,150 @@ class UpstreamConnection:
             # there, not in a list this loop is half-way through).
             self.on_push(b"".join(held))
 
-    def _broken(self, reason: str, expected: bool = False) -> None:
-        if self._failure is None and not self.closed:
+    def _broken(self, reason: str, expected: bool = False, by_server: bool = False) -> None:
+        """Close the connection for `reason`, the first time only. `by_server`: the server
+        closed it or it broke (what the client would have seen directly), as opposed to the
+        proxy giving up on it (request timeout, invalid RESP) or the client leaving
+        (`expected`)."""
+        first = self._failure is None and not self.closed
+        if first:
             self._failure = reason
-            # After QUIT the server closing the connection is the expected outcome.
-            (log.debug if self._quitting or expected else log.warning)("%s", reason)
+            self.lost_by_server = by_server and not self._quitting
+            # After QUIT the server closing the connection is the expected outcome; a server
+            # closing a connection (CLIENT KILL, its idle timeout) is routine.
+            if self._quitting or expected:
+                log.debug("%s", reason)
+            elif self.lost_by_server:
+                log.info("%s", reason)
+            else:
+                log.warning("%s", reason)
         self._close()
+        on_lost = self.on_lost
+        if first and on_lost is not None and not (expected or self._quitting) and \
+                (self.lost_by_server or self.push_mode):
+            on_lost(self)
+
+    def _ended_by_server(self, error: Optional[OSError]) -> bool:
+        """Whether a failed read or write (`error`; None: the end of the connection) means the
+        server ended the connection, as a client talking to it would have seen. A TLS session
+        that failed (an alert), or that ended before the server ever answered (TLS 1.3
+        servers refuse a missing client certificate that way), is the proxy's own setup
+        failing instead: the client gets an error naming it."""
+        if isinstance(error, ssl.SSLError) and not isinstance(
+                error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            return False
+        return not (self.tls and self._answered is None and not self._replies)
+
+    @property
+    def failure(self) -> str:
+        """Why the connection was closed (for the logs and the client's errors)."""
+        return self._failure or "upstream connection closed"
+
+    def _check_wait(self, now: float) -> None:
+        """Looked at every tick while a reply is owed (by _Waits, not by the greenlet that
+        waits): give up on the connection when the client has left or the server has been
+        silent for longer than the request timeout. The waiting greenlet then finds the
+        connection closed and answers with this failure."""
+        if self.closed or self._awaited() is None:
+            return
+        if self._client_left():
+            self._broken(f"client left while waiting for upstream {_fmt(self.address)}",
+                         expected=True)
+            return
+        if self._quiet_since is None:
+            self._quiet_since = now
+            return
+        limit = self._wait_limit()
+        if limit is not None and now - self._quiet_since >= limit:
+            self._broken(f"upstream {_fmt(self.address)} did not answer within "
+                         f"{round(limit * 1000)} ms")
+
+    def _awaited(self) -> Optional[Message]:
+        """The request whose reply the server owes next (None: nothing is owed)."""
+        if self.push_mode:
+            pending = self._pending
+            return pending[0].request if pending else None
+        batch, replies = self._batch, self._replies
+        if batch is None or replies is None or len(replies) >= len(batch):
+            return None
+        return batch[len(replies)]
+
+    def _wait_limit(self) -> Optional[float]:
+        """How long the server may stay silent on the request it owes a reply to: the request
+        timeout, plus a blocking command's own timeout (None: as long as it likes)."""
+        timeout = self.request_timeout
+        request = self._awaited()
+        if timeout is None or request is None:
+            return None
+        own = _own_wait(request)
+        return None if own is None else timeout + own
+
+    def _client_left(self) -> bool:
+        sock = self.client_socket
+        if sock is None:
+            return False
+        try:
+            fd = sock.fileno()
+        except (OSError, ValueError):
+            return True
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, _HANGUP)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return False
+
+    # The server closing a connection nothing is asked of (CLIENT KILL, its `timeout`, a
+    # restart) is noticed at once, so that the client's connection closes at that moment too, as
+    # it would have directly (redis-py, for one, then reconnects before its next command).
+
+    def _watch_idle(self) -> None:
+        if self.on_lost is None or not self.client_follows or self.closed or self.push_mode \
+                or self._wants_push():
+            return
+        watcher = self._idle_watcher
+        if watcher is None:
+            watcher = self._idle_watcher = get_hub().loop.io(self.sock.fileno(), 1)
+        if not watcher.active:
+            watcher.start(self._idle_readable)
+
+    def _unwatch_idle(self, for_good: bool = False) -> None:
+        watcher = self._idle_watcher
+        if watcher is not None:
+            if watcher.active:
+                watcher.stop()
+            if for_good:  # before the socket is closed: its number may be reused at once
+                watcher.close()
+                self._idle_watcher = None
+
+    def _idle_readable(self) -> None:
+        # Run by the event loop itself: nothing here may wait.
+        self._unwatch_idle()
+        if self._batch is None and not self.closed:
+            gevent.spawn(self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self.closed or self._batch is not None or self.push_mode:
+            return  # a batch began meanwhile: it finds out for itself
+        poller = select.poll()
+        poller.register(self.sock.fileno(), _HANGUP)
+        if poller.poll(0):
+            self._broken(f"upstream {_fmt(self.address)} closed the connection",
+                         by_server=True)
+        else:
+            # Redis sends nothing unasked on such a connection (over TLS it may be a record
+            # that ends the session); the next batch reads it, and finds out.
+            (log.debug if self.tls else log.warning)(
+                "upstream %s sent bytes while nothing was asked of it", _fmt(self.address))
 
     def abandon(self) -> None:
         """Let go of a connection another process now owns: stop using it without a word to
         the server (no shutdown; the fd is closed, the connection lives on elsewhere)."""
         self.closed = True
         self.on_lost = None
+        self._unwatch_idle(for_good=True)
         reader = self._reader
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=False)
@@ -594,6 +783,7 @@ class UpstreamConnection:
         if self.closed:
             return
         self.closed = True
+        self._unwatch_idle(for_good=True)
         reader = self._reader
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=False)
@@ -605,20 +795,22 @@ class UpstreamConnection:
         """Send a batch in one write and return one reply per request; never raises for
         upstream trouble: requests without a reply get an -ERR naming the failure."""
         if self.closed:
-            return [Message.error(f"ERR {self._failure or 'upstream connection closed'}")] * len(requests)
-        refused = self._refused(requests)
-        if refused:
-            sent = [r for i, r in enumerate(requests) if i not in refused]
-            answers = iter(self._call(sent) if sent else [])
-            return [refused[i] if i in refused else next(answers) for i in range(len(requests))]
-        return self._call(requests)
+            return [Message.error(f"ERR {self.failure}")] * len(requests)
+        if self.multi is None:
+            for request in requests:
+                if request.command in _NOT_SENT_AS_IS:
+                    break
+            else:
+                return self._call(requests)
+        return self._call_amended(requests)
 
-    def _refused(self, requests: List[Message]) -> Dict[int, Message]:
-        """Requests the proxy answers itself instead of forwarding them (by index)."""
+    def _call_amended(self, requests: List[Message]) -> List[Message]:
+        """Call with the requests the proxy does not send as they are: CLIENT REPLY inside
+        MULTI is answered by the proxy; SYNC/PSYNC (outside MULTI, where the server refuses
+        them itself) are sent as a stand-in whose reply, if any, becomes the refusal."""
+        refused: Dict[int, Message] = {}
+        standins = set()
         in_multi = self.multi is not None
-        if not in_multi and not any(r.command == "MULTI" for r in requests):
-            return {}
-        refused = {}
         for index, request in enumerate(requests):
             command = request.command
             if command == "MULTI":
@@ -627,7 +819,23 @@ class UpstreamConnection:
                 in_multi = False
             elif in_multi and command == "CLIENT" and request.subcommand() == "REPLY":
                 refused[index] = Message.error(_CLIENT_REPLY_IN_MULTI)
-        return refused
+            elif not in_multi and command in REPLICATION_COMMANDS:
+                standins.add(index)
+        if not refused and not standins:
+            return self._call(requests)
+        sent = [_REPLICATION_STANDIN if i in standins else request
+                for i, request in enumerate(requests) if i not in refused]
+        answers = iter(self._call(sent) if sent else ())
+        replies = []
+        for index, request in enumerate(requests):
+            if index in refused:
+                replies.append(refused[index])
+                continue
+            reply = next(answers)
+            if index in standins and reply.raw and not reply.is_error:
+                reply = replication_refused(request.command)
+            replies.append(reply)
+        return replies
 
     def _call(self, requests: List[Message]) -> List[Message]:
         watcher = None
@@ -668,6 +876,10 @@ class UpstreamConnection:
         if replies is None:
             replies = []
             payload = requests[0].raw if len(requests) == 1 else b"".join([r.raw for r in requests])
+        self._unwatch_idle()
+        if self._tick is not None:
+            self._quiet_since = None
+            _WAITS.add(self)
         self._batch = requests
         self._replies = replies
         try:
@@ -675,13 +887,25 @@ class UpstreamConnection:
                 self._send(payload)
             self._collect(requests, replies)
         except UpstreamError as error:
-            # After QUIT the server answers nothing more, and neither does the proxy.
-            reply = NO_REPLY if self._quitting else Message.error(f"ERR {error}")
+            if self._quitting:
+                # After QUIT the server answers nothing more, and neither does the proxy.
+                reply = NO_REPLY
+            elif self.lost_by_server and self.client_follows:
+                # As directly: what the server sent (part of a reply included), then nothing.
+                reply = NO_REPLY
+                current = self._current
+                if current is not None and current[2]:
+                    replies.append(Message(b"".join(current[2])))
+            else:
+                reply = Message.error(f"ERR {error}")
             replies.extend([reply] * (len(requests) - len(replies)))
         finally:
             self._batch = self._replies = self._current = None
             self._answered = requests
+            if self._tick is not None:
+                _WAITS.discard(self)
         self._release_held()
+        self._watch_idle()
         return replies
 
     def _collect(self, requests: List[Message], replies: List[Message]) -> None:
@@ -715,11 +939,15 @@ class UpstreamConnection:
     # ---- push mode: a reader greenlet owns the socket's read side -------------------------------
 
     def _enter_push_mode(self) -> None:
+        self._unwatch_idle()
         self.push_mode = True
         self._reader = gevent.spawn(self._read_loop)
 
     def _call_via_reader(self, requests: List[Message]) -> List[Message]:
         entries = [_Pending(request) for request in requests]
+        if self._tick is not None:
+            self._quiet_since = None
+            _WAITS.add(self)
         self._batch = requests
         self._replies = []
         self._entries = entries
@@ -736,12 +964,18 @@ class UpstreamConnection:
         finally:
             self._batch = self._replies = self._entries = None
             self._answered = requests
+            if self._tick is not None:
+                _WAITS.discard(self)
         replies = []
+        lost = self.lost_by_server and self.client_follows
         for entry in entries:
             if not entry.done and self._quitting:
                 replies.append(NO_REPLY)
+            elif not entry.done and lost:
+                replies.append(Message(entry.prefix + b"".join(entry.frames)) if entry.frames
+                               else NO_REPLY)
             elif not entry.done:
-                replies.append(Message.error(f"ERR {self._failure or 'upstream connection closed'}"))
+                replies.append(Message.error(f"ERR {self.failure}"))
             elif entry.frames:
                 replies.append(Message(entry.prefix + b"".join(entry.frames)))
             else:
@@ -796,9 +1030,7 @@ class UpstreamConnection:
                     self._finish(entry)
                     self._advance()
         except UpstreamError:
-            on_lost = self.on_lost
-            if on_lost is not None and not self._quitting:
-                on_lost(self)
+            pass  # _broken() has told whom it concerns
         except gevent.GreenletExit:
             pass
         finally:
@@ -807,8 +1039,74 @@ class UpstreamConnection:
             self._release_held()
 
 
+class _Waits:
+    """The upstream connections that owe a reply, looked at by one greenlet every tick (the
+    smallest tick among them), rather than a timer per wait: a batch only joins and leaves a
+    set, which costs nothing next to a timer armed and disarmed around every read."""
+
+    def __init__(self) -> None:
+        self.owing: set = set()
+        self.greenlet: Optional[gevent.Greenlet] = None
+
+    def add(self, upstream: "UpstreamConnection") -> None:
+        self.owing.add(upstream)
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self._run)
+
+    def discard(self, upstream: "UpstreamConnection") -> None:
+        self.owing.discard(upstream)
+
+    def _run(self) -> None:
+        try:
+            while self.owing:
+                gevent.sleep(min(upstream._tick for upstream in self.owing))
+                now = time.monotonic()
+                for upstream in list(self.owing):
+                    try:
+                        upstream._check_wait(now)
+                    except Exception:
+                        log.exception("checking the wait on upstream %s failed",
+                                      _fmt(upstream.address))
+        finally:
+            self.greenlet = None
+
+
+_WAITS = _Waits()
+
+
 def _effect_name(apply) -> Optional[str]:
     return None if apply is None else apply.__name__
+
+
+def _own_wait(request: Message) -> Optional[float]:
+    """How long the server may take on `request` by its own terms, in seconds: 0 for most
+    commands, a blocking command's timeout, None when it may wait forever (timeout 0)."""
+    if not _may_block(request):
+        return 0.0
+    command = request.command
+    args = request.args
+    try:
+        if command in ("XREAD", "XREADGROUP"):
+            value = -1.0
+            for index, arg in enumerate(args):
+                option = arg.upper()
+                if option == b"STREAMS":
+                    break
+                if option == b"BLOCK":
+                    value = float(args[index + 1]) / 1000
+            if value < 0:
+                return 0.0  # no BLOCK option (a key or ID spelt "block")
+        elif command == "WAIT":
+            value = float(args[2]) / 1000
+        elif command == "WAITAOF":
+            value = float(args[3]) / 1000
+        elif command in ("BLMPOP", "BZMPOP"):
+            value = float(args[1])
+        else:
+            value = float(args[-1])
+    except (IndexError, ValueError):
+        return 0.0  # refused by the server at once
+    return None if value <= 0 else value
 
 
 def _may_block(request: Message) -> bool:

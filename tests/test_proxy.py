@@ -696,18 +696,25 @@ def test_many_connections_opened_and_closed(proxy, redis_server):
 
 # ---- sessions and special replies --------------------------------------------------------------
 
-def test_session_restored_after_upstream_restart(proxy_factory, redis_factory):
+def test_session_restored_after_a_request_timeout(proxy_factory, redis_factory):
+    # The proxy giving up on a stalled server (request_timeout_ms) is its own doing: the client
+    # stays connected and its next request goes on a new upstream connection with its session.
+    # (A server that closes the connection closes the client's: tests/test_upstream_faithful.py.)
     upstream = redis_factory()
-    proxy = proxy_factory(passthrough_topology(upstream.port, free_port()))
+    topology = passthrough_topology(upstream.port, free_port())
+    topology["sources"][0]["Redis"]["chain"][-1]["RedisSinkSingle"]["request_timeout_ms"] = 300
+    proxy = proxy_factory(topology)
     with RawClient(proxy.port) as raw:
         assert raw.call("SELECT", "5") == b"OK"
         assert raw.call("CLIENT", "SETNAME", "restored") == b"OK"
         assert raw.call("SET", "k", "before") == b"OK"
-        upstream.kill()
-        assert is_error(raw.call("GET", "k"), "ERR")
-        upstream.start()
+        upstream.process.send_signal(signal.SIGSTOP)
+        try:
+            assert is_error(raw.call("GET", "k"), "ERR")
+        finally:
+            upstream.process.send_signal(signal.SIGCONT)
         wait_for(lambda: raw.call("SET", "k", "after") == b"OK", 15,
-                 "requests to succeed after the server restarted")
+                 "requests to succeed after the server answers again")
         # The new upstream connection was put back in database 5, with the client's name.
         assert raw.call("CLIENT", "GETNAME") == b"restored"
     assert upstream.client(db=5).get("k") == b"after"

@@ -26,7 +26,7 @@ from ..cluster.slotmap import SlotMap, parse_redirect
 from ..cluster.slots import key_slot
 from ..cluster.topology import ClusterState, ClusterUnavailable
 from ..config import Problems, parse_address, take_mapping
-from ..message import Message
+from ..message import REPLICATION_COMMANDS, Message, replication_refused
 from ..protocol import resp
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from . import TransformType, register
@@ -187,6 +187,9 @@ class RedisSinkCluster(Transform):
         phase: List[_Job] = []
         self._failed = 0
         for index, request in enumerate(requests):
+            if request.command in REPLICATION_COMMANDS:
+                replies[index] = replication_refused(request.command).raw
+                continue
             args = request.args
             where = routing.route(args, self.handling)
             kind = where.kind

@@ -1,5 +1,6 @@
 """RedisSinkSingle (alias ValkeySinkSingle): each client connection gets its own upstream
-connection to one server, opened on the first batch and reopened after a failure."""
+connection to one server, opened on the first batch. When the server ends that connection, the
+client's ends too; when the proxy gives up on it (request timeout), the next batch reopens it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from gevent.lock import Semaphore
 from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, format_address, parse_address, take_mapping
-from ..message import Message
+from ..message import NO_REPLY, Message
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import UpstreamConnection, UpstreamError
 from . import TransformType, register
@@ -23,27 +24,41 @@ from . import TransformType, register
 log = logging.getLogger(__name__)
 
 
+#: How long the server may send nothing while it owes a reply (a blocking command's own
+#: timeout comes on top). Long enough for slow legitimate commands (a big KEYS, FLUSHALL or
+#: SAVE, a CLIENT PAUSE during a failover), short enough that a hung server does not hold
+#: clients for good.
+DEFAULT_REQUEST_TIMEOUT_MS = 30000
+
+
 @dataclass
 class RedisSinkSingleConfig:
     remote_address: Address
     connect_timeout_ms: int = 3000
     tls: Optional[TlsConnectorConfig] = None
+    #: 0: no request timeout.
+    request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS
 
 
 def parse(settings: Any, where: str, problems: Problems) -> Optional[RedisSinkSingleConfig]:
     values = take_mapping(settings, where, problems, required={"remote_address": str},
-                          optional={"connect_timeout_ms": (int, 3000), "tls": (dict, None)})
+                          optional={"connect_timeout_ms": (int, 3000), "tls": (dict, None),
+                                    "request_timeout_ms": (int, DEFAULT_REQUEST_TIMEOUT_MS)})
     if values is None:
         return None
     address = parse_address(values["remote_address"], f"{where}.remote_address", problems)
     if values["connect_timeout_ms"] <= 0:
         problems.add(f"{where}.connect_timeout_ms", "must be a positive number of milliseconds")
+    if values["request_timeout_ms"] < 0:
+        problems.add(f"{where}.request_timeout_ms",
+                     "must be a number of milliseconds, or 0 for no request timeout")
     tls = None
     if values["tls"] is not None:
         tls = parse_tls_connector(values["tls"], f"{where}.tls", problems)
     if address is None:
         return None
-    return RedisSinkSingleConfig(address, values["connect_timeout_ms"], tls)
+    return RedisSinkSingleConfig(address, values["connect_timeout_ms"], tls,
+                                 values["request_timeout_ms"])
 
 
 class RedisSinkSingleBuilder(TransformBuilder):
@@ -55,6 +70,8 @@ class RedisSinkSingleBuilder(TransformBuilder):
         self.ssl_context = config.tls.client_context() if config.tls else None
         #: How an upgrade's checkpoint names this sink's server.
         self.address_text = format_address(config.remote_address)
+        self.request_timeout = (config.request_timeout_ms / 1000.0
+                                if config.request_timeout_ms else None)
         self.failed_requests = observability.failed_requests(chain_name, "RedisSinkSingle")
 
     def build(self, context: ConnectionContext) -> Transform:
@@ -88,8 +105,13 @@ class RedisSinkSingle(Transform):
                 config.remote_address, config.connect_timeout_ms / 1000.0,
                 self.context.session, self.context.push, self.builder.ssl_context,
                 config.tls.server_hostname(config.remote_address) if config.tls else None,
-                on_lost=self._upstream_lost, client_socket=_client_socket(self.context))
+                **self._upstream_options())
             return self.upstream
+
+    def _upstream_options(self) -> dict:
+        return {"on_lost": self._upstream_lost, "client_socket": _client_socket(self.context),
+                "request_timeout": self.builder.request_timeout,
+                "client_follows": self.context.hang_up is not None}
 
     def export_upstream(self, batch: Optional[List[Message]] = None):
         upstream = self.upstream
@@ -115,7 +137,7 @@ class RedisSinkSingle(Transform):
         self.upstream = UpstreamConnection.adopt(
             _socket_from_fd(record.fd, config.remote_address),
             config.remote_address, record, self.context.session, self.context.push,
-            on_lost=self._upstream_lost, client_socket=_client_socket(self.context))
+            **self._upstream_options())
         return True  # even when it turned out dead: the fd is dealt with
 
     def resume_inflight(self, requests: List[Message]) -> Optional[List[Message]]:
@@ -137,9 +159,18 @@ class RedisSinkSingle(Transform):
                 self._upstream_lost(None)
 
     def _upstream_lost(self, upstream: Optional[UpstreamConnection]) -> None:
-        # A subscriber may send nothing for hours: rather than wait for its next request,
-        # subscribe again on a new connection as soon as the server is back.
-        if self.context.session.subscribed and not self._closed and (
+        if self._closed:
+            return
+        hang_up = self.context.hang_up
+        if upstream is not None and upstream.lost_by_server and hang_up is not None:
+            # The server ended the connection (CLIENT KILL, its timeout, a restart): the
+            # client's ends too, as it would directly, once the replies that came are written.
+            hang_up(upstream.failure)
+            return
+        # The proxy's own doing (a subscriber whose upstream connection could not come along
+        # in an upgrade, a request timeout): a subscriber may send nothing for hours, so rather
+        # than wait for its next request, subscribe again on a new connection at once.
+        if self.context.session.subscribed and (
                 self._resubscriber is None or self._resubscriber.dead):
             self._resubscriber = gevent.spawn(self._resubscribe)
 
@@ -160,6 +191,12 @@ class RedisSinkSingle(Transform):
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         upstream = self.upstream
         if upstream is None or upstream.closed:
+            if upstream is not None and upstream.lost_by_server and \
+                    self.context.hang_up is not None:
+                # The client's connection is being closed after the server's: nothing more
+                # is sent for it (directly, these requests would have met a closed socket).
+                self.context.hang_up(upstream.failure)
+                return [NO_REPLY] * len(requests)
             try:
                 upstream = self._connect()
             except UpstreamError as error:
@@ -204,7 +241,7 @@ def _socket_from_fd(fd: int, address):
 
 
 def _client_socket(context: ConnectionContext):
-    """The client connection's socket, watched while a blocking command waits (None: not
+    """The client connection's socket, watched while its requests wait for replies (None: not
     available, nothing is watched)."""
     sock = getattr(context, "client_socket", None)
     if sock is None:
