@@ -461,6 +461,18 @@ def make_venv(path: Path, version: str) -> str:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
                     str(path)], check=True, capture_output=True, timeout=120)
     python = str(path / "bin" / "python")
+    if sys.prefix != sys.base_prefix:
+        # Run from a virtual environment itself: "system" site-packages are the base
+        # interpreter's, so the packages of the environment running the tests are added.
+        import site
+        import sysconfig
+
+        target = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path("
+                                 "'purelib'))"], capture_output=True, text=True, check=True,
+                                timeout=60).stdout.strip()
+        ours = [p for p in site.getsitepackages() if os.path.isdir(p)] or \
+            [sysconfig.get_path("purelib")]
+        Path(target, "outer-environment.pth").write_text("\n".join(ours) + "\n")
     wheel = build_wheel(version, path.parent / f"wheels-{path.name}")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # pip from the shared site-packages installs into the environment that runs it.

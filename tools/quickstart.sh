@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quick start: install what is needed, make sure a Redis answers on 127.0.0.1:6379 (starting a
+# Quick start: install what is needed (the package in .venv), make sure a Redis answers on
+# 127.0.0.1:6379 (starting a
 # throwaway one if none does), then run the proxy in the foreground on the default config
 # (127.0.0.1:6380 -> 127.0.0.1:6379). Ctrl-C stops the proxy (and the Redis it started).
 set -euo pipefail
@@ -16,4 +17,4 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 cleanup() { [ -n "$started_redis" ] && [ -f "$started_redis" ] && kill "$(cat "$started_redis")" 2>/dev/null || true; }
 trap cleanup EXIT
-python -m shotover_gevent start -c conf/config.yaml -t conf/topology.yaml
+.venv/bin/python -m shotover_gevent start -c conf/config.yaml -t conf/topology.yaml
