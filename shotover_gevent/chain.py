@@ -6,7 +6,7 @@ A chain takes a batch of requests and returns exactly one reply per request, in 
 from __future__ import annotations
 
 import logging
-import time
+from time import perf_counter
 from typing import Callable, List, Optional, Sequence
 
 from . import observability
@@ -105,7 +105,8 @@ def _sink_end(requests: List[Message]) -> List[Message]:
 class Chain:
     """One connection's instance of a topology chain."""
 
-    __slots__ = ("name", "transforms", "_entry", "_metrics", "_inflight_handover")
+    __slots__ = ("name", "transforms", "_first", "_after_first", "_metrics", "_first_metrics",
+                 "_inflight_handover")
 
     def __init__(self, name: str, builders: Sequence[TransformBuilder],
                  context: ConnectionContext) -> None:
@@ -113,26 +114,35 @@ class Chain:
         self.transforms = [builder.build(context) for builder in builders]
         self._metrics = observability.chain_metrics(name)
         call_next: CallNext = _sink_end
-        # Nest from the sink upwards so each transform holds a ready-made "next" callable.
-        for builder, transform in reversed(list(zip(builders, self.transforms))):
+        # Nest from the sink upwards so each transform holds a ready-made "next" callable. The
+        # first transform is called by process() itself: the batch's time through it is the
+        # chain's, so one pair of clock readings serves both.
+        pairs = list(zip(builders, self.transforms))
+        for builder, transform in reversed(pairs[1:]):
             call_next = _bind(transform, call_next, observability.transform_metrics(builder.name))
-        self._entry = call_next
+        self._first = self.transforms[0].transform if self.transforms else _no_transform
+        self._after_first = call_next
+        self._first_metrics = observability.transform_metrics(builders[0].name) \
+            if builders else None
         self._inflight_handover = all(t.inflight_handover for t in self.transforms)
 
     def process(self, requests: List[Message]) -> List[Message]:
-        started = time.perf_counter()
+        started = perf_counter()
         failed = True
         try:
-            replies = self._entry(requests)
-            if len(replies) != len(requests):
-                log.error("chain %s returned %d replies for %d requests", self.name,
-                          len(replies), len(requests))
-                replies = (list(replies) + [Message.error("ERR proxy lost a reply")] * len(requests))
-                replies = replies[: len(requests)]
+            replies = self._first(requests, self._after_first)
             failed = False
-            return replies
         finally:
-            self._metrics.record_batch(time.perf_counter() - started, failed)
+            seconds = perf_counter() - started
+            if self._first_metrics is not None:
+                self._first_metrics.record(seconds, failed)
+            self._metrics.record_batch(seconds, failed)
+        if len(replies) != len(requests):
+            log.error("chain %s returned %d replies for %d requests", self.name,
+                      len(replies), len(requests))
+            replies = (list(replies) + [Message.error("ERR proxy lost a reply")] * len(requests))
+            replies = replies[: len(requests)]
+        return replies
 
     def prepare(self) -> None:
         for transform in self.transforms:
@@ -170,9 +180,12 @@ class Chain:
             log.exception("letting go of transform %r failed", self.transforms[-1])
 
 
+def _no_transform(requests: List[Message], call_next: CallNext) -> List[Message]:
+    return _sink_end(requests)
+
+
 def _bind(transform: Transform, call_next: CallNext, metrics) -> CallNext:
     run = transform.transform
-    perf_counter = time.perf_counter
     record = metrics.record
 
     def call(requests: List[Message]) -> List[Message]:

@@ -10,6 +10,12 @@ from typing import Any, List, Optional
 from .protocol import resp
 
 
+# The upper-cased name of each command name as clients spell it (b"get" -> "GET"), up to a
+# bound against clients sending arbitrary names.
+_COMMAND_NAMES: dict = {}
+_MAX_COMMAND_NAMES = 4096
+
+
 class Message:
     """One RESP frame (or, for replies that span several frames, their concatenation)."""
 
@@ -40,7 +46,12 @@ class Message:
             if name is None:
                 args = self.args
                 name = args[0] if args else b""
-            self._command = name.decode("latin-1").upper()
+            command = _COMMAND_NAMES.get(name)
+            if command is None:
+                command = name.decode("latin-1").upper()
+                if len(_COMMAND_NAMES) < _MAX_COMMAND_NAMES:
+                    _COMMAND_NAMES[name] = command
+            self._command = command
         return self._command
 
     @property

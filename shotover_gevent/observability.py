@@ -13,7 +13,7 @@ import re
 import sys
 import threading
 import time
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator
 
 
@@ -133,21 +133,61 @@ class GaugeCell:
 
 
 class HistogramCell:
-    """One series of a histogram with fixed upper bounds (the last one is +Inf)."""
+    """One series of a histogram with fixed upper bounds (the last one is +Inf).
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    An observation is only appended to a list; the buckets take in a few hundred at a time
+    (one sort instead of a search per value), and whatever is left whenever they are read.
+    """
+
+    __slots__ = ("_count", "_counts", "_sum", "bounds", "pending")
+
+    #: Observations kept before they are folded into the buckets.
+    FOLD_AT = 256
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * len(bounds)
-        self.sum = 0.0
-        self.count = 0
+        self._counts = [0] * len(bounds)
+        self._sum = 0.0
+        self._count = 0
+        self.pending: list[float] = []
 
     def observe(self, value: float) -> None:
+        pending = self.pending
+        pending.append(value)
+        if len(pending) >= self.FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Take the pending observations into the buckets."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        pending.sort()
+        counts = self._counts
         # Bucket i counts values v with bounds[i-1] < v <= bounds[i].
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
+        start = 0
+        for index, bound in enumerate(self.bounds):
+            end = bisect_right(pending, bound, start)
+            counts[index] += end - start
+            start = end
+        self._sum += sum(pending)
+        self._count += len(pending)
+
+    @property
+    def counts(self) -> list[int]:
+        self.fold()
+        return self._counts
+
+    @property
+    def sum(self) -> float:
+        self.fold()
+        return self._sum
+
+    @property
+    def count(self) -> int:
+        self.fold()
+        return self._count
 
 
 class _Family:
@@ -236,6 +276,7 @@ class _HistogramFamily(_Family):
     def collect(self) -> Iterator:
         family = _metric(self.name, self.documentation, self.kind)
         for labels, cell in self._snapshot():
+            cell.fold()
             running = 0
             for bound, n in zip(cell.bounds, cell.counts):
                 running += n
@@ -411,8 +452,8 @@ def transform_metrics(transform_name: str) -> TransformMetrics:
 MAX_QUERY_LABELS = 512
 
 
-def query_counter(counter_name: str, query_type: str = "redis") -> Callable[[str], None]:
-    """Return a function counting one request of the given command name.
+def query_counter(counter_name: str, query_type: str = "redis") -> Callable[..., None]:
+    """Return a function counting requests (one unless told) of the given command name.
 
     The command is upper-cased (`get` and `GET` share a series).  To keep the number of
     series bounded against clients sending arbitrary names, once MAX_QUERY_LABELS
@@ -421,14 +462,14 @@ def query_counter(counter_name: str, query_type: str = "redis") -> Callable[[str
     cache: dict[str, CounterCell] = {}
     unknown = _QUERY_COUNT.labels(counter_name, "unknown", query_type)
 
-    def count(query: str) -> None:
+    def count(query: str, times: int = 1) -> None:
         cell = cache.get(query)
         if cell is None:
             if len(cache) >= MAX_QUERY_LABELS:
-                unknown.value += 1
+                unknown.value += times
                 return
             cell = cache[query] = _QUERY_COUNT.labels(counter_name, query.upper(), query_type)
-        cell.value += 1
+        cell.value += times
 
     return count
 

@@ -28,6 +28,11 @@ from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session, apply_subscript
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
+# Every upstream read lands here and is copied into its connection's framer at once (nothing
+# runs in between): a recv() would allocate RECV_SIZE bytes per read, and since the first read
+# after a batch waits for its replies, glibc would map and unmap that memory every time.
+_RECV_BUFFER = bytearray(RECV_SIZE)
+_RECV_VIEW = memoryview(_RECV_BUFFER)
 
 _SUBSCRIBE_FRAME_KINDS = frozenset(k.lower().encode() for k in SUBSCRIBE_KINDS)
 # RESP2 pub/sub deliveries start with one of these exact prefixes.
@@ -49,6 +54,8 @@ _NOT_SENT_AS_IS = REPLICATION_COMMANDS | {"MULTI"}
 # Commands that may wait for another client's write (XREAD/XREADGROUP only with BLOCK).
 _BLOCKING = frozenset({"BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN",
                        "BZPOPMAX", "BZMPOP", "WAIT", "WAITAOF", "XREAD", "XREADGROUP"})
+# Either of the above: a request that the batch's fast path has to look at twice.
+_NOTABLE = _NOT_SENT_AS_IS | _BLOCKING
 _HANGUP = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
 #: While replies are owed, how often (at most) the proxy looks whether the client is still
 #: there and whether the request timeout has passed.
@@ -135,6 +142,8 @@ class UpstreamConnection:
         self._plain = True  # none of the above is in effect: every request is one frame
         self._deliveries = False  # pub/sub messages may arrive
         self._quitting = False
+        # A batch was just written and nothing read since (see _read_frame).
+        self._just_sent = False
         self.push_mode = False
         self._reader: Optional[gevent.Greenlet] = None
         self._pending: Deque[_Pending] = deque()
@@ -315,8 +324,7 @@ class UpstreamConnection:
             if prefix:
                 self._held.insert(0, prefix)
         watcher = None
-        if self.client_socket is not None and any(_may_block(r)
-                                                  for r in requests[len(replies):]):
+        if self.client_socket is not None and _any_may_block(requests[len(replies):]):
             watcher = gevent.spawn(self._watch_client)
         try:
             replies = self._call_direct(requests, replies, inflight.unsent)
@@ -590,17 +598,25 @@ class UpstreamConnection:
             if frame is not None:
                 return frame
             try:
-                data = self.sock.recv(RECV_SIZE)
+                if self._just_sent:
+                    # The first read after a batch was written: the replies are not there yet
+                    # (a recv would only return EAGAIN), so wait for them first. Not over TLS,
+                    # where decrypted bytes may wait inside the TLS object.
+                    self._just_sent = False
+                    if not self.tls and not self.closed:
+                        sock = self.sock
+                        sock._wait(sock._read_event)
+                received = self.sock.recv_into(_RECV_BUFFER)
             except OSError as error:
                 self._broken(f"upstream {_fmt(self.address)} read failed: {_reason(error)}",
                              by_server=self._ended_by_server(error))
                 raise UpstreamError(self._failure) from None
-            if not data:
+            if not received:
                 self._broken(f"upstream {_fmt(self.address)} closed the connection",
                              by_server=self._ended_by_server(None))
                 raise UpstreamError(self._failure)
             self._quiet_since = None
-            framer.feed(data)
+            framer.feed(_RECV_VIEW[:received])  # copied out before anything else can run
 
     def _read_reply_frame(self) -> bytes:
         """The next frame that answers a request; pushes on the way are held."""
@@ -797,11 +813,17 @@ class UpstreamConnection:
         if self.closed:
             return [Message.error(f"ERR {self.failure}")] * len(requests)
         if self.multi is None:
+            # One pass decides both whether the batch goes as it is and whether it may block.
+            blocking = False
             for request in requests:
-                if request.command in _NOT_SENT_AS_IS:
-                    break
+                command = request.command
+                if command in _NOTABLE:
+                    if command in _NOT_SENT_AS_IS:
+                        break
+                    if not blocking and self.client_socket is not None:
+                        blocking = _may_block(request)
             else:
-                return self._call(requests)
+                return self._call(requests, blocking)
         return self._call_amended(requests)
 
     def _call_amended(self, requests: List[Message]) -> List[Message]:
@@ -837,21 +859,26 @@ class UpstreamConnection:
             replies.append(reply)
         return replies
 
-    def _call(self, requests: List[Message]) -> List[Message]:
-        watcher = None
-        if self.client_socket is not None and any(_may_block(r) for r in requests):
-            watcher = gevent.spawn(self._watch_client)
+    def _call(self, requests: List[Message], blocking: Optional[bool] = None) -> List[Message]:
+        """`blocking`: whether a request of the batch may block (None: not looked at yet)."""
+        if blocking is None:
+            blocking = self.client_socket is not None and _any_may_block(requests)
+        if not blocking:
+            return self._call_unwatched(requests)
+        watcher = gevent.spawn(self._watch_client)
         try:
-            if self.push_mode:
-                return self._call_via_reader(requests)
-            replies = self._call_direct(requests)
-            if self._wants_push() and not self.closed:
-                # From now on frames may arrive while the client sends nothing.
-                self._enter_push_mode()
-            return replies
+            return self._call_unwatched(requests)
         finally:
-            if watcher is not None:
-                watcher.kill(block=False)
+            watcher.kill(block=False)
+
+    def _call_unwatched(self, requests: List[Message]) -> List[Message]:
+        if self.push_mode:
+            return self._call_via_reader(requests)
+        replies = self._call_direct(requests)
+        if (self._deliveries or self.monitor or self.tracking) and not self.closed:
+            # From now on frames may arrive while the client sends nothing.
+            self._enter_push_mode()
+        return replies
 
     def _watch_client(self) -> None:
         """Close this connection if the client leaves while its batch waits for replies."""
@@ -876,7 +903,9 @@ class UpstreamConnection:
         if replies is None:
             replies = []
             payload = requests[0].raw if len(requests) == 1 else b"".join([r.raw for r in requests])
-        self._unwatch_idle()
+        watcher = self._idle_watcher
+        if watcher is not None and watcher.active:
+            watcher.stop()
         if self._tick is not None:
             self._quiet_since = None
             _WAITS.add(self)
@@ -885,6 +914,7 @@ class UpstreamConnection:
         try:
             if payload:
                 self._send(payload)
+                self._just_sent = True
             self._collect(requests, replies)
         except UpstreamError as error:
             if self._quitting:
@@ -904,8 +934,15 @@ class UpstreamConnection:
             self._answered = requests
             if self._tick is not None:
                 _WAITS.discard(self)
-        self._release_held()
-        self._watch_idle()
+        if self._held:
+            self._release_held()
+        watcher = self._idle_watcher
+        if watcher is not None and not self.closed and not watcher.active and \
+                self.on_lost is not None and self.client_follows and not self.push_mode and \
+                not (self._deliveries or self.monitor or self.tracking):
+            watcher.start(self._idle_readable)  # the idle watch again (see _watch_idle)
+        else:
+            self._watch_idle()
         return replies
 
     def _collect(self, requests: List[Message], replies: List[Message]) -> None:
@@ -914,7 +951,10 @@ class UpstreamConnection:
             request = requests[index]
             current = self._current
             if current is None:
-                count, apply = self._expect(request)
+                if self._plain and request.command not in _SPECIAL:
+                    count, apply = 1, None  # what _expect() says first, without the call
+                else:
+                    count, apply = self._expect(request)
                 if count == 1 and apply is None:
                     frame = self._read_reply_frame()
                     if self._held:
@@ -1107,6 +1147,13 @@ def _own_wait(request: Message) -> Optional[float]:
     except (IndexError, ValueError):
         return 0.0  # refused by the server at once
     return None if value <= 0 else value
+
+
+def _any_may_block(requests: List[Message]) -> bool:
+    for request in requests:
+        if request.command in _BLOCKING and _may_block(request):
+            return True
+    return False
 
 
 def _may_block(request: Message) -> bool:

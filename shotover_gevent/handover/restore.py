@@ -554,7 +554,9 @@ def _start_afresh(options: RestoreOptions):
 def _collect_garbage_again() -> None:
     # What survived the restore lives as long as the process: frozen, later collections
     # skip it.
-    gc.freeze()
+    from ..app import settle_garbage_collection
+
+    settle_garbage_collection()
     gc.enable()
 
 

@@ -51,9 +51,17 @@ class QueryCounter(Transform):
         self.count = count
 
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
-        count = self.count
+        if len(requests) == 1:
+            self.count(requests[0].command)
+            return call_next(requests)
+        # Counted once per distinct command of the batch (a pipeline mostly repeats one).
+        seen: dict = {}
         for request in requests:
-            count(request.command)
+            command = request.command
+            seen[command] = seen.get(command, 0) + 1
+        count = self.count
+        for command, times in seen.items():
+            count(command, times)
         return call_next(requests)
 
 

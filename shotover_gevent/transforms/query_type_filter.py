@@ -110,10 +110,19 @@ class QueryTypeFilter(Transform):
         self.builder = builder
 
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
-        is_blocked = self.builder.is_blocked
-        verdicts = [is_blocked(r.command) for r in requests]
-        if not any(verdicts):
+        builder = self.builder
+        known = builder.blocked_commands
+        for request in requests:
+            # The builder's memo answers for every command seen before.
+            blocked = known.get(request.command)
+            if blocked is None:
+                blocked = builder.is_blocked(request.command)
+            if blocked:
+                break
+        else:
             return call_next(requests)
+        is_blocked = builder.is_blocked
+        verdicts = [is_blocked(r.command) for r in requests]
         allowed = [r for r, blocked in zip(requests, verdicts) if not blocked]
         passed = iter(call_next(allowed) if allowed else [])
         replies = []
