@@ -436,13 +436,6 @@ class ClientConnection:
         self._resume = None
         return self.state not in (State.HANDED_OVER, State.CLOSED)
 
-    @property
-    def paused(self) -> bool:
-        return self.state is State.PAUSED
-
-    def unread_bytes(self) -> bytes:
-        return self.framer.unread_bytes()
-
     def resume(self) -> None:
         """Carry on serving after an aborted upgrade: nothing was lost, nothing is replayed."""
         if self.state in (State.PAUSING, State.PAUSED):

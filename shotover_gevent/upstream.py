@@ -782,20 +782,15 @@ class UpstreamConnection:
     def abandon(self) -> None:
         """Let go of a connection another process now owns: stop using it without a word to
         the server (no shutdown; the fd is closed, the connection lives on elsewhere)."""
-        self.closed = True
         self.on_lost = None
-        self._unwatch_idle(for_good=True)
-        reader = self._reader
-        if reader is not None and reader is not gevent.getcurrent():
-            reader.kill(block=False)
-        let_go(self.sock)
+        self._close(release=let_go)
 
     def close(self) -> None:
         """Close for good (the client left or was handed over): no loss is reported."""
         self.on_lost = None
         self._close()
 
-    def _close(self) -> None:
+    def _close(self, release=close_for_good) -> None:
         if self.closed:
             return
         self.closed = True
@@ -803,7 +798,7 @@ class UpstreamConnection:
         reader = self._reader
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=False)
-        close_for_good(self.sock)
+        release(self.sock)
 
     # ---- batches ------------------------------------------------------------------------------
 

@@ -16,8 +16,8 @@ import yaml
 from feature_support import ByteClient, client_ssl_context, make_certificates, topology
 from helpers import (HOST, RawClient, encode, free_port, http_request, metric_value,
                      passthrough_topology, sink, source_entry, wait_for)
-from upgrade_support import (BackgroundUpgrade, interpreter_gated_at_restore, status, upgrade,
-                             upgrade_ok)
+from upgrade_support import (BackgroundUpgrade, interpreter_gated_at_restore,
+                             ping_on_a_new_connection, status, upgrade, upgrade_ok)
 
 
 def blocked_on(direct, command: str) -> int:
@@ -268,14 +268,7 @@ def test_no_connection_is_lost_at_the_switch(proxy, tmp_path):
         deadline = time.monotonic() + 240
         while not stop.is_set() and time.monotonic() < deadline and outcome["ok"] < 200000:
             try:
-                with socket.create_connection((HOST, proxy.port), timeout=15) as sock:
-                    sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                    answer = b""
-                    while not answer.endswith(b"\r\n"):
-                        chunk = sock.recv(64)
-                        if not chunk:
-                            break
-                        answer += chunk
+                answer = ping_on_a_new_connection(proxy.port)
                 with lock:
                     if answer == b"+PONG\r\n":
                         outcome["ok"] += 1

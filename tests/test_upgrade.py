@@ -43,6 +43,7 @@ from upgrade_support import (
     interpreter_failing_exec_after_preflight,
     interpreter_gated_at_restore,
     interpreter_exiting_at_restore,
+    ping_on_a_new_connection,
     interpreter_hanging_at_restore,
     interpreter_vanishing_after_preflight,
     leftover_checkpoints,
@@ -831,14 +832,7 @@ def test_new_connections_are_never_refused_during_upgrades(proxy, tmp_path):
         while not stop.is_set() and time.monotonic() < deadline and outcome["ok"] < 20000:
             began = time.monotonic()
             try:
-                with socket.create_connection((HOST, proxy.port), timeout=15) as sock:
-                    sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                    answer = b""
-                    while not answer.endswith(b"\r\n"):
-                        chunk = sock.recv(64)
-                        if not chunk:
-                            break
-                        answer += chunk
+                answer = ping_on_a_new_connection(proxy.port)
                 if answer != b"+PONG\r\n":
                     outcome["failures"].append(f"answer {answer!r}")
                 else:

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from helpers import REPO_ROOT, ProxyProcess, RawClient, encode, wait_for
+from helpers import HOST, REPO_ROOT, ProxyProcess, RawClient, encode, wait_for
 
 CLI = [sys.executable, "-m", "shotover_gevent"]
 INSPECT_TOOL = REPO_ROOT / "tools" / "inspect_checkpoint.py"
@@ -540,3 +541,16 @@ class CounterClient(threading.Thread):
             self.error = f"after {self.received} replies: {error!r}"
         finally:
             client.close()
+
+
+def ping_on_a_new_connection(port: int, timeout: float = 15.0) -> bytes:
+    """Connect, send PING, and return the first line that comes back (b"" on EOF)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+        answer = b""
+        while not answer.endswith(b"\r\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            answer += chunk
+    return answer

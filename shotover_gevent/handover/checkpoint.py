@@ -671,31 +671,47 @@ def write(path: str, cp: Checkpoint | bytes) -> None:
             ) from exc
     _check_directory(directory)
 
-    # O_EXCL: never an existing file, nor a symbolic link planted at the path.
+    _create_file(path, data, f"checkpoint file {path}")
+    try:
+        _fsync_directory(directory)
+    except OSError as exc:
+        _remove(path)
+        raise CheckpointError(f"cannot write checkpoint file {path}: {exc.strerror}") from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _create_file(path: str, data: bytes, label: str) -> None:
+    """Write `data` to a new file at `path` (0600, fsync'ed). O_EXCL: never an existing file,
+    nor a symbolic link planted at the path; nothing half-written is left behind."""
     flags = (os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
              | getattr(os, "O_NOFOLLOW", 0))
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        raise CheckpointError(f"checkpoint file {path} already exists") from None
+        raise CheckpointError(f"{label} already exists") from None
     except OSError as exc:
-        raise CheckpointError(f"cannot create checkpoint file {path}: {exc.strerror}") from exc
+        raise CheckpointError(f"cannot create {label}: {exc.strerror}") from exc
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_directory(directory)
     except OSError as exc:
-        # Leave no half-written file for a successor to trip over.
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise CheckpointError(f"cannot write checkpoint file {path}: {exc.strerror}") from exc
+        _remove(path)
+        raise CheckpointError(f"cannot write {label}: {exc.strerror}") from exc
 
 
 #: Seals a checkpoint memfd must carry: nobody can change it once written.
@@ -719,9 +735,7 @@ def to_memfd(cp: Checkpoint | bytes) -> int:
         raise CheckpointError(f"cannot create the checkpoint in memory: "
                               f"{getattr(exc, 'strerror', None) or exc}") from exc
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         seals = 0
         for name in _SEALS:
             seals |= getattr(fcntl, name)
@@ -735,29 +749,7 @@ def to_memfd(cp: Checkpoint | bytes) -> int:
 def copy_to_file(fd: int, path: str) -> None:
     """Copy the checkpoint in memfd `fd` to a new file at `path` (0600): never an existing file
     or a symbolic link planted there, nothing half-written left behind."""
-    data = _memfd_bytes(fd)
-    flags = (os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
-             | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        out = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise CheckpointError(f"{path} already exists") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot create {path}: {exc.strerror}") from exc
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out, view):]
-            os.fsync(out)
-        finally:
-            os.close(out)
-    except OSError as exc:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise CheckpointError(f"cannot write {path}: {exc.strerror}") from exc
+    _create_file(path, _memfd_bytes(fd), path)
 
 
 def _memfd_bytes(fd: int) -> bytes:

@@ -208,22 +208,20 @@ class RedisSinkSingle(Transform):
         return replies
 
     def abandon(self) -> None:
-        self._closed = True
-        resubscriber = self._resubscriber
-        if resubscriber is not None and resubscriber is not gevent.getcurrent():
-            resubscriber.kill(block=False)
-        if self.upstream is not None:
-            self.upstream.abandon()
-            self.upstream = None
+        self.close(abandon=True)
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
+        """Stop for good; `abandon`: the upstream connection is another process's now, let go
+        of it without a word to the server."""
         self._closed = True
         resubscriber = self._resubscriber
         if resubscriber is not None and resubscriber is not gevent.getcurrent():
             resubscriber.kill(block=False)
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and abandon:
+            upstream.abandon()
+        elif upstream is not None:
+            upstream.close()
 
 
 def _socket_from_fd(fd: int, address):
