@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional
 import gevent
 from gevent.event import Event
 
-from . import __version__, observability
+from . import __version__, lifecycle, observability
 from .config import Config, Topology
 from .connection import PAUSE_PROGRESS, ClientConnection, State
 from .source import Source
@@ -30,7 +30,7 @@ class Proxy:
                  log_format: str = "human") -> None:
         self.config = config
         self.topology = topology
-        self.control_path = os.path.abspath(control_path)
+        self.control_path = lifecycle.control_address(control_path)
         self.log_format = log_format
         self.generation = 0
         self.started_wall = time.time()
@@ -46,17 +46,26 @@ class Proxy:
         self.lame_duck = False
         #: Previous versions still serving TLS clients: pid -> what they last reported.
         self.lame_ducks: Dict[int, dict] = {}
+        #: Set when this process is one of a supervisor's workers.
+        self.worker = lifecycle.worker_identity()
 
     # ---- start --------------------------------------------------------------------------------
 
     def start_fresh(self) -> None:
         from .handover.control import ControlServer
 
+        from gevent import socket
+
+        inherited = self.worker.listeners if self.worker is not None else {}
         for source_config in self.topology.sources:
             source = Source(source_config)
-            source.bind()
+            fd = inherited.get(source.name)
+            if fd is not None:
+                source.listener = socket.socket(fileno=fd)  # the supervisor's group
+            else:
+                source.bind(reuse_port=self.worker is not None)
             self.sources[source.name] = source
-        if self.config.observability_interface is not None:
+        if self.config.observability_interface is not None and self.worker is None:
             self.observability_server = observability.start_observability_server(
                 self.config.observability_interface, token=self.config.observability_token)
         self.control_server = ControlServer(self, self.control_path)
@@ -74,9 +83,13 @@ class Proxy:
         extra = ""
         if self.observability_server is not None:
             extra = f"; metrics on {self.observability_server.metrics_location}"
+        if self.worker is not None:
+            log.info("%s: shotover-g %s (pid %d, generation %d) serving %s", self.worker.label,
+                     __version__, os.getpid(), self.generation, addresses)
+            return
         log.info("shotover-g %s (pid %d, generation %d) accepting connections on %s%s",
                  __version__, os.getpid(), self.generation, addresses, extra)
-        notify_service_manager()
+        lifecycle.notify_service_manager()
 
     def install_signal_handlers(self) -> None:
         gevent.signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
@@ -84,10 +97,25 @@ class Proxy:
         gevent.signal_handler(signal.SIGUSR2, self._upgrade_from_signal)
 
     def _upgrade_from_signal(self) -> None:
+        log.info("SIGUSR2 received: upgrading in place")
+        self.start_upgrade({}, None)
+
+    # ---- what the control socket asks ----------------------------------------------------------
+
+    def start_upgrade(self, options: dict, channel) -> bool:
+        """Start an upgrade in place (options checked by the control socket); False when one
+        is running already."""
         from .handover.upgrade import UpgradeRequest, start_upgrade
 
-        log.info("SIGUSR2 received: upgrading in place")
-        start_upgrade(self, UpgradeRequest(), None)
+        options = {k: v for k, v in options.items() if k != "parallel"}
+        return start_upgrade(self, UpgradeRequest.from_json(options), channel)
+
+    def render_metrics(self) -> bytes:
+        return observability.render_metrics()
+
+    def apply_filter(self, text: str) -> None:
+        observability.set_log_filter(text)
+        log.info("log filter set to %r", text.strip())
 
     # ---- status -------------------------------------------------------------------------------
 
@@ -109,6 +137,7 @@ class Proxy:
             "upgrade_in_progress": self.upgrade_in_progress,
             "lame_ducks": sorted(self.lame_ducks.values(), key=lambda d: d["pid"]),
             **({"bridge_pid": os.getpid()} if self.bridge_for else {}),
+            **({"worker": self.worker.as_dict()} if self.worker is not None else {}),
             "last_upgrade": self.last_upgrade,
         }
 
@@ -191,20 +220,3 @@ def settle_garbage_collection() -> None:
     gc.freeze()
     _young, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
-def notify_service_manager() -> None:
-    """Tell a Type=notify service manager that we serve, and which PID does (it changes when
-    an upgrade's bridge process had to serve on because the new version never took over)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    import socket as stdlib_socket
-
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM) as sock:
-            sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
-    except OSError as error:
-        log.warning("service manager notification failed: %s", error)

@@ -21,11 +21,28 @@ log = logging.getLogger("shotover_gevent")
 
 
 def _control_path(option: Optional[str], config=None) -> str:
+    from .lifecycle import control_address
+
     if option:
-        return os.path.abspath(option)
+        return control_address(option)
     if config is not None and config.control_socket:
         return os.path.abspath(config.control_socket)
     return os.path.abspath(DEFAULT_CONTROL_SOCKET)
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        from .supervisor import usable_cores
+
+        return usable_cores()
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= 1024:
+        raise click.BadParameter(f"expected a number of workers from 1 to 1024, or auto; got "
+                                 f"{value!r}", param_hint="'--workers'")
+    return count
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,17 +63,24 @@ def main() -> None:
 @click.option("--control-socket", default=None,
               help="unix socket for `upgrade` and `status` [default: control_socket from "
                    "config.yaml, else ./shotover-g.sock]")
+@click.option("--workers", "workers", default="1", show_default=True,
+              help="worker processes serving clients (auto: one per usable core); the process "
+                   "started stays as their supervisor")
 @click.option("--restore", "restore_path", default=None, hidden=True)
 @click.option("--bridge-fd", type=int, default=None, hidden=True)
 @click.option("--bridge-pid", type=int, default=None, hidden=True)
 @click.option("--rollback", is_flag=True, hidden=True)
 def start(config_path: str, topology_path: str, log_format: str, control_socket: Optional[str],
-          restore_path: Optional[str], bridge_fd: Optional[int], bridge_pid: Optional[int],
-          rollback: bool) -> None:
-    """Run the proxy in the foreground."""
-    from . import observability
+          workers: str, restore_path: Optional[str], bridge_fd: Optional[int],
+          bridge_pid: Optional[int], rollback: bool) -> None:
+    """Run the proxy in the foreground: a supervisor and its workers."""
+    from . import lifecycle, observability
 
     observability.setup_logging("info", log_format)
+    count = _workers(workers)
+    if not restore_path and lifecycle.WORKER_ENV not in os.environ:
+        _run_supervisor(config_path, topology_path, log_format, control_socket, count)
+        return
     if restore_path:
         from .handover.restore import RestoreOptions, restore_or_fall_back
 
@@ -85,6 +109,42 @@ def start(config_path: str, topology_path: str, log_format: str, control_socket:
             sys.exit(1)
     proxy.serve_forever()
     sys.exit(0)
+
+
+def _run_supervisor(config_path: str, topology_path: str, log_format: str,
+                    control_socket: Optional[str], count: int) -> None:
+    from . import lifecycle
+    from .supervisor import Supervisor, restore_or_roll_back
+
+    state = os.environ.get(lifecycle.SUPERVISOR_ENV)
+    control = _control_path(control_socket, _config_quietly(config_path))
+    if state:
+        supervisor = restore_or_roll_back(state, config_path, topology_path, control, log_format)
+    else:
+        supervisor = Supervisor(config_path, topology_path, control, log_format, count)
+        try:
+            supervisor.start_fresh()
+        except OSError as error:
+            log.critical("cannot start: %s", error.strerror if error.strerror else error)
+            supervisor.request_stop("not starting")
+            supervisor.serve_forever()
+            sys.exit(1)
+        except SystemExit as error:
+            if supervisor.children is not None:
+                supervisor.request_stop("not starting")
+                supervisor.serve_forever()
+            click.echo(str(error.code), err=True)
+            sys.exit(1)
+    supervisor.serve_forever()
+    sys.exit(0)
+
+
+def _config_quietly(config_path: str):
+    """config.yaml's control_socket, before the configuration is checked (a broken file is
+    reported by the check)."""
+    from .supervisor import _read_config_quietly
+
+    return _read_config_quietly(config_path)
 
 
 @main.command()
@@ -164,9 +224,13 @@ def _precompile_package() -> None:
               help="seconds the new version gets to take over the connections; past that the "
                    "previous version is restored")
 @click.option("--keep-checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="keep a copy of the checkpoint at this path")
+              help="keep a copy of the checkpoint at this path (with several workers, one per "
+                   "worker: PATH.w1, PATH.w2...)")
+@click.option("--parallel", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
+              help="workers upgraded at once")
 def upgrade(control_socket: str, python: Optional[str], drain_timeout: float,
-            tls_drain_timeout: float, timeout: float, keep_checkpoint: Optional[str]) -> None:
+            tls_drain_timeout: float, timeout: float, keep_checkpoint: Optional[str],
+            parallel: int) -> None:
     """Replace the running proxy with a new version in place, keeping every connection."""
     from .handover.control import ControlError, request
 
@@ -183,6 +247,8 @@ def upgrade(control_socket: str, python: Optional[str], drain_timeout: float,
                "tls_drain_timeout": tls_drain_timeout,
                "keep_checkpoint": os.path.abspath(keep_checkpoint) if keep_checkpoint else None,
                "restore_timeout": timeout}
+    if parallel != 1:
+        message["parallel"] = parallel
 
     began = time.monotonic()
 
@@ -233,6 +299,15 @@ def status(control_socket: str, as_json: bool) -> None:
     for name, source in result["sources"].items():
         click.echo(f"source      {name} on {source['address']}: {source['connections']} "
                    "connections")
+    for worker in result.get("workers") or ():
+        if "error" in worker:
+            click.echo(f"worker {worker['index']}    pid {worker['pid']} ({worker['state']}): "
+                       f"{worker['error']}")
+            continue
+        per_source = ", ".join(f"{n} {c}" for n, c in (worker.get("sources") or {}).items())
+        click.echo(f"worker {worker['index']}    pid {worker['pid']}, version "
+                   f"{worker.get('version')}, generation {worker.get('generation')}, "
+                   f"connections: {per_source or 'none'}, restarts {worker.get('restarts', 0)}")
     for duck in result.get("lame_ducks") or ():
         click.echo(f"previous    pid {duck['pid']} (version {duck.get('version', '?')}) still "
                    f"serves {duck.get('tls_connections', '?')} TLS connections, at most "

@@ -4,7 +4,7 @@ import itertools
 import socket as stdlib_socket
 import struct
 
-from gevent import getcurrent
+from gevent import getcurrent, socket
 
 
 def send_all(sock, payload: bytes) -> None:
@@ -157,3 +157,13 @@ def arrival_order(hub) -> ArrivalOrder:
     if order is None or order.hub is not hub:
         order = _ORDERS[id(hub)] = ArrivalOrder(hub)
     return order
+
+
+def listening_socket(host: str, port: int, reuse_port: bool = False):
+    """A TCP socket, not yet bound, with the options every listener of the proxy has."""
+    family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
+    listener = socket.socket(family, stdlib_socket.SOCK_STREAM)
+    listener.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        listener.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+    return listener

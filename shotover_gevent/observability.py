@@ -526,6 +526,59 @@ def upgrade_closed_totals() -> dict:
     return {labels["reason"]: cell.value for labels, cell in _UPGRADE_CLOSED._snapshot()}
 
 
+#: Counters with a carry-over of their own (see record_upgrade and upgrade_closed_totals).
+_CARRIED_ELSEWHERE = ("shotover_g_upgrades_total", "shotover_g_upgrade_closed_connections_total")
+
+
+def export_counters() -> list:
+    """Every counter and histogram series as plain data, for the next image of this process
+    to go on from (a counter never goes back across an upgrade)."""
+    exported = []
+    for family in list(REGISTRY._collectors):
+        if not isinstance(family, (_CounterFamily, _HistogramFamily)) or \
+                family.name in _CARRIED_ELSEWHERE:
+            continue
+        for key, cell in list(family._series.items()):
+            if isinstance(cell, HistogramCell):
+                state = [list(cell.counts), cell.sum, cell.count]
+            else:
+                state = cell.value
+            if state:
+                exported.append([family.name, list(key), state])
+    return exported
+
+
+def import_counters(exported) -> int:
+    """Add what export_counters() gave (in the previous image) to this image's series; data
+    that does not fit (a family gone or changed by the new version) is skipped. Returns how
+    many series were taken."""
+    families = {f.name: f for f in REGISTRY._collectors
+                if isinstance(f, (_CounterFamily, _HistogramFamily))}
+    taken = 0
+    for item in exported if isinstance(exported, list) else ():
+        try:
+            name, key, state = item
+            family = families.get(name)
+            if family is None or family.name in _CARRIED_ELSEWHERE or \
+                    len(key) != len(family.labelnames):
+                continue
+            cell = family.labels(*key)
+            if isinstance(cell, HistogramCell):
+                counts, total, count = state
+                if len(counts) != len(cell.bounds):
+                    continue
+                cell.fold()
+                cell._counts = [a + int(b) for a, b in zip(cell._counts, counts)]
+                cell._sum += float(total)
+                cell._count += int(count)
+            else:
+                cell.value += float(state)
+            taken += 1
+        except (TypeError, ValueError):
+            continue
+    return taken
+
+
 def set_generation(generation: int) -> None:
     """Publish the generation number of this process."""
     _GENERATION.labels().set(generation)
@@ -832,8 +885,13 @@ class _RefusalLog:
         self.logged_at = now
 
 
-def _make_application(filter_token: str | None):
-    """The WSGI application; with `filter_token`, PUT /filter needs it as a bearer token."""
+def _make_application(filter_token: str | None, render: Callable[[], bytes] | None = None,
+                      apply_filter: Callable[[str], None] | None = None):
+    """The WSGI application; with `filter_token`, PUT /filter needs it as a bearer token.
+    `render` makes the metrics page and `apply_filter` sets a log filter (by default: this
+    process's own)."""
+    render = render or render_metrics
+    apply_filter = apply_filter or set_log_filter
     refusals = _RefusalLog()
 
     def application(environ, start_response):
@@ -843,7 +901,7 @@ def _make_application(filter_token: str | None):
             if method not in ("GET", "HEAD"):
                 return _respond(start_response, "405 Method Not Allowed", b"use GET\n",
                                 extra=[("Allow", "GET, HEAD")])
-            body = render_metrics()
+            body = render()
             if method == "HEAD":
                 start_response("200 OK", [("Content-Type", METRICS_CONTENT_TYPE),
                                           ("Content-Length", str(len(body)))])
@@ -861,7 +919,7 @@ def _make_application(filter_token: str | None):
                                 extra=[("WWW-Authenticate", 'Bearer realm="shotover-g"')])
             try:
                 text = _read_body(environ).decode("utf-8")
-                set_log_filter(text)
+                apply_filter(text)
             except OverflowError:
                 return _respond(start_response, "413 Payload Too Large", b"filter too long\n")
             except UnicodeDecodeError:
@@ -1018,7 +1076,10 @@ class ObservabilityServer:
 
 
 def start_observability_server(address: tuple[str, int] | str, listener=None,
-                               token: str | None = None) -> ObservabilityServer:
+                               token: str | None = None,
+                               render: Callable[[], bytes] | None = None,
+                               apply_filter: Callable[[str], None] | None = None
+                               ) -> ObservabilityServer:
     """Serve /metrics and /filter on `address` from the gevent hub and return at once.
 
     `address` is (host, port), port 0 picking a free port (see `.address`), or the absolute
@@ -1038,7 +1099,7 @@ def start_observability_server(address: tuple[str, int] | str, listener=None,
             listener = _bind_unix_listener(address)
     server = WSGIServer(
         listener if listener is not None else tuple(address),
-        _make_application(token),
+        _make_application(token, render, apply_filter),
         spawn=Pool(MAX_HTTP_CONNECTIONS),
         handler_class=_deadline_handler_class(),
         log=LoggingLogAdapter(_http_log, logging.DEBUG),

@@ -16,7 +16,7 @@ from gevent.event import Event
 from . import observability
 from .config import SourceConfig, format_address
 from .connection import ClientConnection
-from .netio import stamp_arrivals
+from .netio import listening_socket, stamp_arrivals
 from .session import Session
 from .transforms import build_builders
 
@@ -61,11 +61,11 @@ class Source:
 
     # ---- listening ----------------------------------------------------------------------------
 
-    def bind(self) -> None:
+    def bind(self, reuse_port: bool = False) -> None:
+        """Listen on the source's address; with `reuse_port`, as one socket of a SO_REUSEPORT
+        group (a worker's own socket, beside its siblings')."""
         host, port = self.config.listen_addr
-        family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
-        listener = socket.socket(family, stdlib_socket.SOCK_STREAM)
-        listener.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        listener = listening_socket(host, port, reuse_port)
         try:
             listener.bind((host, port))
         except OSError as error:

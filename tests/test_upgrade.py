@@ -503,6 +503,7 @@ def _prepare_failure(kind: str, proxy, tmp_path: Path) -> list:
 def test_failed_upgrade_rolls_back_and_keeps_serving(kind, proxy, redis_server, tmp_path):
     expected, moves = ROLL_BACKS[kind]
     first_pid = proxy.pid
+    first_worker = status(proxy.control_socket)["workers"][0]["pid"]
     get = encode("GET", "before")
     try:
         with RawClient(proxy.port) as kept:
@@ -527,14 +528,17 @@ def test_failed_upgrade_rolls_back_and_keeps_serving(kind, proxy, redis_server, 
             assert now["version"] == VERSION
             assert now["generation"] == 0
             assert now["sources"]["redis"]["connections"] == 1
+            # The service's PID (the supervisor's) never changes.
+            assert now["pid"] == first_pid and proxy.running
             if moves:
-                # The bridge process, the previous version, serves on with its own PID.
-                assert now["pid"] != first_pid
-                assert process_gone(first_pid) and proxy.process.poll() is not None
+                # The worker's bridge process, the previous version, serves on with its own
+                # PID, adopted by the supervisor as that worker.
+                assert now["workers"][0]["pid"] != first_worker
+                assert process_gone(first_worker)
                 assert now["last_upgrade"]["ok"] is False
                 assert expected[-1] in now["last_upgrade"]["reason"]
             else:
-                assert now["pid"] == first_pid and proxy.running
+                assert now["workers"][0]["pid"] == first_worker
             # Checkpoints hold passwords: none may be left behind, whatever went wrong.
             assert leftover_checkpoints(first_pid) == []
     finally:
@@ -567,10 +571,10 @@ def test_second_roll_back_in_a_row_still_restores(order, proxy, redis_server, tm
 # ---- the bridge -------------------------------------------------------------------------------
 
 def _bridge_pid(proxy) -> int:
-    """Once the exec has happened, the forked bridge answers status with the service's PID."""
+    """Once the exec has happened, the forked bridge answers for the worker."""
     def found():
         now = status(proxy.control_socket)
-        return now.get("bridge_pid")
+        return now["workers"][0].get("bridge_pid")
     return wait_for(found, 30, "the bridge process to serve")
 
 
@@ -606,7 +610,7 @@ def test_clients_are_served_by_the_bridge_while_the_new_version_starts(proxy, re
             wait_for(lambda: process_gone(bridge), 10, "the bridge process to leave")
             after = status(proxy.control_socket)
             assert (after["pid"], after["generation"]) == (proxy.pid, 1)
-            assert "bridge_pid" not in after
+            assert "bridge_pid" not in after["workers"][0]
         finally:
             gate.touch()
             running.wait()
@@ -802,23 +806,31 @@ def _dev_null_fds(pid: int) -> list:
 def test_upgrades_leak_no_file_descriptors(launch):
     proxy = launch([sys.executable, "-c", FD_WRAPPER])
     pid = proxy.pid
+    worker = status(proxy.control_socket)["workers"][0]["pid"]
     assert len(_dev_null_fds(pid)) == 1, "the wrapper's extra fd is not there to begin with"
+    assert _dev_null_fds(worker) == [], "the supervisor passed a stray fd on to its worker"
     with RawClient(proxy.port) as kept:
         assert kept.call("PING") == b"PONG"
-        before = settled_fd_kinds(pid)
+        before = {p: settled_fd_kinds(p) for p in (pid, worker)}
         upgrade_ok(proxy)
-        assert _dev_null_fds(pid) == [], "an fd the checkpoint does not name was inherited"
+        assert _dev_null_fds(pid) == [], "an fd the supervisor's state does not name was inherited"
+        assert _dev_null_fds(worker) == [], "an fd the checkpoint does not name was inherited"
         assert kept.call("PING") == b"PONG"  # its upstream connection is open again
-        baseline = settled_fd_kinds(pid)
-        before.remove(os.devnull)
-        assert baseline == before, "the new image holds other fds than the old one did"
+        baseline = {p: settled_fd_kinds(p) for p in (pid, worker)}
+        before[pid].remove(os.devnull)
+        assert baseline == before, "a new image holds other fds than the old one did"
         for _ in range(3):
             upgrade_ok(proxy)
             assert kept.call("PING") == b"PONG"
-            assert settled_fd_kinds(pid) == baseline
-    assert status(proxy.control_socket)["pid"] == pid
-    # Nor processes: every bridge process and preflight check has been waited for.
-    wait_for(lambda: children(pid) == [], 15, f"no children of the proxy (has {children(pid)})")
+            assert {p: settled_fd_kinds(p) for p in (pid, worker)} == baseline
+    now = status(proxy.control_socket)
+    assert now["pid"] == pid and now["workers"][0]["pid"] == worker
+    # Nor processes: every bridge process and preflight check has been waited for; the
+    # supervisor's only child is its worker.
+    wait_for(lambda: children(worker) == [], 15, f"no children of the worker (has "
+                                                 f"{children(worker)})")
+    wait_for(lambda: [int(c.split()[0]) for c in children(pid)] == [worker], 15,
+             f"the worker as the supervisor's only child (has {children(pid)})")
 
 
 # ---- listeners ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from gevent import socket
 from .. import __version__
 from ..connection import PAUSE_PROGRESS, State
 from . import checkpoint as checkpoint_format
-from .upgrade import (UpgradeAborted, build_checkpoint, busy_reason, count, resume, settle,
+from .snapshot import (UpgradeAborted, build_checkpoint, busy_reason, count, resume, settle,
                       take_snapshot)
 
 #: Sockets per SCM_RIGHTS message (the kernel takes at most 253).
@@ -357,7 +357,7 @@ class Bridge:
         gc.enable()
         for source in proxy.sources.values():
             source.start_accepting()
-        from ..app import notify_service_manager
+        from ..lifecycle import notify_service_manager
 
         notify_service_manager()
         kept = len(proxy.all_connections())

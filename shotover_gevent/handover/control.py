@@ -15,9 +15,12 @@ from typing import Any, Callable, Dict, Optional
 import gevent
 from gevent import socket
 
+from ..lifecycle import socket_address
+
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024
+#: Large enough for an upgrade request carrying a preflight's answer (the configuration).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 #: A request line must arrive whole within this many seconds of the connection, however it
 #: trickles in: a stalled or slow caller does not hold a socket and a greenlet for longer.
 REQUEST_DEADLINE_SECONDS = 5.0
@@ -62,6 +65,27 @@ class ControlChannel:
             pass
 
 
+class Reporter:
+    """Sends each stage to the waiting CLI (if any) and to the log."""
+
+    def __init__(self, channel) -> None:
+        self.channel = channel
+        self.started = time.monotonic()
+
+    def stage(self, stage: str, detail: str, **extra) -> None:
+        elapsed_ms = round((time.monotonic() - self.started) * 1000, 1)
+        log.info("upgrade: %s: %s", stage, detail)
+        if self.channel is not None:
+            self.channel.send({"event": "stage", "stage": stage, "detail": detail,
+                               "elapsed_ms": elapsed_ms, **extra})
+
+    def result(self, ok: bool, summary: str, **extra) -> None:
+        (log.info if ok else log.error)("upgrade %s: %s", "done" if ok else "failed", summary)
+        if self.channel is not None:
+            self.channel.send({"event": "result", "ok": ok, "summary": summary, **extra})
+            self.channel.close()
+
+
 class ControlServer:
     def __init__(self, proxy, path: str, listener=None) -> None:
         self.proxy = proxy
@@ -70,6 +94,17 @@ class ControlServer:
         self._greenlet: Optional[gevent.Greenlet] = None
 
     def bind(self) -> None:
+        if self.path.startswith("@"):
+            # An abstract name (a worker's): no file, nobody else's to remove.
+            listener = socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+            try:
+                listener.bind(socket_address(self.path))
+            except OSError as error:
+                listener.close()
+                raise OSError(f"control socket {self.path} is in use: {error.strerror}") from None
+            listener.listen(64)
+            self.listener = listener
+            return
         if os.path.exists(self.path):
             probe = socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
             try:
@@ -115,16 +150,7 @@ class ControlServer:
             if line is None:
                 return  # connected and left without asking anything
             request = parse_request(line)
-            command = request["command"]
-            if command == "status":
-                channel.send({"event": "status", **self.proxy.status()})
-            elif command == "upgrade":
-                from .upgrade import UpgradeRequest, start_upgrade
-
-                options = upgrade_options(request)
-                keep_open = start_upgrade(self.proxy, UpgradeRequest.from_json(options), channel)
-            else:
-                raise BadRequest(f"unknown command {command!r}; valid commands: status, upgrade")
+            keep_open = self.handle(request, channel)
         except BadRequest as error:
             channel.send({"event": "error", "error": f"bad control request: {error}"})
         except OSError as error:
@@ -137,12 +163,39 @@ class ControlServer:
             if not keep_open:
                 channel.close()
 
+    def handle(self, request: Dict[str, Any], channel: ControlChannel) -> bool:
+        """Serve one request; True when the channel stays open (an upgrade reports on it).
+        The process served (a proxy or a supervisor) answers status(), render_metrics(),
+        apply_filter(text) and start_upgrade(options, channel)."""
+        served = self.proxy
+        command = request["command"]
+        if command == "status":
+            channel.send({"event": "status", **served.status()})
+        elif command == "metrics":
+            channel.send({"event": "metrics",
+                          "text": served.render_metrics().decode("utf-8", "replace")})
+        elif command == "filter":
+            text = request.get("filter")
+            if not isinstance(text, str):
+                raise BadRequest('"filter" must be a string')
+            try:
+                served.apply_filter(text)
+            except ValueError as error:
+                raise BadRequest(str(error)) from None
+            channel.send({"event": "result", "ok": True})
+        elif command == "upgrade":
+            return served.start_upgrade(upgrade_options(request), channel)
+        else:
+            raise BadRequest(f"unknown command {command!r}; valid commands: status, upgrade, "
+                             "metrics, filter")
+        return False
+
     def close(self, unlink: bool = False) -> None:
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
         if self.listener is not None:
             self.listener.close()
-        if unlink:
+        if unlink and not self.path.startswith("@"):
             try:
                 os.unlink(self.path)
             except OSError:
@@ -216,6 +269,11 @@ _UPGRADE_OPTIONS: Dict[str, Any] = {
                         lambda v: _is_seconds(v, 1.0)),
     "tls_drain_timeout": (f"a number of seconds from 0 to {MAX_TLS_DRAIN_SECONDS:g}",
                           lambda v: _is_seconds(v, 0.0, MAX_TLS_DRAIN_SECONDS)),
+    # The supervisor's own preflight of this upgrade, for each worker it upgrades.
+    "preflight": ("the answer of a preflight check", lambda v: isinstance(v, dict)),
+    # How many workers a supervisor upgrades at once.
+    "parallel": ("a whole number from 1 to 1024",
+                 lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024),
 }
 
 
@@ -252,7 +310,7 @@ def request(path: str, message: Dict[str, Any], on_event: Callable[[Dict[str, An
     client = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     client.settimeout(timeout)
     try:
-        client.connect(path)
+        client.connect(socket_address(path))
     except OSError as error:
         client.close()
         raise ControlError(f"cannot reach shotover-g on control socket {path}: "

@@ -34,6 +34,7 @@ def main(argv: List[str]) -> None:
     # collection in the middle would lengthen the clients' wait.
     gc.disable()
     from .. import observability
+    from ..lifecycle import control_address
     from .restore import RestoreOptions, restore_or_fall_back
 
     options = parse(argv)
@@ -49,7 +50,7 @@ def main(argv: List[str]) -> None:
                                                                        "conf/config.yaml")))),
         topology_path=os.path.abspath(str(options.get("-t", options.get("--topology",
                                                                          "conf/topology.yaml")))),
-        control_path=os.path.abspath(str(options.get("--control-socket", "shotover-g.sock"))),
+        control_path=control_address(str(options.get("--control-socket", "shotover-g.sock"))),
         log_format=log_format, restore_path=str(options["--restore"]),
         bridge_fd=number("--bridge-fd"), bridge_pid=number("--bridge-pid"),
         rollback=bool(options["--rollback"]))

@@ -16,12 +16,14 @@ from typing import Dict, Optional, Set
 import gevent
 from gevent import socket
 
-from .. import __version__, observability
+from .. import __version__, lifecycle, observability
 from ..config import ConfigError, load, load_data
 from . import checkpoint as checkpoint_format
 from .bridge import LineChannel
-from .upgrade import (ABORTED_ENV, CONTROL_SIGNALS, EXEC_TIME_ENV, FROM_BRIDGE, PREVIOUS_ENV,
-                      ROLLBACK_REASON_ENV, describe, reap_later)
+from ..lifecycle import (ABORTED_ENV, EXEC_TIME_ENV, FROM_BRIDGE, PREVIOUS_ENV,
+                         ROLLBACK_REASON_ENV)
+from .snapshot import describe
+from .upgrade import CONTROL_SIGNALS, reap_later
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +245,7 @@ def restore(options: RestoreOptions):
                 # that the new one can be bound even when it overlaps (0.0.0.0 vs 127.0.0.1).
                 listener.close()
         if source.listener is None:
-            source.bind()
+            source.bind(reuse_port=proxy.worker is not None)
     for record in by_name.values():  # sources the new topology dropped
         os.close(record.fd)
 
@@ -433,7 +435,7 @@ def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
     quiesce_ns = hints.get("quiesce_started_ns") or cp.created_ns
     gevent.spawn_later(2.0, _collect_garbage_again)
     # Clients are served again; what only scrapes need loads now, off the hub's thread.
-    if config.observability_interface is not None:
+    if config.observability_interface is not None and proxy.worker is None:
         # A second later: loading it competes for the interpreter with the catch-up of every
         # request that queued during the pause. The kernel queues scrapes meanwhile.
         gevent.spawn_later(1.0, _start_observability_later, proxy,
@@ -502,6 +504,7 @@ def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
     proxy.last_upgrade = result
     if result["ok"]:
         observability.record_upgrade(blackout_ms / 1000, upgrades_so_far=proxy.generation)
+    observability.import_counters(hints.get("counters") or [])
     for why, n in (hints.get("upgrade_closed_totals") or {}).items():
         if isinstance(n, (int, float)):
             observability.record_upgrade_closed(str(why), n)
@@ -536,6 +539,9 @@ def _start_afresh(options: RestoreOptions):
     from ..app import Proxy
 
     keep = {options.bridge_fd} if options.bridge_fd is not None else set()
+    identity = lifecycle.worker_identity()
+    if identity is not None:
+        keep.update(identity.listeners.values())  # a worker's sockets of the supervisor's groups
     _close_unnamed_fds(keep)
     _close_bridge(options)
     try:

@@ -1,0 +1,282 @@
+"""The supervisor and its workers, as an operator runs them: `shotover-g start --workers 2`,
+upgrades under load, a worker that dies, a new version that fails in each way, one status,
+one metrics page, one log filter. Real redis-server, real clients, real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import HOST, RawClient, http_request, metric_value, wait_for
+from upgrade_support import (
+    CounterClient,
+    children,
+    interpreter_exiting_at_restore,
+    ping_on_a_new_connection,
+    process_gone,
+    status,
+    tail,
+    upgrade,
+    upgrade_ok,
+)
+
+WORKERS = ("--workers", "2")
+
+
+def worker_pids(control_socket: str) -> dict:
+    return {w["index"]: w["pid"] for w in status(control_socket)["workers"]}
+
+
+def clients_on_each_worker(proxy, count: int) -> list:
+    """`count` connections (kept open), spread by the kernel over the workers; waits until
+    each worker holds at least one."""
+    clients = [RawClient(proxy.port) for _ in range(count)]
+    for client in clients:
+        assert client.call("PING") == b"PONG"
+
+    def spread() -> bool:
+        workers = status(proxy.control_socket)["workers"]
+        return all(w.get("sources", {}).get("redis", 0) > 0 for w in workers)
+
+    wait_for(spread, 10, "connections on every worker")
+    return clients
+
+
+class ConnectLoop(threading.Thread):
+    """New connections, one after another (PING on each), counting every refusal, reset or
+    wrong answer."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list = []
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 150
+        while not self.stop.is_set() and time.monotonic() < deadline and self.ok < 50000:
+            try:
+                answer = ping_on_a_new_connection(self.port)
+                if answer == b"+PONG\r\n":
+                    self.ok += 1
+                else:
+                    self.failures.append(f"answer {answer!r}")
+            except OSError as error:
+                self.failures.append(repr(error))
+            self.stop.wait(0.01)
+
+
+def test_two_workers_share_the_clients_and_survive_ten_upgrades_under_load(proxy_factory,
+                                                                          redis_server):
+    proxy = proxy_factory(extra_args=WORKERS)
+    supervisor_pid = proxy.pid
+    stop = threading.Event()
+    clients = [CounterClient(proxy.port, f"sv:{i}", stop, seed=i) for i in range(100)]
+    for client in clients:
+        client.start()
+    connector = ConnectLoop(proxy.port)
+    try:
+        for client in clients:
+            assert client.connected.wait(15), f"{client.key} could not connect"
+        wait_for(lambda: all(c.batches > 0 or c.error for c in clients), 30,
+                 "every client to complete a batch")
+        first = status(proxy.control_socket)
+        per_worker = [w["sources"]["redis"] for w in first["workers"]]
+        assert len(per_worker) == 2 and all(n > 0 for n in per_worker), per_worker
+        assert sum(per_worker) == 100
+        connector.start()
+        for round_number in range(1, 11):
+            result = upgrade_ok(proxy)
+            kept = [int(n) for n in re.findall(r"kept (\d+) connections", result.stdout)]
+            # (the connect loop may have one more open at that moment)
+            assert len(kept) == 2 and 100 <= sum(kept) <= 101, result
+            assert "closed 0" in result.stdout, result
+            failed = [f"{c.key}: {c.error}" for c in clients if c.error]
+            assert not failed, f"after upgrade {round_number}: {failed[:5]}"
+            assert not connector.failures, connector.failures[:5]
+        marks = {client.key: client.batches for client in clients}
+        wait_for(lambda: all(c.batches >= marks[c.key] + 2 or c.error for c in clients), 60,
+                 "every client to complete two more batches after the last upgrade")
+        after = status(proxy.control_socket)
+    finally:
+        stop.set()
+        connector.stop.set()
+        for client in clients:
+            client.join(40)
+        if connector.is_alive() or connector.ident:
+            connector.join(30)
+    failed = [f"{c.key}: {c.error}" for c in clients if c.error]
+    assert not failed, failed[:5]
+    assert not connector.failures, connector.failures[:5]
+    assert connector.ok > 0
+    counts = redis_server.client().mget([client.key for client in clients])
+    assert [int(n or 0) for n in counts] == [client.received for client in clients]
+    assert after["pid"] == supervisor_pid == proxy.pid and proxy.running
+    assert [w["generation"] for w in after["workers"]] == [10, 10]
+    assert after["supervisor"]["generation"] == 10
+    assert after["sources"]["redis"]["connections"] == 100
+    assert sorted(int(c.split()[0]) for c in children(supervisor_pid)) == \
+        sorted(w["pid"] for w in after["workers"]), "only the workers are left as children"
+
+
+def test_a_worker_that_dies_is_restarted_and_the_others_clients_never_notice(proxy_factory):
+    proxy = proxy_factory(extra_args=WORKERS, observability=True)
+    clients = clients_on_each_worker(proxy, 16)
+    try:
+        for index, client in enumerate(clients):
+            assert client.call("SET", f"k{index}", index) == b"OK"
+        before = status(proxy.control_socket)
+        victim = before["workers"][0]
+        counted = metric_value(http_request(proxy.metrics_url)[1],
+                               "shotover_chain_total_count", chain="redis")
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for(lambda: status(proxy.control_socket)["workers"][0]["pid"] != victim["pid"] and
+                 status(proxy.control_socket)["workers"][0].get("version"), 20,
+                 "the worker to be restarted")
+        after = status(proxy.control_socket)
+        assert after["pid"] == proxy.pid and proxy.running
+        assert after["workers"][0]["restarts"] == 1
+        assert after["workers"][1]["pid"] == before["workers"][1]["pid"]
+        lost = served = 0
+        for index, client in enumerate(clients):
+            try:
+                assert client.call("GET", f"k{index}") == str(index).encode()
+                served += 1
+            except (OSError, EOFError, AssertionError):
+                lost += 1
+        assert lost == victim["sources"]["redis"] and served == 16 - lost, (lost, served)
+        # New clients reach both workers (the restarted one accepts on the same socket).
+        wait_for(lambda: ping_on_a_new_connection(proxy.port) == b"+PONG\r\n", 10, "PONG")
+        page = http_request(proxy.metrics_url)[1]
+        assert metric_value(page, "shotover_g_worker_restarts_total", worker="1") == 1
+        assert metric_value(page, "shotover_chain_total_count", chain="redis") >= counted, \
+            "a counter went back when its worker restarted"
+    finally:
+        for client in clients:
+            client.close()
+    assert "worker 1 (pid" in proxy.log_text() and "restarting it" in proxy.log_text()
+
+
+def test_new_version_dying_at_start_stops_the_roll_out_and_keeps_the_pid(proxy_factory,
+                                                                        tmp_path):
+    proxy = proxy_factory(extra_args=WORKERS)
+    clients = clients_on_each_worker(proxy, 12)
+    before = worker_pids(proxy.control_socket)
+    try:
+        result = upgrade(proxy.control_socket, "--python",
+                         interpreter_exiting_at_restore(tmp_path))
+        assert result.returncode == 1, f"{result!r}\n{tail(proxy.log_path)}"
+        assert "rolled back" in result.output and "exited before adopting" in result.output
+        assert "upgrade stopped at worker 1" in result.output, result
+        assert "worker 2: previous version" in result.output, result
+        # The same client sockets, on both workers, are served.
+        for client in clients:
+            assert client.call("INCR", "after-failure") is not None
+        now = status(proxy.control_socket)
+        assert now["pid"] == proxy.pid and proxy.running
+        pids = {w["index"]: w["pid"] for w in now["workers"]}
+        # Worker 1's bridge (the previous version) serves on as worker 1, a child of the
+        # supervisor; worker 2 was not touched.
+        assert pids[1] != before[1] and process_gone(before[1])
+        assert pids[2] == before[2]
+        assert str(pids[1]) in " ".join(children(proxy.pid))
+        assert [w["generation"] for w in now["workers"]] == [0, 0]
+        assert now["last_upgrade"]["ok"] is False
+        # A later upgrade finishes the job, on the same sockets.
+        upgrade_ok(proxy)
+        for client in clients:
+            assert client.call("PING") == b"PONG"
+        assert [w["generation"] for w in status(proxy.control_socket)["workers"]] == [1, 1]
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_new_worker_image_killed_after_adopting(proxy_factory, tmp_path):
+    """The worst case: the new version takes over a worker's clients, then crashes. That
+    worker's clients lose their connections (nothing else holds them any more), the
+    supervisor restarts it on the same listening socket, and every other client is served."""
+    proxy = proxy_factory(extra_args=WORKERS)
+    clients = clients_on_each_worker(proxy, 12)
+    try:
+        upgrade_ok(proxy)
+        now = status(proxy.control_socket)
+        doomed = now["workers"][0]
+        os.kill(doomed["pid"], signal.SIGKILL)
+        wait_for(lambda: status(proxy.control_socket)["workers"][0]["restarts"] == 1 and
+                 status(proxy.control_socket)["workers"][0].get("version"), 20,
+                 "the worker to be restarted")
+        survivors = 0
+        for client in clients:
+            try:
+                if client.call("PING") == b"PONG":
+                    survivors += 1
+            except (OSError, EOFError, AssertionError):
+                pass
+        assert survivors == now["workers"][1]["sources"]["redis"]
+        assert status(proxy.control_socket)["pid"] == proxy.pid and proxy.running
+        for _ in range(10):
+            assert ping_on_a_new_connection(proxy.port) == b"+PONG\r\n"
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_one_metrics_page_and_one_filter_for_every_worker(proxy_factory):
+    proxy = proxy_factory(extra_args=WORKERS, observability=True)
+    clients = clients_on_each_worker(proxy, 12)
+    try:
+        for client in clients:
+            for _ in range(5):
+                assert client.call("PING") == b"PONG"
+        page = http_request(proxy.metrics_url)[1]
+        # 12 connections, each: PING when connected (clients_on_each_worker) + 5 more.
+        assert metric_value(page, "shotover_chain_total_count", chain="redis") >= 72
+        assert metric_value(page, "shotover_g_workers") == 2
+        upgrade_ok(proxy)
+        after = http_request(proxy.metrics_url)[1]
+        assert metric_value(after, "shotover_chain_total_count", chain="redis") >= \
+            metric_value(page, "shotover_chain_total_count", chain="redis"), \
+            "a counter went back across an upgrade"
+        code, body = http_request(proxy.filter_url, "PUT", b"debug")[:2]
+        assert code == 200, body
+        code, body = http_request(proxy.filter_url, "PUT", b"no-such-level")[:2]
+        assert code == 400, body
+        mark = len(proxy.log_text())
+    finally:
+        for client in clients:
+            client.close()
+    # Each worker logs its clients' departures at debug level: all 12 means both got it.
+    wait_for(lambda: proxy.log_text()[mark:].count("closed: client closed") >= 12,
+             10, "a debug line for every departed client")
+
+
+def test_sigterm_to_the_supervisor_stops_every_worker(proxy_factory):
+    proxy = proxy_factory(extra_args=WORKERS)
+    pids = list(worker_pids(proxy.control_socket).values())
+    with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+        sock.sendall(b"PING\r\n")
+        assert sock.recv(64) == b"+PONG\r\n"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait_exit(30) == 0
+    for pid in pids:
+        assert process_gone(pid), f"worker pid {pid} outlived its supervisor"
+    assert not os.path.exists(proxy.control_socket)
+
+
+@pytest.mark.parametrize("value", ["0", "many", "-1"])
+def test_bad_worker_count_is_refused(proxy_factory, value):
+    proxy = proxy_factory(extra_args=("--workers", value), start=False)
+    import subprocess
+
+    done = subprocess.run(proxy.command(), capture_output=True, text=True, timeout=60,
+                          env=proxy.environment(), cwd=str(proxy.directory))
+    assert done.returncode == 2, done
+    assert "--workers" in done.stderr and "auto" in done.stderr, done.stderr
