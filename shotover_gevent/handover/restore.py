@@ -322,7 +322,7 @@ def watch_lame_duck(proxy, channel: LineChannel, info: dict) -> None:
     """Show a previous version that still serves TLS clients in `status` (it reports on
     `channel`), until it exits; then collect its exit status."""
     pid = info["pid"]
-    proxy.lame_ducks[pid] = info
+    proxy.track_lame_duck(pid, info)
 
     def watch() -> None:
         try:
@@ -338,7 +338,7 @@ def watch_lame_duck(proxy, channel: LineChannel, info: dict) -> None:
         except (OSError, ValueError):
             return
         finally:
-            proxy.lame_ducks.pop(pid, None)
+            proxy.track_lame_duck(pid, None)
             channel.close()
             reap_later(pid, patience=None)
 
@@ -409,7 +409,7 @@ def _finish(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
                   "pid": os.getpid(), "generation": proxy.generation, "kept": adopted,
                   "summary": f"{__version__} serving {adopted} kept connections, pid "
                              f"{os.getpid()}; " + "; ".join(problems)}
-        proxy.last_upgrade = result
+        proxy.upgrade_finished(result)
     elif problems:
         result["summary"] += "; " + "; ".join(problems)
     if channel is not None:
@@ -501,7 +501,7 @@ def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
     if keep_problem:
         result["summary"] += f"; {keep_problem}"
         result["checkpoint_problem"] = keep_problem
-    proxy.last_upgrade = result
+    proxy.upgrade_finished(result)
     if result["ok"]:
         observability.record_upgrade(blackout_ms / 1000, upgrades_so_far=proxy.generation)
     observability.import_counters(hints.get("counters") or [])

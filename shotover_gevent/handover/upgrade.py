@@ -53,13 +53,12 @@ class UpgradeRequest:
 
 def start_upgrade(proxy, request: UpgradeRequest, channel) -> bool:
     """Start an upgrade in its own greenlet; False (and an error event) if one is running."""
-    if proxy.upgrade_in_progress:
+    if not proxy.begin_upgrade():
         if channel is not None:
             channel.send({"event": "error", "error": "an upgrade is already in progress"})
         else:
             log.warning("upgrade requested while one is in progress: ignored")
         return False
-    proxy.upgrade_in_progress = True
     gevent.spawn(run_upgrade, proxy, request, channel)
     return True
 
@@ -83,13 +82,13 @@ def run_upgrade(proxy, request: UpgradeRequest, channel) -> None:
         check_executable(python)
         bridge = fork_and_exec(proxy, python, request, report, answer)
     except UpgradeAborted as error:
-        proxy.upgrade_in_progress = False
+        proxy.upgrade_aborted()
         report.result(False, f"upgrade aborted, {__version__} still serving: {error}",
                       reason=str(error))
         return
     except Exception as error:  # a bug must not stop the proxy
         log.exception("upgrade failed unexpectedly")
-        proxy.upgrade_in_progress = False
+        proxy.upgrade_aborted()
         report.result(False, f"upgrade aborted by an internal error, {__version__} still "
                              f"serving: {error}", reason=str(error))
         return
