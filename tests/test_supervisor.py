@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -281,3 +282,60 @@ def test_bad_worker_count_is_refused(proxy_factory, value):
                           env=proxy.environment(), cwd=str(proxy.directory))
     assert done.returncode == 2, done
     assert "--workers" in done.stderr and "auto" in done.stderr, done.stderr
+
+
+BREAK_SUPERVISOR = """\
+import sys
+import shotover_gevent.supervisor as supervisor
+
+def broken(cls, *args, **kwargs):
+    raise RuntimeError("stand-in: this supervisor image cannot take over")
+
+supervisor.Supervisor.restore = classmethod(broken)
+from shotover_gevent.cli import main
+sys.argv = ["shotover-g"] + sys.argv[1:]
+main()
+"""
+
+
+def interpreter_breaking_the_new_supervisor(directory) -> str:
+    """The real interpreter, except that a supervisor image it starts after an exec (its state
+    in the environment, not a roll-back) fails to take over."""
+    hook = directory / "break_supervisor.py"
+    hook.write_text(BREAK_SUPERVISOR)
+    path = directory / "python-breaking-supervisor"
+    path.write_text(f"""#!/bin/sh
+case "$SHOTOVER_G_SUPERVISOR" in
+  "") ;;
+  *rolled_back*) ;;
+  *) [ "$1" = "-m" ] && shift 2; exec "{sys.executable}" "{hook}" "$@" ;;
+esac
+exec "{sys.executable}" "$@"
+""")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_new_supervisor_image_that_cannot_take_over_rolls_back_in_place(proxy_factory,
+                                                                         tmp_path):
+    proxy = proxy_factory(extra_args=WORKERS)
+    clients = clients_on_each_worker(proxy, 8)
+    try:
+        result = upgrade(proxy.control_socket, "--python",
+                         interpreter_breaking_the_new_supervisor(tmp_path))
+        assert result.returncode == 1, f"{result!r}\n{tail(proxy.log_path)}"
+        assert "the supervisor rolled back" in result.output, result
+        assert "cannot take over" in result.output, result
+        now = status(proxy.control_socket)
+        assert now["pid"] == proxy.pid and proxy.running
+        assert now["supervisor"]["generation"] == 0
+        assert [w["generation"] for w in now["workers"]] == [1, 1]
+        for client in clients:
+            assert client.call("PING") == b"PONG"
+        # It still supervises: a worker that dies is replaced.
+        os.kill(now["workers"][1]["pid"], signal.SIGKILL)
+        wait_for(lambda: status(proxy.control_socket)["workers"][1]["restarts"] == 1, 20,
+                 "the worker to be restarted")
+    finally:
+        for client in clients:
+            client.close()
