@@ -416,6 +416,14 @@ class Supervisor:
                 sys.stderr.write(f"error: {problem}\n")
             raise SystemExit(f"shotover-g: {len(answer.get('problems') or ())} configuration "
                              "problem(s); not starting")
+        if answer.get("config_data") is None or answer.get("topology_data") is None:
+            # Valid, but not expressible in JSON (a YAML date, say): read the files here.
+            import yaml
+
+            for key, path in (("config_data", self.config_path),
+                              ("topology_data", self.topology_path)):
+                with open(path, encoding="utf-8") as file:
+                    answer[key] = yaml.safe_load(file)
         return answer
 
     def _bind_group(self, name: str, address) -> List[int]:
@@ -747,6 +755,8 @@ class Supervisor:
         old socket would only queue connections nobody accepts."""
         from .config import parse_address
 
+        if not isinstance(topology_data, dict):
+            return []  # the preflight could not pass the topology on: nothing is known to move
         wanted = dict(_source_addresses(topology_data, parse_address))
         moved = []
         for name, group in self.listeners.items():
