@@ -105,6 +105,10 @@ CLIENT_REPLY_RULES: Dict[bytes, Rule] = {
 #: the plain state (see ConnectionState.plain), is one frame and changes nothing.
 TRACKED_COMMANDS = frozenset(name for name, rule in RULES.items() if rule.effect) | {"CLIENT"}
 
+#: Commands of a transaction: they need every command of the client on one connection.
+TRANSACTION_COMMANDS = frozenset(name for name, rule in RULES.items()
+                                 if rule.effect in ("multi", "exec", "discard", "watch", "unwatch"))
+
 #: Effects whose reply length is only known once its first frame is read.
 DECIDED_BY_FIRST_FRAME = frozenset({"exec", "subscription_changed"})
 
@@ -131,7 +135,13 @@ def may_block(command: str, args: Sequence[bytes]) -> bool:
     if command not in BLOCKING_COMMANDS:
         return False
     if command in ("XREAD", "XREADGROUP"):
-        return any(arg.upper() == b"BLOCK" for arg in args[1:])
+        for arg in args[1:]:  # options come before STREAMS; keys and IDs after it
+            option = arg.upper()
+            if option == b"STREAMS":
+                return False
+            if option == b"BLOCK":
+                return True
+        return False
     return True
 
 
