@@ -4,15 +4,19 @@ first against recorded bytes, then against a real redis-server driven with the s
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from typing import Dict, List, Sequence
 
 import pytest
 
-from helpers import HOST, encode, wait_for
+from feature_support import ByteClient
+from helpers import HOST, encode, free_port, source_entry, wait_for
+from shotover_gevent.message import Message
 from shotover_gevent.protocol import state as model
 from shotover_gevent.protocol.state import OFF, ON, Conversation
+from shotover_gevent.session import Session
 
 OK = b"+OK\r\n"
 QUEUED = b"+QUEUED\r\n"
@@ -408,3 +412,77 @@ def test_frame_counts_match_redis(redis_server):
                                         ("SSUBSCRIBE", "c", "d"), ("EXEC",)])
     counts = [len(frames) for _request, frames in conversation.answered[1:]]
     assert counts == [1, 1, 1, 2, 1]
+
+
+# ---- through the proxy: where the old copies of the rules differed from Redis --------------------
+
+
+def single_topology(redis_port: int, **sink_options) -> Dict:
+    settings = {"remote_address": f"{HOST}:{redis_port}", "connect_timeout_ms": 3000}
+    settings.update(sink_options)
+    return {"sources": [source_entry("redis", free_port(), [{"RedisSinkSingle": settings}])]}
+
+
+def test_a_subscription_refused_by_acl_is_one_error(redis_server, proxy):
+    """Redis refuses SUBSCRIBE a b as a whole (one error) when the user may not use one of the
+    channels; the proxy waited for a confirmation per channel and the client hung."""
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "state-model-limited", "on", ">pw", "~*",
+                          "resetchannels", "&allowed", "+@all")
+    try:
+        seen = []
+        for port in (redis_server.port, proxy.port):
+            with ByteClient(port, timeout=3) as client:
+                assert client.call("AUTH", "state-model-limited", "pw") == OK
+                seen.append([client.call("SUBSCRIBE", "allowed", "forbidden"),
+                             client.call("GET", "k")])  # not subscribed: GET is allowed
+        assert seen[0][0].startswith(b"-NOPERM") and seen[0][1] == b"$-1\r\n"
+        assert seen[1] == seen[0]
+    finally:
+        admin.execute_command("ACL", "DELUSER", "state-model-limited")
+        admin.close()
+
+
+def test_ssubscribe_inside_a_transaction(redis_server, proxy):
+    """EXEC refuses a queued SSUBSCRIBE with one error; the proxy counted a confirmation per
+    shard channel and waited for frames that never came."""
+    seen = []
+    for port in (redis_server.port, proxy.port):
+        with ByteClient(port, timeout=3) as client:
+            seen.append([client.call("MULTI"), client.call("SSUBSCRIBE", "c", "d"),
+                         client.call("EXEC"), client.call("GET", "k")])
+    assert seen[0][2].startswith(b"*1\r\n-ERR SSUBSCRIBE isn't allowed")
+    assert seen[1] == seen[0]
+
+
+def test_select_while_replies_are_off_is_kept_for_a_new_upstream_connection(redis_factory,
+                                                                            proxy_factory):
+    """The session ignored a SELECT it saw no reply to (CLIENT REPLY OFF): once the proxy had
+    to open a new upstream connection, the client's commands went to database 0."""
+    server = redis_factory()
+    proxy = proxy_factory(single_topology(server.port, request_timeout_ms=300))
+    with ByteClient(proxy.port) as client:
+        client.send("CLIENT", "REPLY", "OFF")
+        client.send("SELECT", "2")
+        assert client.call("CLIENT", "REPLY", "ON") == OK
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            reply = client.call("GET", "k")
+            assert reply.startswith(b"-ERR upstream ") and b"did not answer within" in reply
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert client.call("SET", "k", "in-db-2") == OK  # on a new upstream connection
+    with server.client(db=2) as admin:
+        assert admin.get("k") == b"in-db-2"
+
+
+def test_session_follows_commands_it_sees_no_reply_to():
+    session = Session()
+    for args, raw in (((b"CLIENT", b"REPLY", b"OFF"), b""), ((b"SELECT", b"3"), b""),
+                      ((b"AUTH", b"bob", b"pw"), b""), ((b"GET", b"k"), b""),
+                      ((b"CLIENT", b"REPLY", b"SKIP"), b""), ((b"CLIENT", b"REPLY", b"ON"), OK),
+                      ((b"CLIENT", b"REPLY", b"SKIP"), b""), ((b"GET", b"k"), b"")):
+        session.observe(Message.request(list(args)), Message(raw))
+    assert session.selected_db == 3 and session.auth_password is None
+    assert session.reply_mode == ON
+    assert session.replay_commands() == [[b"SELECT", b"3"]]
