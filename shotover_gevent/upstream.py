@@ -26,8 +26,10 @@ from .protocol import resp
 from .protocol.state import (
     BLOCKING_COMMANDS,
     DECIDED_BY_FIRST_FRAME,
+    ENDS_TRANSACTION,
     OFF,
     SKIP,
+    STARTS_TRANSACTION,
     SUBSCRIBE_KINDS,
     TRACKED_COMMANDS,
     ConnectionState,
@@ -634,9 +636,9 @@ class UpstreamConnection:
         in_multi = self.state.queued is not None
         for index, request in enumerate(requests):
             command = request.command
-            if command == "MULTI":
+            if command in STARTS_TRANSACTION:
                 in_multi = True
-            elif command in ("EXEC", "DISCARD", "RESET"):
+            elif command in ENDS_TRANSACTION:
                 in_multi = False
             elif in_multi and command == "CLIENT" and request.subcommand() == "REPLY":
                 refused[index] = Message.error(_CLIENT_REPLY_IN_MULTI)

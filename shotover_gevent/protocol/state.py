@@ -109,6 +109,11 @@ TRACKED_COMMANDS = frozenset(name for name, rule in RULES.items() if rule.effect
 TRANSACTION_COMMANDS = frozenset(name for name, rule in RULES.items()
                                  if rule.effect in ("multi", "exec", "discard", "watch", "unwatch"))
 
+#: Commands that open a transaction, and those that end one (whatever their reply).
+STARTS_TRANSACTION = frozenset(name for name, rule in RULES.items() if rule.effect == "multi")
+ENDS_TRANSACTION = frozenset(name for name, rule in RULES.items()
+                             if rule.effect in ("exec", "discard", "reset"))
+
 #: Effects whose reply length is only known once its first frame is read.
 DECIDED_BY_FIRST_FRAME = frozenset({"exec", "subscription_changed"})
 
