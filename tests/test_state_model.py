@@ -375,6 +375,13 @@ SEQUENCES = {
                        ("CLIENT", "REPLY", "SKIP"), ("GET", "k")],
     "subscribe-in-exec": [("MULTI",), ("SUBSCRIBE", "a", "b"), ("SSUBSCRIBE", "c", "d"),
                           ("PSUBSCRIBE", "p"), ("UNSUBSCRIBE",), ("EXEC",)],
+    "subscribe-in-exec-reply-off": [("CLIENT", "REPLY", "OFF"), ("MULTI",), ("SUBSCRIBE", "a"),
+                                    ("SSUBSCRIBE", "s"), ("SET", "k", "v"), ("EXEC",),
+                                    ("CLIENT", "REPLY", "ON")],
+    "unsubscribe-in-exec-reply-off": [("CLIENT", "REPLY", "OFF"), ("MULTI",),
+                                      ("PSUBSCRIBE", "p", "q"), ("UNSUBSCRIBE",), ("EXEC",),
+                                      ("CLIENT", "REPLY", "SKIP"), ("PUNSUBSCRIBE",),
+                                      ("CLIENT", "REPLY", "ON"), ("GET", "k")],
     "hello-in-exec": [("MULTI",), ("HELLO", "3"), ("SELECT", "2"), ("GET", "k"), ("EXEC",)],
     "monitor-in-exec": [("MULTI",), ("MONITOR",), ("EXEC",)],
     "hello": [("HELLO", "3", "SETNAME", "app"), ("HELLO", "4"), ("HELLO", "2"),
@@ -474,6 +481,20 @@ def test_select_while_replies_are_off_is_kept_for_a_new_upstream_connection(redi
         assert client.call("SET", "k", "in-db-2") == OK  # on a new upstream connection
     with server.client(db=2) as admin:
         assert admin.get("k") == b"in-db-2"
+
+
+def test_confirmations_of_a_transaction_sent_while_replies_are_off(redis_server, proxy):
+    """With CLIENT REPLY OFF, EXEC's array is not sent but the confirmations of the
+    subscriptions it ran are; the proxy expected nothing and dropped them."""
+    seen = []
+    for port in (redis_server.port, proxy.port):
+        with ByteClient(port, timeout=3) as client:
+            for request in (("CLIENT", "REPLY", "OFF"), ("MULTI",), ("SUBSCRIBE", "a", "b"),
+                            ("EXEC",)):
+                client.send(*request)
+            seen.append(client.read_frames(2))
+    assert seen[0] == confirmation(b"subscribe", b"a", 1) + confirmation(b"subscribe", b"b", 2)
+    assert seen[1] == seen[0]
 
 
 def test_session_follows_commands_it_sees_no_reply_to():

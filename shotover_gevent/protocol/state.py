@@ -368,6 +368,9 @@ class ConnectionState:
         # EXEC
         if self.queued is None:
             return one, None  # EXEC without MULTI
+        if not one:
+            # Its array is not sent, the confirmations of queued (un)subscriptions are.
+            return self._exec(request, []), None
         return one, rule.effect
 
     def _confirmations(self, command: str, args: Sequence[bytes], one: int) -> int:
@@ -452,16 +455,21 @@ class ConnectionState:
 
     def _exec(self, request: Any, frames: List[bytes]) -> int:
         """The transaction ends, whatever EXEC answers; when it ran, each queued request's
-        effect applies with its own result. Returns the frames EXEC sends after its array."""
+        effect applies with its own result. Returns the frames EXEC sends after its array (not
+        answered: the confirmations it sends all the same)."""
         queued = self.queued or []
         self.queued = None
         self.aborted = False
         self.watching = False
         array = frames[0] if frames else None
         if array is None:  # not answered: the queued requests are assumed to have succeeded
+            confirmations = 0
             for item in queued:
-                self._run_queued(item, None)
-            return 0
+                count = self._run_queued(item, None)
+                rule = rule_for(item.command, item.args)
+                if rule is not None and rule.frames == PER_NAME and not rule.refused_in_exec:
+                    confirmations += count
+            return confirmations
         if array[:1] != b"*" or array.startswith(b"*-1\r\n"):
             return 0  # EXECABORT, or a WATCHed key changed: nothing ran
         results = _elements(array)
