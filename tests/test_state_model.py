@@ -220,9 +220,7 @@ def test_reset_clears_everything():
     talk(conversation, ("MONITOR",), replies=b"-ERR only ...\r\n")
     assert not state.monitor
     talk(conversation, ("RESET",), replies=b"+RESET\r\n")
-    fresh = model.ConnectionState()
-    assert {name: getattr(state, name) for name in model.ConnectionState.__slots__} == \
-        {name: getattr(fresh, name) for name in model.ConnectionState.__slots__}
+    assert snapshot(state) == snapshot(model.ConnectionState())
 
 
 def test_monitor_lines_are_pushes_and_quit_ends_counting():
@@ -340,7 +338,22 @@ def drive(server, requests: Sequence[Sequence]) -> Conversation:
     assert ("e" in flags) == state.no_evict
     assert ("r" in flags) == state.readonly
     assert info["name"] == (state.client_name or b"").decode()
+    assert info["user"] == (state.auth_username or b"default").decode()
+    # The session follows the same requests from whole replies, as the client connection
+    # hands them over: it must end in the same state.
+    session = Session()
+    for request, frames in conversation.answered:
+        session.observe(Message(request.raw), Message(b"".join(frames)))
+    assert snapshot(session) == snapshot(state)
     return conversation
+
+
+def snapshot(state: model.ConnectionState) -> Dict:
+    """Every field of a state; queued requests by their bytes."""
+    fields = {name: getattr(state, name) for name in model.ConnectionState.__slots__}
+    if state.queued is not None:
+        fields["queued"] = [request.raw for request in state.queued]
+    return fields
 
 
 SEQUENCES = {
@@ -393,6 +406,10 @@ SEQUENCES = {
                          ("CLIENT", "TRACKING", "ON"), ("SUBSCRIBE", "a"), ("WATCH", "k"),
                          ("MULTI",), ("GET", "k"), ("RESET",)],
     "monitor": [("SELECT", "1"), ("MONITOR",), ("GET", "k")],
+    "blocking-and-auth": [("BLPOP", "q", "0.01"), ("AUTH", "nobody", "wrong"),
+                          ("CLIENT", "NO-EVICT", "ON"), ("CLIENT", "NO-EVICT", "OFF"),
+                          ("READWRITE",), ("XREAD", "BLOCK", "10", "STREAMS", "s", "$")],
+    "monitor-reset": [("MONITOR",), ("RESET",), ("SELECT", "2")],
     "tracking-off": [("CLIENT", "TRACKING", "ON"), ("CLIENT", "TRACKING", "OFF"),
                      ("CLIENT", "TRACKING", "MAYBE")],
 }
