@@ -54,8 +54,8 @@ class Rule(NamedTuple):
     #: Applies when the request is sent rather than when its reply is read (QUIT: the server
     #: reads nothing after it).
     on_request: bool = False
-    #: Refused when EXEC runs it (one error frame, no change): it would need the connection
-    #: to stay in a mode an EXEC reply cannot hold.
+    #: Refused when EXEC runs it (one error frame, no change): a transaction's commands run as
+    #: a client that may not block, and this one would turn the connection into a stream.
     refused_in_exec: bool = False
 
 
