@@ -524,3 +524,29 @@ def test_session_follows_commands_it_sees_no_reply_to():
     assert session.selected_db == 3 and session.auth_password is None
     assert session.reply_mode == ON
     assert session.replay_commands() == [[b"SELECT", b"3"]]
+
+
+def test_blocked_request_matches_redis(redis_server):
+    """While the server holds a BLPOP, the model names it as the request the connection is
+    blocked on, as CLIENT LIST flags it; the value pushed by another client answers it."""
+    admin = redis_server.client()
+    conversation = Conversation()
+    with socket.create_connection((HOST, redis_server.port), timeout=5) as sock:
+        requests = encode("CLIENT", "ID") + encode("BLPOP", "jobs", "0") + encode("GET", "k")
+        conversation.send(requests)
+        sock.sendall(requests)
+        while not conversation.answered:
+            conversation.receive(sock.recv(65536))
+        client_id = int(conversation.answered[0][1][0][1:-2])
+        wait_for(lambda: "b" in client_info(admin, client_id)["flags"], 5,
+                 "the server to block the connection")
+        assert conversation.blocked_on.args == [b"BLPOP", b"jobs", b"0"]
+        admin.rpush("jobs", "job-1")
+        deadline = time.monotonic() + 5
+        while conversation.waiting:
+            assert time.monotonic() < deadline, "no reply to BLPOP"
+            conversation.receive(sock.recv(65536))
+    assert conversation.blocked_on is None
+    assert [frames for _request, frames in conversation.answered[1:]] == \
+        [[b"*2\r\n$4\r\njobs\r\n$5\r\njob-1\r\n"], [b"$-1\r\n"]]
+    admin.close()
