@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from .message import Message
-from .protocol.state import DECIDED_BY_FIRST_FRAME, ConnectionState, reply_frames
+from .protocol.state import DECIDED_BY_FIRST_FRAME, QUEUED, ConnectionState, reply_frames
 
 
 class Session(ConnectionState):
@@ -25,7 +25,8 @@ class Session(ConnectionState):
         count, effect = self.expect(request)
         if effect is None:
             return
-        frames = reply_frames(reply.raw)
+        raw = reply.raw
+        frames = [QUEUED] if raw == QUEUED else reply_frames(raw)  # the common case at once
         if count and not frames:
             return  # owed a reply that never came (the connection was lost): nothing known
         if frames and effect in DECIDED_BY_FIRST_FRAME:
