@@ -38,6 +38,7 @@ ALWAYS = "always"        # CLIENT REPLY ON: its +OK is sent even after OFF or SK
 NOTHING = "nothing"      # CLIENT REPLY OFF/SKIP: never answered
 RESET_REPLY = "reset"    # +RESET: sent after OFF (RESET turns it off first), not after SKIP
 EXEC_REPLY = "exec"      # the array, then what queued subscriptions confirm beyond one frame
+FIRST_TIME = "first-time"  # MONITOR: one frame; none on a connection monitoring already
 
 
 class Rule(NamedTuple):
@@ -45,6 +46,10 @@ class Rule(NamedTuple):
 
     #: The transition applied (a ConnectionState method "_<effect>"), None: changes nothing.
     effect: Optional[str] = None
+    #: Arguments it takes, its name included, as Redis counts them: n exactly, -n at least n.
+    #: Any other count is refused before anything else (inside MULTI that aborts the
+    #: transaction, and an EXEC refused so ends it).
+    arity: int = -1
     #: How many frames answer it (one of the names above).
     frames: str = ONE
     #: Run at once inside MULTI; every other command is queued until EXEC.
@@ -59,46 +64,47 @@ class Rule(NamedTuple):
     refused_in_exec: bool = False
 
 
-_SUBSCRIBE = Rule("subscription_changed", PER_NAME, allowed_subscribed=True)
+_SUBSCRIBE = Rule("subscription_changed", -2, PER_NAME, allowed_subscribed=True)
+_UNSUBSCRIBE = _SUBSCRIBE._replace(arity=-1)
 
 #: Every command that changes the connection or is counted otherwise, by upper-cased name.
 #: A command not listed is answered by one frame (none while replies are off or skipped), is
 #: queued inside MULTI, and is refused on a RESP2 connection with subscriptions.
 RULES: Dict[str, Rule] = {
-    "SELECT": Rule("select"),
-    "AUTH": Rule("auth"),
-    "HELLO": Rule("hello"),
-    "READONLY": Rule("readonly"),
-    "READWRITE": Rule("readwrite"),
-    "MULTI": Rule("multi", runs_in_multi=True),
-    "EXEC": Rule("exec", EXEC_REPLY, runs_in_multi=True),
-    "DISCARD": Rule("discard", runs_in_multi=True),
-    "WATCH": Rule("watch", runs_in_multi=True),
-    "UNWATCH": Rule("unwatch"),
-    "MONITOR": Rule("monitor", refused_in_exec=True),
-    "RESET": Rule("reset", RESET_REPLY, runs_in_multi=True, allowed_subscribed=True),
-    "QUIT": Rule("quit", runs_in_multi=True, allowed_subscribed=True, on_request=True),
-    "PING": Rule(allowed_subscribed=True),
+    "SELECT": Rule("select", 2),
+    "AUTH": Rule("auth", -2),
+    "HELLO": Rule("hello", -1),
+    "READONLY": Rule("readonly", 1),
+    "READWRITE": Rule("readwrite", 1),
+    "MULTI": Rule("multi", 1, runs_in_multi=True),
+    "EXEC": Rule("exec", 1, EXEC_REPLY, runs_in_multi=True),
+    "DISCARD": Rule("discard", 1, runs_in_multi=True),
+    "WATCH": Rule("watch", -2, runs_in_multi=True),
+    "UNWATCH": Rule("unwatch", 1),
+    "MONITOR": Rule("monitor", 1, FIRST_TIME, refused_in_exec=True),
+    "RESET": Rule("reset", 1, RESET_REPLY, runs_in_multi=True, allowed_subscribed=True),
+    "QUIT": Rule("quit", -1, runs_in_multi=True, allowed_subscribed=True, on_request=True),
+    "PING": Rule(None, -1, allowed_subscribed=True),
     "SUBSCRIBE": _SUBSCRIBE,
-    "UNSUBSCRIBE": _SUBSCRIBE,
+    "UNSUBSCRIBE": _UNSUBSCRIBE,
     "PSUBSCRIBE": _SUBSCRIBE,
-    "PUNSUBSCRIBE": _SUBSCRIBE,
+    "PUNSUBSCRIBE": _UNSUBSCRIBE,
     "SSUBSCRIBE": _SUBSCRIBE._replace(refused_in_exec=True),
-    "SUNSUBSCRIBE": _SUBSCRIBE,
+    "SUNSUBSCRIBE": _UNSUBSCRIBE,
 }
 
 #: CLIENT subcommands that change the connection.
 CLIENT_RULES: Dict[str, Rule] = {
-    "SETNAME": Rule("client_setname"),
-    "NO-EVICT": Rule("client_no_evict"),
-    "TRACKING": Rule("client_tracking"),
+    "SETNAME": Rule("client_setname", 3),
+    "NO-EVICT": Rule("client_no_evict", 3),
+    "TRACKING": Rule("client_tracking", -3),
 }
 
 #: CLIENT REPLY by its mode (any other mode is a syntax error: one frame, no change).
 CLIENT_REPLY_RULES: Dict[bytes, Rule] = {
-    b"ON": Rule("client_reply", ALWAYS),
-    b"OFF": Rule("client_reply", NOTHING),
-    b"SKIP": Rule("client_reply", NOTHING),
+    b"ON": Rule("client_reply", 3, ALWAYS),
+    b"OFF": Rule("client_reply", 3, NOTHING),
+    b"SKIP": Rule("client_reply", 3, NOTHING),
 }
 
 #: Commands that change the connection: a request of any other command, on a connection in
@@ -227,6 +233,12 @@ def hello_options(args: Sequence[bytes]) -> HelloOptions:
     return HelloOptions(version, credentials, name, None)
 
 
+def valid_client_name(name: bytes) -> bool:
+    """Whether Redis takes a client name (CLIENT SETNAME, HELLO SETNAME): printable ASCII
+    without spaces."""
+    return all(33 <= byte <= 126 for byte in name)
+
+
 def is_error(frame: Optional[bytes]) -> bool:
     return frame is not None and frame[:1] in (b"-", b"!")
 
@@ -262,7 +274,8 @@ class ConnectionState:
     works through requests in order, so the state then is the server's). It says how many
     frames answer the request and which effect applies once they are read; apply() applies it.
     An effect applies on success only; one whose reply is not sent (CLIENT REPLY OFF/SKIP) is
-    assumed to have succeeded, except for credentials.
+    assumed to have succeeded unless the request shows it may be refused (an invalid client
+    name, a database index that is not a number), and never for credentials or READONLY.
     """
 
     __slots__ = ("resp_version", "selected_db", "reply_mode", "queued", "aborted", "watching",
@@ -343,7 +356,14 @@ class ConnectionState:
             self.reply_mode = ON
         one = 1 if mode == ON else 0
         command = request.command
-        rule = rule_for(command, request.args)
+        args = request.args
+        rule = rule_for(command, args)
+        if rule is not None and not _arity_fits(rule.arity, len(args)):
+            if self.queued is not None:
+                self.aborted = True  # EXEC will answer EXECABORT
+                if rule.effect == "exec":
+                    self._discard(request, [])  # ... and this one does, ending it
+            return one, None
         if self.queued is not None and (rule is None or not rule.runs_in_multi):
             return one, "queue"
         if self.resp_version == 2 and self.subscribed and \
@@ -358,13 +378,15 @@ class ConnectionState:
         if frames == ONE:
             return one, rule.effect
         if frames == PER_NAME:
-            return self._confirmations(command, request.args, one), rule.effect
+            return self._confirmations(command, args), rule.effect
         if frames == ALWAYS:
             return 1, rule.effect
         if frames == NOTHING:
             return 0, rule.effect
         if frames == RESET_REPLY:
             return (0 if mode == SKIP else 1), rule.effect
+        if frames == FIRST_TIME:
+            return (0, None) if self.monitor else (one, rule.effect)
         # EXEC
         if self.queued is None:
             return one, None  # EXEC without MULTI
@@ -373,12 +395,10 @@ class ConnectionState:
             return self._exec(request, []), None
         return one, rule.effect
 
-    def _confirmations(self, command: str, args: Sequence[bytes], one: int) -> int:
+    def _confirmations(self, command: str, args: Sequence[bytes]) -> int:
         names = len(args) - 1
         if names:
             return names
-        if command in _ADDING:
-            return one  # wrong number of arguments
         return max(1, len(self.members(command)))  # one with a null name when there were none
 
     def first_frame(self, effect: str, request: Any, frame: bytes,
@@ -428,6 +448,9 @@ class ConnectionState:
         options = hello_options(request.args)
         if options.problem is not None:
             return
+        if not frames and (options.credentials is not None or (
+                options.name is not None and not valid_client_name(options.name))):
+            return  # not answered, and it may well have been refused as a whole
         first = frames[-1][:1] if frames else b""
         if first == b"%":
             self.resp_version = 3
@@ -435,13 +458,13 @@ class ConnectionState:
             self.resp_version = 2
         elif options.version is not None:
             self.resp_version = options.version
-        if options.credentials is not None and frames:  # never assumed
+        if options.credentials is not None:
             self.auth_username, self.auth_password = options.credentials
         if options.name is not None:
             self.client_name = options.name or None
 
     def _readonly(self, request: Any, frames: List[bytes]) -> None:
-        if not _failed(frames):
+        if frames and not _failed(frames):  # never assumed: refused outside cluster mode
             self.readonly = True
 
     def _readwrite(self, request: Any, frames: List[bytes]) -> None:
@@ -493,7 +516,7 @@ class ConnectionState:
             return 1
         count = 1
         if rule.frames == PER_NAME and not is_error(result):
-            count = self._confirmations(command, request.args, 1)
+            count = self._confirmations(command, request.args)
         self.apply(rule.effect, request, [] if result is None else [result])
         return count
 
@@ -552,13 +575,17 @@ class ConnectionState:
 
     def _client_setname(self, request: Any, frames: List[bytes]) -> None:
         args = request.args
-        if len(args) == 3 and not _failed(frames):
+        if len(args) == 3 and not _failed(frames) and (frames or valid_client_name(args[2])):
             self.client_name = args[2] or None
 
     def _client_no_evict(self, request: Any, frames: List[bytes]) -> None:
         args = request.args
         if len(args) == 3 and not _failed(frames):
             self.no_evict = args[2].upper() == b"ON"
+
+
+def _arity_fits(arity: int, count: int) -> bool:
+    return count == arity if arity > 0 else count >= -arity
 
 
 def _failed(frames: List[bytes]) -> bool:

@@ -28,7 +28,7 @@ from ..cluster.topology import ClusterState, ClusterUnavailable
 from ..config import Problems, parse_address, take_mapping
 from ..message import REPLICATION_COMMANDS, Message, replication_refused
 from ..protocol import resp
-from ..protocol.state import auth_credentials, hello_options
+from ..protocol.state import auth_credentials, hello_options, valid_client_name
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from . import TransformType, register
 
@@ -539,7 +539,7 @@ class RedisSinkCluster(Transform):
             sub = args[1].upper() if count > 1 else b""
             if sub == b"SETNAME" and count == 3:
                 name = args[2]
-                if any(byte <= 32 or byte > 126 for byte in name):
+                if not valid_client_name(name):
                     return resp.error_reply("ERR Client names cannot contain spaces, newlines "
                                             "or special characters.")
                 self.client_name = name or None
