@@ -19,7 +19,8 @@ from .chain import Chain, ConnectionContext
 from .message import Message
 from .netio import arrival_order, close_for_good, let_go
 from .protocol import resp
-from .session import TRACKED_COMMANDS, Session
+from .protocol.state import TRACKED_COMMANDS
+from .session import Session
 
 if TYPE_CHECKING:  # pragma: no cover
     from .source import Source
@@ -31,8 +32,6 @@ RECV_SIZE = 64 * 1024
 #: this much of one unfinished request.
 MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
 
-
-_SESSION_COMMANDS = TRACKED_COMMANDS | {"QUIT"}
 #: Requests sent upstream as one batch at most: what a batch's replies can hold in memory is
 #: this many replies (a client that pipelines thousands of GETs of large values and reads
 #: nothing holds one batch's replies, not all of them).
@@ -250,10 +249,12 @@ class ClientConnection:
         """Note what the batch changed, then write its replies. False: the client quit."""
         session = self.session
         quit_requested = False
+        plain = session.plain
         for request, reply in zip(requests, replies):
             name = request.command
-            if name in _SESSION_COMMANDS:
+            if not plain or name in TRACKED_COMMANDS:
                 session.observe(request, reply)
+                plain = session.plain
                 if name == "QUIT":
                     quit_requested = True
         if len(replies) == 1:

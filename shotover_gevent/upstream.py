@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import re
 import select
 import socket as stdlib_socket
 import ssl
@@ -20,10 +19,24 @@ from gevent import get_hub, socket
 from gevent.event import Event
 from gevent.socket import wait_read
 
+from .handover.checkpoint import REPLY_EFFECTS
 from .message import NO_REPLY, REPLICATION_COMMANDS, Message, replication_refused
 from .netio import close_for_good, let_go
 from .protocol import resp
-from .session import SUBSCRIBE_KINDS, TRACKED_COMMANDS, Session, apply_subscription_command
+from .protocol.state import (
+    BLOCKING_COMMANDS,
+    DECIDED_BY_FIRST_FRAME,
+    ENDS_TRANSACTION,
+    OFF,
+    SKIP,
+    STARTS_TRANSACTION,
+    SUBSCRIBE_KINDS,
+    TRACKED_COMMANDS,
+    ConnectionState,
+    may_block,
+    own_wait,
+)
+from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +47,10 @@ RECV_SIZE = 256 * 1024
 _RECV_BUFFER = bytearray(RECV_SIZE)
 _RECV_VIEW = memoryview(_RECV_BUFFER)
 
-_SUBSCRIBE_FRAME_KINDS = frozenset(k.lower().encode() for k in SUBSCRIBE_KINDS)
-# RESP2 pub/sub deliveries start with one of these exact prefixes.
-_RESP2_DELIVERY_PREFIXES = (b"*3\r\n$7\r\nmessage\r\n", b"*4\r\n$8\r\npmessage\r\n",
-                            b"*3\r\n$8\r\nsmessage\r\n")
-# What MONITOR streams: `+<unix time> [<db> <client>] "command" ...`.
-_MONITOR_LINE = re.compile(rb"\+\d+\.\d+ \[")
-# Commands whose replies or effects change how later replies are counted or recognised; every
-# other request gets exactly one reply frame.
-_SPECIAL = frozenset({"CLIENT", "HELLO", "RESET", "MULTI", "EXEC", "DISCARD", "MONITOR", "QUIT"}) \
-    | frozenset(SUBSCRIBE_KINDS)
-# Run at once inside MULTI instead of being queued.
-_RUN_IN_MULTI = frozenset({"EXEC", "DISCARD", "MULTI", "WATCH", "QUIT", "RESET"})
-# All a RESP2 connection with subscriptions may run; anything else gets an error, no effect.
-_RESP2_SUBSCRIBED_ALLOWED = frozenset(SUBSCRIBE_KINDS) | {"PING", "QUIT", "RESET"}
-_QUEUED = b"+QUEUED\r\n"
 # Requests that call() may not send as they are (see _call_amended).
 _NOT_SENT_AS_IS = REPLICATION_COMMANDS | {"MULTI"}
-# Commands that may wait for another client's write (XREAD/XREADGROUP only with BLOCK).
-_BLOCKING = frozenset({"BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BLMPOP", "BZPOPMIN",
-                       "BZPOPMAX", "BZMPOP", "WAIT", "WAITAOF", "XREAD", "XREADGROUP"})
-# Either of the above: a request that the batch's fast path has to look at twice.
-_NOTABLE = _NOT_SENT_AS_IS | _BLOCKING
+# Either those or a blocking command: a request that the batch's fast path has to look at twice.
+_NOTABLE = _NOT_SENT_AS_IS | BLOCKING_COMMANDS
 _HANGUP = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
 #: While replies are owed, how often (at most) the proxy looks whether the client is still
 #: there and whether the request timeout has passed.
@@ -130,18 +125,9 @@ class UpstreamConnection:
         # Watches the socket while nothing is asked of the server (see _watch_idle).
         self._idle_watcher = None
         self.framer = resp.ReplyFramer()
-        # The server's view of this connection.
-        self.resp_version = 2
-        self.reply_off = False
-        self.skip_next = False
-        self.subscriptions: Dict[str, set] = {"channels": set(), "patterns": set(),
-                                              "shard_channels": set()}
-        self.monitor = False
-        self.tracking = False
-        self.multi: Optional[List[Message]] = None  # requests queued by the server
-        self._plain = True  # none of the above is in effect: every request is one frame
-        self._deliveries = False  # pub/sub messages may arrive
-        self._quitting = False
+        # The server's view of this connection: what decides how its replies are counted.
+        self.state = ConnectionState()
+        self._plain = True  # state.plain, kept at hand for the batch's fast path
         # A batch was just written and nothing read since (see _read_frame).
         self._just_sent = False
         self.push_mode = False
@@ -203,40 +189,41 @@ class UpstreamConnection:
         if batch is not None and not in_flight and (self._batch is not None
                                                      or self._answered is batch):
             return None, "busy"  # a part of the batch in flight, or replies on their way
-        if self._quitting or (in_flight and (self.closed or self.tls)):
+        state = self.state
+        if state.quitting or (in_flight and (self.closed or self.tls)):
             return None, "busy"  # moments from done: replies being read or settled as errors
         if self.lost_by_server and self.client_follows:
             return None, "busy"  # the client's connection is about to be closed too
         if self.closed or self.tls:
-            if self.tls and not self.closed and (self.multi is not None or self.monitor
-                                                 or self.tracking or self.session.watching):
+            if self.tls and not self.closed and (state.in_multi or state.monitor
+                                                 or state.tracking or self.session.watching):
                 return None, "busy"  # a fresh connection could not rebuild that state
             return None, ("ok" if batch is None else "unsent")
-        state: Dict = {"resp_version": self.resp_version}
-        if self.reply_off:
-            state["reply_off"] = True
-        if self.skip_next:
-            state["skip_next"] = True
-        if self._deliveries:
-            state["subscriptions"] = {kind: sorted(names)
-                                      for kind, names in self.subscriptions.items() if names}
-        if self.monitor:
-            state["monitor"] = True
-        if self.tracking:
-            state["tracking"] = True
-        if self.multi is not None:
-            state["multi"] = [request.raw for request in self.multi]
+        record: Dict = {"resp_version": state.resp_version}
+        if state.reply_mode == OFF:
+            record["reply_off"] = True
+        if state.reply_mode == SKIP:
+            record["skip_next"] = True
+        if state.subscribed:
+            record["subscriptions"] = {kind: sorted(getattr(state, kind))
+                                       for kind in _SUBSCRIPTION_SETS if getattr(state, kind)}
+        if state.monitor:
+            record["monitor"] = True
+        if state.tracking:
+            record["tracking"] = True
+        if state.queued is not None:
+            record["multi"] = [request.raw for request in state.queued]
         if self.push_mode:
-            state["push"] = True
+            record["push"] = True
         buffered = self.framer.unread_bytes()
         if buffered:
-            state["buffered"] = buffered
+            record["buffered"] = buffered
         if self._held:
-            state["held"] = list(self._held)
+            record["held"] = list(self._held)
         if not in_flight:
-            return state, ("ok" if batch is None else "unsent")
-        state["inflight"] = self._export_inflight()
-        return state, "inflight"
+            return record, ("ok" if batch is None else "unsent")
+        record["inflight"] = self._export_inflight()
+        return record, "inflight"
 
     def _export_inflight(self) -> dict:
         requests = self._batch or []
@@ -278,16 +265,16 @@ class UpstreamConnection:
                 sock.close()
                 return None
         upstream = cls(address, 0, session, on_push, adopted=sock, **options)
-        upstream.resp_version = record.resp_version
-        upstream.reply_off = record.reply_off
-        upstream.skip_next = record.skip_next
+        state = upstream.state
+        state.resp_version = record.resp_version
+        state.reply_mode = OFF if record.reply_off else SKIP if record.skip_next else "ON"
         for kind, names in (record.subscriptions or {}).items():
-            if kind in upstream.subscriptions:
-                upstream.subscriptions[kind] = set(names)
-        upstream.monitor = record.monitor
-        upstream.tracking = record.tracking
+            if kind in _SUBSCRIPTION_SETS:
+                setattr(state, kind, set(names))
+        state.monitor = record.monitor
+        state.tracking = record.tracking
         if record.multi is not None:
-            upstream.multi = [Message(raw) for raw in record.multi]
+            state.queued = [Message(raw) for raw in record.multi]
         if record.buffered:
             upstream.framer.feed(record.buffered)
         upstream._held = list(record.held)
@@ -296,7 +283,7 @@ class UpstreamConnection:
             # The connection's greenlet reads the rest of the batch's replies first
             # (resume()); unasked frames can only come after that.
             upstream._adopted_inflight = inflight
-        elif upstream._wants_push():
+        elif state.pushes_expected:
             upstream._enter_push_mode()
         else:
             upstream._watch_idle()
@@ -317,8 +304,7 @@ class UpstreamConnection:
         replies = [Message(raw) if raw else NO_REPLY for raw in inflight.replies]
         current = inflight.current
         if current is not None:
-            effect = current.get("effect")
-            self._current = [current["count"], getattr(self, effect) if effect else None,
+            self._current = [current["count"], _imported_effect(current.get("effect")),
                              list(current.get("frames") or ())]
             prefix = current.get("prefix") or b""
             if prefix:
@@ -331,7 +317,7 @@ class UpstreamConnection:
         finally:
             if watcher is not None:
                 watcher.kill(block=False)
-        if self._wants_push() and not self.closed and not self.push_mode:
+        if self.state.pushes_expected and not self.closed and not self.push_mode:
             self._enter_push_mode()
         return replies
 
@@ -349,7 +335,7 @@ class UpstreamConnection:
                 text = reply.raw[1:].strip().decode("utf-8", "replace")
                 raise UpstreamError(f"could not restore the session on a new upstream "
                                     f"connection ({request.command}): {text}")
-        if self._wants_push():
+        if self.state.pushes_expected:
             self._enter_push_mode()
 
     # ---- reply accounting ---------------------------------------------------------------------
@@ -359,208 +345,27 @@ class UpstreamConnection:
 
         Called when every earlier reply has been read, so the state is the server's.
         """
-        command = request.command
-        if self._plain and command not in _SPECIAL:
+        if self._plain and request.command not in TRACKED_COMMANDS:
             return 1, None
-        if self._quitting:
-            return 0, None  # the server reads nothing after QUIT, answered or skipped
-        skipped = self.skip_next
-        silent = self.reply_off or skipped
-        if skipped:  # used up by this request
-            self.skip_next = False
-            self._reply_mode_changed()
-        one = 0 if silent else 1
-        if self.multi is not None and command not in _RUN_IN_MULTI:
-            return one, self._queue
-        if self.resp_version == 2 and self._deliveries and command not in _RESP2_SUBSCRIBED_ALLOWED:
-            return one, None  # refused with an error: no effect
-        if command not in _SPECIAL:
-            return one, None
-        kind = SUBSCRIBE_KINDS.get(command)
-        if kind is not None:
-            # Confirmations are sent even with CLIENT REPLY OFF/SKIP; argument errors are not.
-            targets = request.args[1:]
-            if command.startswith(("SUB", "PSUB", "SSUB")):
-                return (len(targets) if targets else one), self._subscription_changed
-            if targets:
-                return len(targets), self._subscription_changed
-            return max(1, len(self.subscriptions[kind])), self._subscription_changed
-        if command == "CLIENT":
-            sub = request.subcommand()
-            if sub == "REPLY" and len(request.args) == 3:
-                mode = request.args[2].upper()
-                if mode == b"ON":
-                    return 1, self._client_reply  # the +OK is sent even after OFF/SKIP
-                if mode in (b"OFF", b"SKIP"):
-                    self._client_reply(request, [])
-                    return 0, None
-            elif sub == "TRACKING" and silent:
-                self._client_tracking(request, [b"+OK\r\n"])
-                return 0, None
-            elif sub == "TRACKING":
-                return 1, self._client_tracking
-            return one, None
-        if command == "RESET":
-            # RESET turns CLIENT REPLY OFF off before it answers, so +RESET is sent; the SKIP
-            # of a CLIENT REPLY SKIP is not turned off, so it is not.
-            return (0 if skipped else 1), self._reset
-        if command == "EXEC":
-            if self.multi is None:
-                return one, None
-            if silent:
-                self._exec(request, [])
-                return 0, None
-            return 1, self._exec
-        if command == "QUIT":
-            self._quitting = True
-            self._state_changed()
-            return one, None
-        if silent:
-            # Nothing comes back to judge by: assume the command did what it asks.
-            effect = {"HELLO": self._hello, "MULTI": self._multi, "DISCARD": self._discard,
-                      "MONITOR": self._monitor}[command]
-            effect(request, [b"+OK\r\n"])
-            return 0, None
-        return 1, getattr(self, "_" + command.lower())
+        count, effect = self.state.expect(request)
+        self._state_changed()
+        return count, effect
 
-    def _exec_extra(self, queued: List[Message]) -> int:
-        """Frames a successful EXEC sends after its array: a queued subscription command that
-        confirms several channels puts its later confirmations there."""
-        extra = 0
-        for request in queued:
-            count, apply = self._expect_queued(request)
-            extra += max(0, count - 1)
-            if apply is not None:
-                apply(request, [_QUEUED])
-        return extra
+    def _first_frame(self, current: list, request: Message, frame: bytes) -> None:
+        """A reply whose length its first frame decides (EXEC, (un)subscribe): [count, effect,
+        frames] updated once that frame is read."""
+        current[0], current[1] = self.state.first_frame(current[1], request, frame, current[0])
+        self._state_changed()
 
-    def _expect_queued(self, request: Message):
-        command = request.command
-        kind = SUBSCRIBE_KINDS.get(command)
-        if kind is not None:
-            targets = request.args[1:]
-            if targets or command.startswith(("SUB", "PSUB", "SSUB")):
-                return max(1, len(targets)), self._subscription_changed
-            return max(1, len(self.subscriptions[kind])), self._subscription_changed
-        if command == "HELLO":
-            return 1, self._hello_queued
-        if command == "CLIENT" and request.subcommand() == "TRACKING":
-            return 1, self._client_tracking
-        return 1, None
-
-    # Effects, applied once a request's frames have all been read.
+    def _apply(self, effect: str, request: Message, frames: List[bytes]) -> None:
+        self.state.apply(effect, request, frames)
+        self._state_changed()
 
     def _state_changed(self) -> None:
-        self._deliveries = any(self.subscriptions.values())
-        self._plain = not (self.reply_off or self.skip_next or self.multi is not None
-                           or (self._deliveries and self.resp_version == 2) or self._quitting)
-
-    def _queue(self, request: Message, frames: List[bytes]) -> None:
-        if self.multi is not None and (not frames or frames[0] == _QUEUED):
-            self.multi.append(request)
-
-    def _subscription_changed(self, request: Message, frames: List[bytes]) -> None:
-        apply_subscription_command(self.subscriptions[SUBSCRIBE_KINDS[request.command]], request)
-        self._state_changed()
-
-    def _client_reply(self, request: Message, frames: List[bytes]) -> None:
-        mode = request.args[2].upper()
-        if mode == b"ON":
-            self.reply_off = self.skip_next = False
-        elif mode == b"OFF":
-            self.reply_off = True
-        elif not self.reply_off:
-            self.skip_next = True
-        self._reply_mode_changed()
-
-    def _reply_mode_changed(self) -> None:
-        self.session.reply_mode = "OFF" if self.reply_off else "SKIP" if self.skip_next else "ON"
-        self._state_changed()
-
-    def _client_tracking(self, request: Message, frames: List[bytes]) -> None:
-        if frames and frames[0][:1] not in (b"-", b"!") and len(request.args) > 2:
-            self.tracking = request.args[2].upper() == b"ON"
-
-    def _hello(self, request: Message, frames: List[bytes]) -> None:
-        first = frames[0][:1] if frames else b""
-        if first == b"%":
-            self.resp_version = 3
-        elif first == b"*":
-            self.resp_version = 2
-        elif first == b"+" and len(request.args) > 1 and request.args[1] in (b"2", b"3"):
-            self.resp_version = int(request.args[1])  # assumed (no reply seen)
-        self._state_changed()
-
-    def _hello_queued(self, request: Message, frames: List[bytes]) -> None:
-        if len(request.args) > 1 and request.args[1] in (b"2", b"3"):
-            self.resp_version = int(request.args[1])
-            self._state_changed()
-
-    def _reset(self, request: Message, frames: List[bytes]) -> None:
-        self.resp_version = 2
-        self.reply_off = self.skip_next = False
-        for members in self.subscriptions.values():
-            members.clear()
-        self.monitor = self.tracking = False
-        self.multi = None
-        self.session.reply_mode = "ON"
-        self._state_changed()
-
-    def _multi(self, request: Message, frames: List[bytes]) -> None:
-        if frames and frames[0][:1] == b"+":
-            self.multi = []
-            self._state_changed()
-
-    def _discard(self, request: Message, frames: List[bytes]) -> None:
-        self.multi = None
-        self._state_changed()
-
-    def _exec(self, request: Message, frames: List[bytes]) -> int:
-        """Called with EXEC's first frame: the queued commands' effects apply from here;
-        returns how many more frames EXEC sends."""
-        queued, self.multi = self.multi or [], None
-        self._state_changed()
-        if frames and frames[0][:1] == b"*" and not frames[0].startswith(b"*-1\r\n"):
-            self._exec_outcomes(queued, frames[0])
-            return self._exec_extra(queued)
-        return 0
-
-    def _exec_outcomes(self, queued: List[Message], array: bytes) -> None:
-        """Tell the session what each queued command it tracks answered (SELECT, SETNAME...):
-        once for every successful EXEC, so that the session matches each EXEC of a pipeline
-        with its own results."""
-        if not any(r.command in TRACKED_COMMANDS for r in queued):
-            self.session.exec_results([])
-            return
-        if any(r.command in SUBSCRIBE_KINDS for r in queued):
-            # Several frames per command: the session applies them as queued.
-            self.session.exec_results(None)
-            return
-        framer = resp.ReplyFramer()
-        framer.feed(array[array.index(b"\r\n") + 2:])
-        results = [framer.next_frame() for _ in queued]
-        self.session.exec_results([(r, result) for r, result in zip(queued, results)
-                                   if r.command in TRACKED_COMMANDS])
-
-    def _monitor(self, request: Message, frames: List[bytes]) -> None:
-        if frames and frames[0][:1] == b"+":
-            self.monitor = True
-
-    def _wants_push(self) -> bool:
-        return self._deliveries or self.monitor or self.tracking
+        self._plain = self.state.plain
 
     def _is_push(self, frame: bytes) -> bool:
-        first = frame[:1]
-        if first == b">":
-            value = resp.parse_frame(frame)
-            kind = value[0] if isinstance(value, list) and value else b""
-            return not (isinstance(kind, bytes) and kind.lower() in _SUBSCRIBE_FRAME_KINDS)
-        if first == b"*":
-            return self._deliveries and self.resp_version == 2 and \
-                frame.startswith(_RESP2_DELIVERY_PREFIXES)
-        if first == b"+":
-            return self.monitor and _MONITOR_LINE.match(frame) is not None
-        return False
+        return self.state.is_push(frame)
 
     # ---- I/O ----------------------------------------------------------------------------------
 
@@ -649,10 +454,11 @@ class UpstreamConnection:
         first = self._failure is None and not self.closed
         if first:
             self._failure = reason
-            self.lost_by_server = by_server and not self._quitting
+            quitting = self.state.quitting
+            self.lost_by_server = by_server and not quitting
             # After QUIT the server closing the connection is the expected outcome; a server
             # closing a connection (CLIENT KILL, its idle timeout) is routine.
-            if self._quitting or expected:
+            if quitting or expected:
                 log.debug("%s", reason)
             elif self.lost_by_server:
                 log.info("%s", reason)
@@ -660,7 +466,7 @@ class UpstreamConnection:
                 log.warning("%s", reason)
         self._close()
         on_lost = self.on_lost
-        if first and on_lost is not None and not (expected or self._quitting) and \
+        if first and on_lost is not None and not (expected or self.state.quitting) and \
                 (self.lost_by_server or self.push_mode):
             on_lost(self)
 
@@ -716,7 +522,7 @@ class UpstreamConnection:
         request = self._awaited()
         if timeout is None or request is None:
             return None
-        own = _own_wait(request)
+        own = own_wait(request.command, request.args)
         return None if own is None else timeout + own
 
     def _client_left(self) -> bool:
@@ -742,7 +548,7 @@ class UpstreamConnection:
 
     def _watch_idle(self) -> None:
         if self.on_lost is None or not self.client_follows or self.closed or self.push_mode \
-                or self._wants_push():
+                or self.state.pushes_expected:
             return
         watcher = self._idle_watcher
         if watcher is None:
@@ -807,7 +613,7 @@ class UpstreamConnection:
         upstream trouble: requests without a reply get an -ERR naming the failure."""
         if self.closed:
             return [Message.error(f"ERR {self.failure}")] * len(requests)
-        if self.multi is None:
+        if self.state.queued is None:
             # One pass decides both whether the batch goes as it is and whether it may block.
             blocking = False
             for request in requests:
@@ -816,7 +622,7 @@ class UpstreamConnection:
                     if command in _NOT_SENT_AS_IS:
                         break
                     if not blocking and self.client_socket is not None:
-                        blocking = _may_block(request)
+                        blocking = may_block(command, request.args)
             else:
                 return self._call(requests, blocking)
         return self._call_amended(requests)
@@ -827,12 +633,12 @@ class UpstreamConnection:
         them itself) are sent as a stand-in whose reply, if any, becomes the refusal."""
         refused: Dict[int, Message] = {}
         standins = set()
-        in_multi = self.multi is not None
+        in_multi = self.state.queued is not None
         for index, request in enumerate(requests):
             command = request.command
-            if command == "MULTI":
+            if command in STARTS_TRANSACTION:
                 in_multi = True
-            elif command in ("EXEC", "DISCARD", "RESET"):
+            elif command in ENDS_TRANSACTION:
                 in_multi = False
             elif in_multi and command == "CLIENT" and request.subcommand() == "REPLY":
                 refused[index] = Message.error(_CLIENT_REPLY_IN_MULTI)
@@ -870,7 +676,7 @@ class UpstreamConnection:
         if self.push_mode:
             return self._call_via_reader(requests)
         replies = self._call_direct(requests)
-        if (self._deliveries or self.monitor or self.tracking) and not self.closed:
+        if self.state.pushes_expected and not self.closed:
             # From now on frames may arrive while the client sends nothing.
             self._enter_push_mode()
         return replies
@@ -912,7 +718,7 @@ class UpstreamConnection:
                 self._just_sent = True
             self._collect(requests, replies)
         except UpstreamError as error:
-            if self._quitting:
+            if self.state.quitting:
                 # After QUIT the server answers nothing more, and neither does the proxy.
                 reply = NO_REPLY
             elif self.lost_by_server and self.client_follows:
@@ -934,7 +740,7 @@ class UpstreamConnection:
         watcher = self._idle_watcher
         if watcher is not None and not self.closed and not watcher.active and \
                 self.on_lost is not None and self.client_follows and not self.push_mode and \
-                not (self._deliveries or self.monitor or self.tracking):
+                not self.state.pushes_expected:
             watcher.start(self._idle_readable)  # the idle watch again (see _watch_idle)
         else:
             self._watch_idle()
@@ -946,7 +752,7 @@ class UpstreamConnection:
             request = requests[index]
             current = self._current
             if current is None:
-                if self._plain and request.command not in _SPECIAL:
+                if self._plain and request.command not in TRACKED_COMMANDS:
                     count, apply = 1, None  # what _expect() says first, without the call
                 else:
                     count, apply = self._expect(request)
@@ -960,13 +766,12 @@ class UpstreamConnection:
             frames = current[2]
             while len(frames) < current[0]:
                 frames.append(self._read_reply_frame())
-                if len(frames) == 1 and current[1] == self._exec:
-                    current[0] += self._exec(request, frames)
-                    current[1] = None
+                if len(frames) == 1 and current[1] in DECIDED_BY_FIRST_FRAME:
+                    self._first_frame(current, request, frames[0])
             self._current = None
-            apply = current[1]
-            if apply is not None:
-                apply(request, frames)
+            effect = current[1]
+            if effect is not None:
+                self._apply(effect, request, frames)
             if frames and self._held:
                 frames.insert(0, self._take_held(request))
             replies.append(Message(b"".join(frames)) if frames else NO_REPLY)
@@ -1004,7 +809,7 @@ class UpstreamConnection:
         replies = []
         lost = self.lost_by_server and self.client_follows
         for entry in entries:
-            if not entry.done and self._quitting:
+            if not entry.done and self.state.quitting:
                 replies.append(NO_REPLY)
             elif not entry.done and lost:
                 replies.append(Message(entry.prefix + b"".join(entry.frames)) if entry.frames
@@ -1036,7 +841,7 @@ class UpstreamConnection:
     def _finish(self, entry: _Pending) -> None:
         self._pending.popleft()
         if entry.apply is not None:
-            entry.apply(entry.request, entry.frames)
+            self._apply(entry.apply, entry.request, entry.frames)
         entry.done = True
 
     def _read_loop(self) -> None:
@@ -1058,9 +863,10 @@ class UpstreamConnection:
                 if not entry.frames and self._held:
                     entry.prefix = self._take_held(entry.request)
                 entry.frames.append(frame)
-                if len(entry.frames) == 1 and entry.apply == self._exec:
-                    entry.count += self._exec(entry.request, entry.frames)
-                    entry.apply = None
+                if len(entry.frames) == 1 and entry.apply in DECIDED_BY_FIRST_FRAME:
+                    current = [entry.count, entry.apply]
+                    self._first_frame(current, entry.request, frame)
+                    entry.count, entry.apply = current
                 if len(entry.frames) >= entry.count:
                     self._finish(entry)
                     self._advance()
@@ -1109,55 +915,30 @@ class _Waits:
 _WAITS = _Waits()
 
 
-def _effect_name(apply) -> Optional[str]:
-    return None if apply is None else apply.__name__
+_SUBSCRIPTION_SETS = tuple(dict.fromkeys(SUBSCRIBE_KINDS.values()))
 
 
-def _own_wait(request: Message) -> Optional[float]:
-    """How long the server may take on `request` by its own terms, in seconds: 0 for most
-    commands, a blocking command's timeout, None when it may wait forever (timeout 0)."""
-    if not _may_block(request):
-        return 0.0
-    command = request.command
-    args = request.args
-    try:
-        if command in ("XREAD", "XREADGROUP"):
-            value = -1.0
-            for index, arg in enumerate(args):
-                option = arg.upper()
-                if option == b"STREAMS":
-                    break
-                if option == b"BLOCK":
-                    value = float(args[index + 1]) / 1000
-            if value < 0:
-                return 0.0  # no BLOCK option (a key or ID spelt "block")
-        elif command == "WAIT":
-            value = float(args[2]) / 1000
-        elif command == "WAITAOF":
-            value = float(args[3]) / 1000
-        elif command in ("BLMPOP", "BZMPOP"):
-            value = float(args[1])
-        else:
-            value = float(args[-1])
-    except (IndexError, ValueError):
-        return 0.0  # refused by the server at once
-    return None if value <= 0 else value
+def _effect_name(effect: Optional[str]) -> Optional[str]:
+    """How a checkpoint names the effect an in-flight reply still has to apply: the effects
+    that decide how later replies are counted; the others are the session's to apply."""
+    if effect is None:
+        return None
+    name = "_" + effect
+    return name if name in REPLY_EFFECTS else None
+
+
+def _imported_effect(name: Optional[str]) -> Optional[str]:
+    if not name:
+        return None
+    effect = name.lstrip("_")
+    return "hello" if effect == "hello_queued" else effect
 
 
 def _any_may_block(requests: List[Message]) -> bool:
     for request in requests:
-        if request.command in _BLOCKING and _may_block(request):
+        if request.command in BLOCKING_COMMANDS and may_block(request.command, request.args):
             return True
     return False
-
-
-def _may_block(request: Message) -> bool:
-    command = request.command
-    if command not in _BLOCKING:
-        return False
-    if command in ("XREAD", "XREADGROUP"):
-        return any(arg.upper() == b"BLOCK" for arg in request.args[1:])
-    return True
 
 
 def connect(address, timeout: float):

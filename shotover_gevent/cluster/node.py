@@ -15,12 +15,12 @@ from gevent.lock import BoundedSemaphore
 
 from ..netio import send_all
 from ..protocol import resp
+from ..protocol.state import Credentials
 
 log = logging.getLogger(__name__)
 
 Address = Tuple[str, int]
-#: (username or None, password), or None for connections that never sent AUTH.
-Credentials = Optional[Tuple[Optional[bytes], bytes]]
+#: Credentials: (username or None, password), or None for connections that never sent AUTH.
 
 RECV_SIZE = 256 * 1024
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
+from ..protocol.state import BLOCKING_COMMANDS as MAY_BLOCK
+from ..protocol.state import SUBSCRIBE_KINDS, TRANSACTION_COMMANDS, may_block
+
 KEYED = "keyed"
 SPLIT = "split"
 FANOUT = "fanout"
@@ -76,7 +79,9 @@ NUMKEYS_AT_2 = _words("EVAL EVALSHA EVAL_RO EVALSHA_RO FCALL FCALL_RO")
 DEST_NUMKEYS = _words("ZDIFFSTORE ZINTERSTORE ZUNIONSTORE")
 
 # Commands that may block the connection until data arrives.
-BLOCKING_COMMANDS = _words("BLPOP BRPOP BLMOVE BRPOPLPUSH BZPOPMIN BZPOPMAX BLMPOP BZMPOP")
+#: Blocking commands that run on a connection of the client's own (WAIT and WAITAOF are refused;
+#: XREAD and XREADGROUP block only with BLOCK, see may_block).
+BLOCKING_COMMANDS = MAY_BLOCK - {"WAIT", "WAITAOF", "XREAD", "XREADGROUP"}
 
 SPLITTABLE = {"MGET": "mget", "DEL": "sum", "EXISTS": "sum", "UNLINK": "sum", "TOUCH": "sum",
               "MSET": "all_ok"}
@@ -96,17 +101,9 @@ ACL FUNCTION SCRIPT OBJECT CONFIG
 """)
 
 REFUSED_ALWAYS = {
-    "MULTI": "transactions need every command on one connection",
-    "EXEC": "transactions need every command on one connection",
-    "DISCARD": "transactions need every command on one connection",
-    "WATCH": "transactions need every command on one connection",
-    "UNWATCH": "transactions need every command on one connection",
-    "SUBSCRIBE": "subscriptions are not supported by the cluster sink",
-    "PSUBSCRIBE": "subscriptions are not supported by the cluster sink",
-    "SSUBSCRIBE": "subscriptions are not supported by the cluster sink",
-    "UNSUBSCRIBE": "subscriptions are not supported by the cluster sink",
-    "PUNSUBSCRIBE": "subscriptions are not supported by the cluster sink",
-    "SUNSUBSCRIBE": "subscriptions are not supported by the cluster sink",
+    **{name: "transactions need every command on one connection"
+       for name in TRANSACTION_COMMANDS},
+    **{name: "subscriptions are not supported by the cluster sink" for name in SUBSCRIBE_KINDS},
     "MONITOR": "it would need a connection of its own to every node",
     "WAIT": "upstream connections are shared, so there is no connection of the client's own "
             "to wait for",
@@ -211,16 +208,6 @@ def command_keys(command: str, args: List[bytes]) -> Optional[List[bytes]]:
     return None
 
 
-def _is_blocking_stream_read(args: List[bytes]) -> bool:
-    for arg in args[1:]:
-        upper = arg.upper()
-        if upper == b"STREAMS":
-            return False
-        if upper == b"BLOCK":
-            return True
-    return False
-
-
 def route(args: List[bytes], handling: bool = False) -> Route:
     """Classify one request. In handling mode (a direct destination), split and fan-out
     commands are not cut up: keyed ones go by their first key, the rest to the destination.
@@ -284,8 +271,7 @@ def route(args: List[bytes], handling: bool = False) -> Route:
     refused = REFUSED_SUBCOMMANDS.get((command, sub))
     if refused is not None and not handling:
         return Route(REFUSED, reason=refused)
-    if command in BLOCKING_COMMANDS or (command in ("XREAD", "XREADGROUP")
-                                        and _is_blocking_stream_read(args)):
+    if may_block(command, args):
         keys = command_keys(command, args)
         if not keys:
             return Route(REFUSED, reason="its keys could not be found in its arguments")

@@ -28,6 +28,7 @@ from ..cluster.topology import ClusterState, ClusterUnavailable
 from ..config import Problems, parse_address, take_mapping
 from ..message import REPLICATION_COMMANDS, Message, replication_refused
 from ..protocol import resp
+from ..protocol.state import auth_credentials, hello_options, valid_client_name
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from . import TransformType, register
 
@@ -538,7 +539,7 @@ class RedisSinkCluster(Transform):
             sub = args[1].upper() if count > 1 else b""
             if sub == b"SETNAME" and count == 3:
                 name = args[2]
-                if any(byte <= 32 or byte > 126 for byte in name):
+                if not valid_client_name(name):
                     return resp.error_reply("ERR Client names cannot contain spaces, newlines "
                                             "or special characters.")
                 self.client_name = name or None
@@ -553,11 +554,8 @@ class RedisSinkCluster(Transform):
         return resp.error_reply(f"ERR wrong number of arguments for '{command.lower()}' command")
 
     def _auth_command(self, args: List[bytes]) -> bytes:
-        if len(args) == 2:
-            credentials: Credentials = (None, args[1])
-        elif len(args) == 3:
-            credentials = (args[1], args[2])
-        else:
+        credentials = auth_credentials(args)
+        if credentials is None:
             return resp.error_reply("ERR wrong number of arguments for 'auth' command")
         return self._authenticate(credentials)
 
@@ -586,28 +584,11 @@ class RedisSinkCluster(Transform):
                                 f"node: {problem}")
 
     def _hello(self, index: int, args: List[bytes]) -> bytes:
-        version = self.protocol
-        if len(args) > 1:
-            try:
-                version = int(args[1])
-            except ValueError:
-                return resp.error_reply("ERR Protocol version is not an integer or out of range")
-            if version not in (2, 3):
-                return resp.error_reply("NOPROTO sorry, this protocol version is not supported.")
-        credentials: Credentials = None
-        name: Optional[bytes] = None
-        position = 2
-        while position < len(args):
-            option = args[position].upper()
-            if option == b"AUTH" and position + 2 < len(args):
-                credentials = (args[position + 1], args[position + 2])
-                position += 3
-            elif option == b"SETNAME" and position + 1 < len(args):
-                name = args[position + 1]
-                position += 2
-            else:
-                return resp.error_reply(f"ERR Syntax error in HELLO option "
-                                        f"'{args[position].decode('latin-1')}'")
+        options = hello_options(args)
+        if options.problem is not None:
+            return options.problem
+        version = self.protocol if options.version is None else options.version
+        credentials, name = options.credentials, options.name
         if credentials is not None:
             outcome = self._authenticate(credentials)
             if outcome != _OK:
