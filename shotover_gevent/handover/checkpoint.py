@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import cbor2
 
+from ..protocol.state import CARRIED_EFFECTS
+
 MAGIC = "shotover-g/checkpoint"
 #: 2: connections handed over in any state (requests in flight, transactions, MONITOR,
 #: tracking, output not yet written); typed upstream records. 1 is still read.
@@ -125,11 +127,9 @@ def _want_bytes_list(value: object, where: str) -> list:
     return value
 
 
-#: The effects an in-flight reply may still have to apply once read (names of methods of the
-#: upstream connection); anything else in a checkpoint is damage.
-REPLY_EFFECTS = frozenset({"_queue", "_subscription_changed", "_client_reply", "_client_tracking",
-                           "_reset", "_exec", "_hello", "_multi", "_discard", "_monitor",
-                           "_hello_queued"})
+#: The effects an in-flight reply may still have to apply once read, as the connection state
+#: model defines them; anything else in a checkpoint is damage.
+REPLY_EFFECTS = frozenset("_" + effect for effect in CARRIED_EFFECTS)
 
 
 @dataclass

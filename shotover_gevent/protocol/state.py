@@ -107,6 +107,14 @@ CLIENT_REPLY_RULES: Dict[bytes, Rule] = {
     b"SKIP": Rule("client_reply", 3, NOTHING),
 }
 
+#: The effects a reply read after an upgrade may still have to apply, because they decide how
+#: the replies after it are counted (the others are the session's, applied from its own
+#: record). A checkpoint names them "_" + effect ("queue": a command queued inside MULTI;
+#: "hello_queued": HELLO queued inside MULTI, applied by EXEC).
+CARRIED_EFFECTS = frozenset({"queue", "subscription_changed", "client_reply", "client_tracking",
+                             "reset", "exec", "hello", "multi", "discard", "monitor",
+                             "hello_queued"})
+
 #: Commands that change the connection: a request of any other command, on a connection in
 #: the plain state (see ConnectionState.plain), is one frame and changes nothing.
 TRACKED_COMMANDS = frozenset(name for name, rule in RULES.items() if rule.effect) | {"CLIENT"}
