@@ -121,6 +121,20 @@ def proc_cpu_seconds(pid: int) -> Tuple[float, float]:
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds used so far by `root` and its live descendants (a supervisor
+    and its workers), plus what the descendants it waited for used."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in process_tree([root]):
+        try:
+            _parent, user, system, child_user, child_system = proc_stat_ticks(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        total += (user + system + child_user + child_system) / ticks
+    return total
+
+
 def proc_stat_ticks(pid: int) -> Tuple[int, int, int, int, int]:
     """(parent pid, user, system, waited-for children's user, their system) of a process from
     /proc/<pid>/stat, times in clock ticks (SC_CLK_TCK a second). The process's own times
@@ -541,7 +555,7 @@ class Stack:
 
     def start_proxy(self, topology: str, redis_port: Optional[int],
                     connection_limit: int = 10000, timeout: float = 30.0,
-                    contact_points: Sequence[str] = ()) -> Proxy:
+                    contact_points: Sequence[str] = (), workers: int = 1) -> Proxy:
         port = free_port()
         tag = f"{topology}-{port}"
         config_path = self.path(f"config-{tag}.yaml")
@@ -557,7 +571,7 @@ class Stack:
                                                           if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
         argv = [sys.executable, "-m", "shotover_gevent", "start", "-c", config_path,
-                "-t", topology_path, "--control-socket", control_path]
+                "-t", topology_path, "--control-socket", control_path, "--workers", str(workers)]
         child = self._spawn(f"proxy[{topology}]", argv, f"proxy-{tag}.log", port, env=env,
                             cwd=self.directory, child_class=Proxy, control_path=control_path,
                             topology=topology)

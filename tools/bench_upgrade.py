@@ -78,7 +78,7 @@ from bench_common import (  # noqa: E402
     format_table,
     machine_load,
     percentile,
-    proc_cpu_seconds,
+    tree_cpu_seconds,
     raise_nofile,
 )
 
@@ -710,7 +710,8 @@ def measure(options) -> Dict[str, Any]:
     with Stack(keep=options.keep_logs, quiet=options.json and not options.verbose) as stack:
         redis = stack.start_redis(max_clients=options.connections + 1000)
         proxy = stack.start_proxy(options.topology, redis.port,
-                                  connection_limit=options.connections + 1000)
+                                  connection_limit=options.connections + 1000,
+                                  workers=options.workers)
         pid = proxy.pid
         kinds = connection_kinds(options)
         stack.say(f"opening {options.connections} connections ("
@@ -724,13 +725,13 @@ def measure(options) -> Dict[str, Any]:
             load.run_until(t0 + options.warmup)
             phase1 = (time.monotonic(), 0.0)
             stack.say(f"phase 1: {options.duration:g} s without upgrade")
-            proxy_cpu = sum(proc_cpu_seconds(pid))
+            proxy_cpu = tree_cpu_seconds(pid)
             own = resource.getrusage(resource.RUSAGE_SELF)
             load.run_until(phase1[0] + options.duration)
             phase1 = (phase1[0], time.monotonic())
             own_after = resource.getrusage(resource.RUSAGE_SELF)
             steady_cpu = {
-                "proxy_percent": round(100 * (sum(proc_cpu_seconds(pid)) - proxy_cpu)
+                "proxy_percent": round(100 * (tree_cpu_seconds(pid) - proxy_cpu)
                                        / (phase1[1] - phase1[0]), 1),
                 "load_generator_percent": round(
                     100 * (own_after.ru_utime + own_after.ru_stime - own.ru_utime - own.ru_stime)
@@ -968,6 +969,7 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="how long a transaction client stays inside MULTI before EXEC, so "
                              "that upgrades land inside transactions (default 0.5)")
     parser.add_argument("--topology", choices=["passthrough", "filtered"], default="passthrough")
+    parser.add_argument("--workers", type=int, default=1, help="proxy workers (default 1)")
     parser.add_argument("--target-ms", type=float, default=300.0,
                         help="the maximum latency allowed during an upgrade (default 300)")
     parser.add_argument("--timeline", action="store_true",
