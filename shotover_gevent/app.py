@@ -21,6 +21,8 @@ from .source import Source
 
 log = logging.getLogger(__name__)
 
+#: How often a worker checks that its supervisor is still there.
+ORPHAN_CHECK_SECONDS = 1.0
 #: How long a graceful stop waits for batches in flight before closing anyway.
 STOP_DRAIN_SECONDS = 10.0
 
@@ -48,6 +50,7 @@ class Proxy:
         self.lame_ducks: Dict[int, dict] = {}
         #: Set when this process is one of a supervisor's workers.
         self.worker = lifecycle.worker_identity()
+        self._orphan_watch: Optional[gevent.Greenlet] = None
 
     # ---- start --------------------------------------------------------------------------------
 
@@ -94,7 +97,45 @@ class Proxy:
     def install_signal_handlers(self) -> None:
         gevent.signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
-        gevent.signal_handler(signal.SIGUSR2, self._upgrade_from_signal)
+        if self.worker is None:
+            gevent.signal_handler(signal.SIGUSR2, self._upgrade_from_signal)
+            return
+        # A worker upgrades when its supervisor asks (a signal to the whole process group
+        # must not start one upgrade per worker).
+        gevent.signal_handler(signal.SIGUSR2, lambda: log.info(
+            "SIGUSR2 ignored by a worker: send it to the supervisor (pid %d)",
+            self.worker.supervisor_pid))
+        if self._orphan_watch is None:
+            self._orphan_watch = gevent.spawn(self._watch_supervisor)
+
+    def _watch_supervisor(self) -> None:
+        """A worker whose supervisor is gone (killed) keeps serving the clients it has, but
+        stops accepting and gives up its control address: a restarted service must find the
+        address and the port free, not a worker nobody supervises. It exits when its last
+        client leaves."""
+        missed = 0
+        while not self.stopped.is_set():
+            gevent.sleep(ORPHAN_CHECK_SECONDS)
+            if self.bridge_for is not None or self.lame_duck or \
+                    os.getppid() == self.worker.supervisor_pid:
+                # (A bridge's parent is the worker it bridges for; one that serves on is
+                # re-parented to the supervisor once that worker's process has ended.)
+                missed = 0
+                continue
+            missed += 1
+            if missed < 2:
+                continue
+            log.error("%s: the supervisor (pid %d) is gone: no longer accepting; serving the "
+                      "%d connections there are until they leave", self.worker.label,
+                      self.worker.supervisor_pid, len(self.all_connections()))
+            for source in self.sources.values():
+                source.close_listener()
+            if self.control_server is not None:
+                self.control_server.close(unlink=False)
+            while self.all_connections() and not self.stopped.is_set():
+                gevent.sleep(ORPHAN_CHECK_SECONDS)
+            self.request_stop("the last client of a worker without a supervisor left")
+            return
 
     def _upgrade_from_signal(self) -> None:
         log.info("SIGUSR2 received: upgrading in place")

@@ -90,10 +90,17 @@ def start(config_path: str, topology_path: str, log_format: str, control_socket:
         proxy = restore_or_fall_back(options)
     else:
         from .app import Proxy
-        from .config import ConfigError, load
+        from .config import ConfigError, load, load_data
 
+        identity = lifecycle.worker_identity()
         try:
-            config, topology = load(config_path, topology_path)
+            if identity is not None and identity.config_fd is not None:
+                # What the supervisor runs on (validated), not the files as they may be now.
+                config, topology = load_data(*lifecycle.read_configuration(identity.config_fd),
+                                             os.path.abspath(config_path),
+                                             os.path.abspath(topology_path))
+            else:
+                config, topology = load(config_path, topology_path)
         except ConfigError as error:
             for problem in error.problems:
                 click.echo(f"error: {problem}", err=True)

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 # ---- a worker ------------------------------------------------------------------------------------
 
@@ -37,6 +37,8 @@ class WorkerIdentity:
     supervisor_pid: int
     #: source name -> fd of this worker's socket of the source's SO_REUSEPORT group.
     listeners: Dict[str, int] = field(default_factory=dict)
+    #: A sealed memfd with the configuration data to run on (read once, at a fresh start).
+    config_fd: Optional[int] = None
 
     @property
     def label(self) -> str:
@@ -44,7 +46,8 @@ class WorkerIdentity:
 
     def to_env(self) -> str:
         return json.dumps({"index": self.index, "count": self.count,
-                           "supervisor_pid": self.supervisor_pid, "listeners": self.listeners})
+                           "supervisor_pid": self.supervisor_pid, "listeners": self.listeners,
+                           "config_fd": self.config_fd})
 
     def as_dict(self) -> dict:
         return {"index": self.index, "count": self.count, "supervisor_pid": self.supervisor_pid}
@@ -57,9 +60,11 @@ def worker_identity() -> Optional[WorkerIdentity]:
         return None
     try:
         data = json.loads(text)
+        config_fd = data.get("config_fd")
         return WorkerIdentity(int(data["index"]), int(data["count"]),
                               int(data["supervisor_pid"]),
-                              {str(k): int(v) for k, v in dict(data.get("listeners") or {}).items()})
+                              {str(k): int(v) for k, v in dict(data.get("listeners") or {}).items()},
+                              None if config_fd is None else int(config_fd))
     except (ValueError, KeyError, TypeError):
         raise SystemExit(f"shotover-g: {WORKER_ENV} is damaged: {text[:200]!r}") from None
 
@@ -82,6 +87,30 @@ def control_address(text: str) -> str:
 def socket_address(address: str) -> str:
     """What bind() and connect() take for a control address."""
     return "\0" + address[1:] if address.startswith("@") else address
+
+
+def configuration_memfd(config_data: Any, topology_data: Any) -> int:
+    """A sealed memory file holding the configuration data (JSON), for a process to inherit."""
+    import fcntl
+
+    fd = os.memfd_create("shotover-g-configuration", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    data = json.dumps({"config": config_data, "topology": topology_data}).encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK |
+                fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    return fd
+
+
+def read_configuration(fd: int) -> Tuple[Any, Any]:
+    """(config, topology) data from configuration_memfd(); the fd is closed."""
+    try:
+        size = os.fstat(fd).st_size
+        data = json.loads(os.pread(fd, size, 0).decode("utf-8"))
+        return data["config"], data["topology"]
+    finally:
+        os.close(fd)
 
 
 def worker_environment(identity: WorkerIdentity) -> Dict[str, str]:

@@ -44,6 +44,8 @@ QUICK_DEATH_SECONDS = 10.0
 MAX_RESTART_DELAY = 30.0
 #: How long the supervisor waits for its workers to stop before it kills them.
 STOP_SECONDS = 30.0
+#: How long a worker may take to answer a status or metrics request.
+WORKER_ANSWER_SECONDS = 2.0
 #: Signals held back while the supervisor execs its next image.
 HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP}
 
@@ -192,6 +194,12 @@ def ask(address: str, message: Dict[str, Any], timeout: float = 5.0,
             client.connect(lifecycle.socket_address(address))
         except OSError as error:
             raise ControlError(f"cannot reach {address}: {error.strerror or error}") from None
+        # An abstract name has no file permissions: whoever listens there must be of this
+        # user (or root) before anything is told to it.
+        pid, uid = peer_credentials(client)
+        if uid not in (os.getuid(), 0):
+            raise ControlError(f"{address} is held by pid {pid} of uid {uid}, not by a worker "
+                               "of this service")
         client.sendall(json.dumps(message).encode() + b"\n")
         buffer = b""
         while True:
@@ -214,6 +222,16 @@ def ask(address: str, message: Dict[str, Any], timeout: float = 5.0,
         client.close()
 
 
+def peer_credentials(sock) -> Tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket."""
+    import struct
+
+    data = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED,
+                           struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", data)
+    return pid, uid
+
+
 # ---- metrics of all workers ------------------------------------------------------------------
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)")
@@ -232,8 +250,13 @@ class MetricsAggregate:
         self.offset: Dict[Tuple[str, Tuple], float] = {}
         #: family -> its type, as the workers last said
         self.kinds: Dict[str, str] = {}
+        #: worker -> the lineage of processes its last page came from (when it started afresh;
+        #: an upgrade or a bridge serving on continues a lineage and its counters)
+        self.lineages: Dict[int, Any] = {}
 
-    def merge(self, pages: Dict[int, Optional[str]]) -> Tuple[List[str], Dict]:
+    def merge(self, pages: Dict[int, Optional[str]],
+              lineages: Optional[Dict[int, Any]] = None) -> Tuple[List[str], Dict]:
+        lineages = lineages or {}
         headers: Dict[str, List[str]] = {}
         kinds: Dict[str, str] = {}
         order: List[str] = []
@@ -275,20 +298,23 @@ class MetricsAggregate:
         for index in set(self.last) | set(current):
             now = current.get(index)
             before = self.last.get(index, {})
+            if now is not None and index in self.lineages and \
+                    lineages.get(index) != self.lineages[index]:
+                # A new process started afresh in this worker's place: everything the previous
+                # one had counted stays counted, every series of it alike.
+                for key, value in before.items():
+                    if kinds.get(_family_of(key[0], kinds)) in ("counter", "histogram"):
+                        self.offset[key] = self.offset.get(key, 0.0) + value
+                before = {}
             if now is None:
                 now = before  # a worker that did not answer keeps what it showed last
-            for key in set(before) - set(now):
-                if kinds.get(_family_of(key[0], kinds)) in ("counter", "histogram"):
-                    # A series the restarted worker has not shown yet: its old count stays.
-                    self.offset[key] = self.offset.get(key, 0.0) + before[key]
+            else:
+                self.lineages[index] = lineages.get(index)
             for key, value in now.items():
                 family = _family_of(key[0], kinds)
                 kind = kinds.get(family, "untyped")
                 if kind in ("counter", "histogram"):
                     monotonic.add(key)
-                    if value < before.get(key, 0.0):
-                        # The worker restarted: what it had counted stays counted.
-                        self.offset[key] = self.offset.get(key, 0.0) + before[key]
                     merged[key] = merged.get(key, 0.0) + value
                 elif family in _GAUGE_MIN:
                     merged[key] = min(merged.get(key, value), value)
@@ -302,10 +328,11 @@ class MetricsAggregate:
             monotonic.add(key)
         return order, {"headers": headers, "kinds": kinds, "values": merged}
 
-    def render(self, pages: Dict[int, Optional[str]], extra: List[str]) -> bytes:
+    def render(self, pages: Dict[int, Optional[str]], extra: List[str],
+               lineages: Optional[Dict[int, Any]] = None) -> bytes:
         from prometheus_client.utils import floatToGoString
 
-        order, merged = self.merge(pages)
+        order, merged = self.merge(pages, lineages)
         values = merged["values"]
         by_family: Dict[str, List[Tuple[str, Tuple]]] = {}
         for key in values:
@@ -363,6 +390,10 @@ class Supervisor:
         self.stopping = False
         self.stopped = Event()
         self.children: Optional[Children] = None
+        #: (config, topology) data the service runs on: what was validated at start or by the
+        #: last upgrade's preflight. A worker started afresh runs on it, not on the files as
+        #: they may be now.
+        self.configuration: Tuple[Any, Any] = (None, None)
 
     # ---- start ---------------------------------------------------------------------------------
 
@@ -372,6 +403,7 @@ class Supervisor:
         answer = self._check_configuration()
         from .config import parse_address, parse_config
 
+        self.configuration = (answer.get("config_data"), answer.get("topology_data"))
         config, problems = parse_config(answer.get("config_data"), self.config_path)
         if config is None:
             raise SystemExit(f"shotover-g: {self.config_path}: {problems}")
@@ -381,18 +413,43 @@ class Supervisor:
         self.observability_address = config.observability_interface
         self.observability_token = config.observability_token
         become_subreaper()
-        for name, address in _source_addresses(answer.get("topology_data"), parse_address):
-            self.listeners[name] = {"fds": self._bind_group(name, address)}
-            self.listeners[name]["address"] = _describe_bound(self.listeners[name]["fds"][0])
+        # First what says whether this service runs already (its control socket, its workers'
+        # addresses), then the metrics endpoint, and only then the listeners: joining the
+        # reuseport group of a running service and leaving it again would reset the
+        # connections queued on the sockets it left.
         self.control_server = ControlServer(self, self.control_path)
         self.control_server.bind()
+        self._refuse_if_workers_remain()
         self._start_observability(None)
+        addresses = list(_source_addresses(answer.get("topology_data"), parse_address))
+        for name, address in addresses:
+            _refuse_if_listened_on(name, address)
+        for name, address in addresses:
+            self.listeners[name] = {"fds": self._bind_group(name, address)}
+            self.listeners[name]["address"] = _describe_bound(self.listeners[name]["fds"][0])
         self.children = Children(self._unclaimed_exit)
         self.slots = [self._slot(i) for i in range(1, self.count + 1)]
         for slot in self.slots:
             self._spawn(slot)
         self._wait_serving(self.slots)
         self.go_live()
+
+    def _refuse_if_workers_remain(self) -> None:
+        """Workers of an earlier run of this service (whose supervisor was killed) may still
+        serve their clients: starting beside them would split the address between two
+        configurations."""
+        for index in range(1, self.count + 1):
+            address = lifecycle.worker_control_address(self.control_path, index)
+            probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+            try:
+                probe.connect(lifecycle.socket_address(address))
+                pid, _uid = peer_credentials(probe)
+            except OSError:
+                continue
+            finally:
+                probe.close()
+            raise OSError(f"worker {index} of an earlier run of this service (pid {pid}) "
+                          f"still holds {address}: stop it before starting again")
 
     def _check_configuration(self) -> Dict[str, Any]:
         import subprocess
@@ -456,11 +513,20 @@ class Supervisor:
                           python or self.python)
 
     def _spawn(self, slot: WorkerSlot) -> None:
-        identity = lifecycle.WorkerIdentity(slot.index, self.count, os.getpid(), slot.listeners)
-        argv = lifecycle.program_argv(slot.python, self.config_path, self.topology_path,
-                                      slot.control, self.log_format)
-        slot.pid = spawn(argv, lifecycle.worker_environment(identity),
-                         keep_fds=list(slot.listeners.values()))
+        config_fd = None
+        if None not in self.configuration:
+            config_fd = lifecycle.configuration_memfd(*self.configuration)
+        try:
+            identity = lifecycle.WorkerIdentity(slot.index, self.count, os.getpid(),
+                                                slot.listeners, config_fd)
+            argv = lifecycle.program_argv(slot.python, self.config_path, self.topology_path,
+                                          slot.control, self.log_format)
+            slot.pid = spawn(argv, lifecycle.worker_environment(identity),
+                             keep_fds=list(slot.listeners.values()) +
+                             ([config_fd] if config_fd is not None else []))
+        finally:
+            if config_fd is not None:
+                os.close(config_fd)
         slot.started = time.monotonic()
         slot.state = "starting"
         self._watch(slot)
@@ -482,7 +548,10 @@ class Supervisor:
                     raise SystemExit(f"shotover-g: worker {slot.index} exited at start; not "
                                      "starting (see the messages above)")
                 try:
-                    slot.last_status = ask(slot.control, {"command": "status"}, 2.0)
+                    answer = ask(slot.control, {"command": "status"}, 2.0)
+                    if answer.get("pid") != slot.pid:
+                        raise ControlError(f"answered by pid {answer.get('pid')}")
+                    slot.last_status = answer
                     slot.state = "serving"
                     break
                 except ControlError:
@@ -540,7 +609,7 @@ class Supervisor:
             except ControlError:
                 break
             serving = int(answer.get("pid") or 0)
-            if serving and serving != pid and _alive(serving):
+            if serving and serving != pid and _is_child(serving):
                 log.warning("worker %d: pid %d exited (%s); pid %d, the previous version, "
                             "serves its clients", slot.index, pid, _exit_text(code), serving)
                 slot.pid = serving
@@ -590,7 +659,7 @@ class Supervisor:
         return {index: job.value for index, job in jobs.items()}
 
     def status(self) -> Dict[str, Any]:
-        answers = self._ask_all({"command": "status"})
+        answers = self._ask_all({"command": "status"}, WORKER_ANSWER_SECONDS)
         workers = []
         sources = {name: {"address": group["address"], "connections": 0}
                    for name, group in self.listeners.items()}
@@ -647,9 +716,13 @@ class Supervisor:
         }
 
     def render_metrics(self) -> bytes:
-        answers = self._ask_all({"command": "metrics"})
+        # Well inside the HTTP request's own deadline: a worker that is slow to answer is
+        # shown with what it showed last.
+        answers = self._ask_all({"command": "metrics"}, WORKER_ANSWER_SECONDS)
         pages = {index: (a.get("text") if isinstance(a, dict) else None)
                  for index, a in answers.items()}
+        lineages = {index: a.get("lineage") for index, a in answers.items()
+                    if isinstance(a, dict)}
         extra = ["# HELP shotover_g_worker_restarts_total Workers the supervisor restarted "
                  "after they exited, by worker.",
                  "# TYPE shotover_g_worker_restarts_total counter"]
@@ -658,7 +731,7 @@ class Supervisor:
                          f"{self.restarts_total.get(slot.index, 0)}")
         extra += ["# HELP shotover_g_workers Worker processes of this service.",
                   "# TYPE shotover_g_workers gauge", f"shotover_g_workers {self.count}"]
-        return self.metrics.render(pages, extra)
+        return self.metrics.render(pages, extra, lineages)
 
     def apply_filter(self, text: str) -> None:
         from .observability import set_log_filter
@@ -708,6 +781,11 @@ class Supervisor:
         python = options.get("python") or sys.executable
         if os.sep in python:
             python = os.path.abspath(python)
+        else:
+            import shutil
+
+            # A command name is looked up once, here: the workers and this process exec it.
+            python = shutil.which(python) or python
         report.stage("preflight", f"checking the new version with {python}")
         try:
             code, output = run_child(self.children, lifecycle.preflight_argv(
@@ -732,6 +810,9 @@ class Supervisor:
         results: Dict[int, dict] = {}
         pending = list(self.slots)
         while pending:
+            if self.stopping:
+                return self._summary(results, python, version, finished=False,
+                                     interrupted="the service is stopping")
             group, pending = pending[:parallel], pending[parallel:]
             jobs = [gevent.spawn(self._upgrade_worker, slot, request, report) for slot in group]
             gevent.joinall(jobs)
@@ -744,9 +825,12 @@ class Supervisor:
             if not all(results[slot.index].get("ok") for slot in group):
                 return self._summary(results, python, version, finished=False)
         self.python = python
-        outcome = self._summary(results, python, version, finished=True)
+        self.configuration = (answer.get("config_data"), answer.get("topology_data"))
         if self.stopping:
-            return outcome  # stopping: no new supervisor image to start
+            # A stop wins: no new supervisor image is started.
+            return self._summary(results, python, version, finished=False,
+                                 interrupted="the service is stopping")
+        outcome = self._summary(results, python, version, finished=True)
         return self.exec_next(python, outcome, report)
 
     def _moved_sources(self, topology_data) -> List[str]:
@@ -803,15 +887,28 @@ class Supervisor:
             return {"ok": False, "reason": str(result.get("error")),
                     "summary": f"worker {slot.index}: {result.get('error')}"}
         pid = result.get("pid")
-        if isinstance(pid, int) and pid != slot.pid and _alive(pid):
+        if isinstance(pid, int) and pid != slot.pid and _is_child(pid):
             slot.pid = pid  # the bridge serves on: it is this worker now
             self._watch(slot)
         if result.get("ok"):
             slot.python = request["python"]
+            # Counted as done only once it is seen serving (a new image that died right after
+            # adopting took its clients with it: the roll-out stops there).
+            try:
+                answer = ask(slot.control, {"command": "status"}, WORKER_ANSWER_SECONDS)
+                if answer.get("pid") != slot.pid or not _is_child(slot.pid):
+                    raise ControlError(f"answered by pid {answer.get('pid')}")
+            except ControlError as error:
+                return dict(result, ok=False,
+                            reason=f"worker {slot.index}: its new version stopped serving right "
+                                   f"after the upgrade ({error})",
+                            summary=f"{result.get('summary')}; then the new version stopped "
+                                    f"serving ({error}): its clients lost their connections; "
+                                    "the worker is restarted")
         return result
 
     def _summary(self, results: Dict[int, dict], python: str, version: str,
-                 finished: bool) -> dict:
+                 finished: bool, interrupted: Optional[str] = None) -> dict:
         kept = sum(int(r.get("kept") or 0) for r in results.values())
         closed = sum(int(r.get("closed") or 0) for r in results.values())
         reasons: Dict[str, int] = {}
@@ -843,14 +940,24 @@ class Supervisor:
             lines.append(f"every worker runs {version}")
             result["summary"] = "\n".join(lines)
             return result
-        failed = next(i for i, r in sorted(results.items()) if not r.get("ok"))
+        failed = next((i for i, r in sorted(results.items()) if not r.get("ok")), None)
+        if failed is None:
+            reason = interrupted or "interrupted"
+            result["reason"] = reason
+            lines.append(f"upgrade interrupted: {reason}; "
+                         + ", ".join(f"worker {s.index}: "
+                                     f"{'new version ' + version if s.index in results else 'previous version'}"  # noqa: E501
+                                     for s in self.slots))
+            result["summary"] = "\n".join(lines)
+            return result
         result["reason"] = results[failed].get("reason") or results[failed].get("summary")
         untouched = [s.index for s in self.slots if s.index not in results]
         where = ", ".join(f"worker {s.index}: {'new version ' + version if results.get(s.index, {}).get('ok') else 'previous version'}"  # noqa: E501
                           for s in self.slots)
         lines.append(f"upgrade stopped at worker {failed}: {where}"
                      + (f"; workers {untouched} not tried" if untouched else "")
-                     + "; every worker serves; a later `shotover-g upgrade` finishes the job")
+                     + "; `shotover-g status` shows each worker; a later `shotover-g upgrade` "
+                       "finishes the job")
         result["summary"] = "\n".join(lines)
         return result
 
@@ -873,8 +980,11 @@ class Supervisor:
                                  for i, d in self.metrics.last.items()},
                         "offset": [[k[0], [list(p) for p in k[1]], v]
                                    for k, v in self.metrics.offset.items()],
-                        "kinds": self.metrics.kinds},
+                        "kinds": self.metrics.kinds,
+                        "lineages": {str(i): v for i, v in self.metrics.lineages.items()}},
             "outcome": outcome, "channel_fd": channel_fd,
+            "config_fd": (lifecycle.configuration_memfd(*self.configuration)
+                          if None not in self.configuration else None),
             "previous": {"python": sys.executable, "version": __version__},
             "last_upgrade": self.last_upgrade,
         }
@@ -889,6 +999,8 @@ class Supervisor:
         state = self.state(outcome, channel_fd)
         state["generation"] = self.generation + 1
         error = exec_supervisor(python, self.argv(python), state)
+        if state.get("config_fd") is not None:
+            os.close(state["config_fd"])
         outcome = dict(outcome, ok=False, reason=f"the supervisor could not exec {python}: "
                                                  f"{error}")
         outcome["summary"] += (f"\nthe workers run the new version; the supervisor still runs "
@@ -929,7 +1041,16 @@ class Supervisor:
         supervisor.metrics.offset = {(name, tuple(tuple(p) for p in labels)): value
                                      for name, labels, value in metrics.get("offset") or ()}
         supervisor.metrics.kinds = dict(metrics.get("kinds") or {})
+        supervisor.metrics.lineages = {int(i): v
+                                       for i, v in (metrics.get("lineages") or {}).items()}
         supervisor.last_upgrade = state.get("last_upgrade")
+        if state.get("config_fd") is not None:
+            config_fd = int(state.pop("config_fd"))
+            supervisor.configuration = lifecycle.read_configuration(config_fd)
+            # A roll-back of this image gets the same data again.
+            state["configuration"] = supervisor.configuration
+        elif state.get("configuration") is not None:
+            supervisor.configuration = tuple(state["configuration"])
         supervisor.control_server = ControlServer(
             supervisor, control_path, socket.socket(fileno=int(state["control_fd"])))
         answer = _read_config_quietly(config_path)
@@ -951,7 +1072,11 @@ class Supervisor:
                               started=time.monotonic() - QUICK_DEATH_SECONDS,
                               restarts=int(entry.get("restarts") or 0), state="serving")
             supervisor.slots.append(slot)
-            supervisor._watch(slot)
+            if _is_child(slot.pid):
+                supervisor._watch(slot)
+            else:
+                # Gone (or collected by something else) while the supervisor was exec'ing.
+                gevent.spawn(supervisor._worker_exited, slot, slot.pid, None)
         if listener is not None or supervisor.observability_address is not None:
             supervisor._start_observability(listener)
         return supervisor
@@ -981,7 +1106,8 @@ class Supervisor:
                     except OSError:
                         pass
                 signalled = time.monotonic()
-            self.children.wake()
+            if self.children is not None:
+                self.children.wake()
             gevent.sleep(0.05)
         for pid in _children_of(os.getpid()):
             log.warning("pid %d did not stop within %g s: killed", pid, STOP_SECONDS)
@@ -1016,7 +1142,7 @@ def exec_supervisor(python: str, argv: List[str], state: Dict[str, Any]) -> str:
     """Exec the next image of the supervisor with `state`; returns why it could not (after
     putting everything back as it was)."""
     fds = [fd for g in state["listeners"].values() for fd in g["fds"] if fd is not None]
-    fds += [state["control_fd"]] + [state[k] for k in ("metrics_fd", "channel_fd")
+    fds += [state["control_fd"]] + [state[k] for k in ("metrics_fd", "channel_fd", "config_fd")
                                      if state.get(k) is not None]
     for fd in _inheritable_fds():
         if fd not in fds:
@@ -1107,6 +1233,26 @@ def _source_addresses(topology_data, parse_address):
                 yield settings.get("name"), address
 
 
+def _refuse_if_listened_on(name: str, address) -> None:
+    """OSError when something listens on `address` already: SO_REUSEPORT would let this
+    service join it silently (same user) and take a share of its connections."""
+    from .config import format_address
+
+    host, port = address
+    if port == 0:
+        return
+    family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
+    probe = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as error:
+        raise OSError(error.errno, f"source {name}: cannot listen on "
+                                   f"{format_address((host, port))}: {error.strerror}") from None
+    finally:
+        probe.close()
+
+
 def _bound_to(fd: int, address) -> bool:
     """Whether the listening socket `fd` is bound to (host, port) (port 0: any port)."""
     sock = stdlib_socket.socket(fileno=fd)
@@ -1149,6 +1295,17 @@ def _alive(pid: int) -> bool:
             return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+def _is_child(pid: int) -> bool:
+    """Whether `pid` is a live child of this process (a worker, or a worker's bridge that was
+    re-parented here)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != b"Z" and int(fields[1]) == os.getpid()
 
 
 def _children_of(parent: int) -> List[int]:

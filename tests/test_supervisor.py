@@ -14,11 +14,17 @@ import time
 
 import pytest
 
+import subprocess
+
+import yaml
+
 from helpers import HOST, RawClient, http_request, metric_value, wait_for
 from upgrade_support import (
+    BackgroundUpgrade,
     CounterClient,
     children,
     interpreter_exiting_at_restore,
+    interpreter_gated_at_restore,
     ping_on_a_new_connection,
     process_gone,
     status,
@@ -339,3 +345,130 @@ def test_a_new_supervisor_image_that_cannot_take_over_rolls_back_in_place(proxy_
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_second_start_of_the_same_service_is_refused_and_harms_nothing(proxy_factory):
+    proxy = proxy_factory(extra_args=WORKERS)
+    with RawClient(proxy.port) as kept:
+        assert kept.call("SET", "k", "v") == b"OK"
+        again = subprocess.run(proxy.command(), capture_output=True, text=True, timeout=60,
+                               env=proxy.environment(), cwd=str(proxy.directory))
+        assert again.returncode == 1, again
+        assert "in use" in again.stdout + again.stderr, again
+        # The running service keeps its control socket and its clients.
+        assert os.path.exists(proxy.control_socket)
+        assert status(proxy.control_socket)["pid"] == proxy.pid
+        assert kept.call("GET", "k") == b"v"
+
+
+def test_another_service_on_the_same_port_is_refused(proxy_factory, redis_server):
+    first = proxy_factory()
+    topology = yaml.safe_load(first.topology_path.read_text())
+    second = proxy_factory(topology_dict=topology, start=False)
+    done = subprocess.run(second.command(), capture_output=True, text=True, timeout=60,
+                          env=second.environment(), cwd=str(second.directory))
+    assert done.returncode == 1, done
+    assert "cannot listen on" in done.stdout + done.stderr, done
+    assert ping_on_a_new_connection(first.port) == b"+PONG\r\n"
+
+
+def test_a_restarted_worker_runs_the_configuration_the_service_runs(proxy_factory, redis_server,
+                                                                    redis_factory):
+    other = redis_factory()
+    proxy = proxy_factory(extra_args=WORKERS)
+    # The file changes on disk; nothing reloads it.
+    changed = yaml.safe_load(proxy.topology_path.read_text())
+    chain = changed["sources"][0]["Redis"]["chain"]
+    chain[-1]["RedisSinkSingle"]["remote_address"] = f"127.0.0.1:{other.port}"
+    proxy.topology_path.write_text(yaml.safe_dump(changed))
+    victim = status(proxy.control_socket)["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: status(proxy.control_socket)["workers"][0]["restarts"] == 1 and
+             status(proxy.control_socket)["workers"][0].get("version"), 20,
+             "the worker to be restarted")
+    for number in range(40):
+        with RawClient(proxy.port) as client:
+            assert client.call("SET", f"drift{number}", 1) == b"OK"
+    assert len(redis_server.client().keys("drift*")) == 40
+    assert other.client().keys("drift*") == []
+
+
+def test_workers_of_a_killed_supervisor_serve_their_clients_then_make_room(proxy_factory,
+                                                                           redis_server):
+    proxy = proxy_factory(extra_args=WORKERS)
+    workers = list(worker_pids(proxy.control_socket).values())
+    with RawClient(proxy.port) as kept:
+        assert kept.call("SET", "k", "v") == b"OK"
+        proxy.kill()
+        proxy.process.wait(10)
+        wait_for(lambda: proxy.log_text().count("the supervisor (pid") == 2, 15,
+                 "both workers to notice their supervisor is gone")
+        assert kept.call("GET", "k") == b"v"  # its clients are still served
+        # New connections are not accepted by a worker nobody supervises.
+        with pytest.raises(OSError):
+            socket.create_connection((HOST, proxy.port), timeout=2).close()
+    # Its last client left: it is gone, and the service starts again on the same port.
+    wait_for(lambda: all(process_gone(pid) for pid in workers), 20, "the orphaned workers to exit")
+    again = proxy_factory(topology_dict=yaml.safe_load(proxy.topology_path.read_text()),
+                          extra_args=WORKERS)
+    assert again.port == proxy.port
+    assert ping_on_a_new_connection(again.port) == b"+PONG\r\n"
+
+
+def test_a_stop_during_an_upgrade_wins(proxy_factory, tmp_path):
+    proxy = proxy_factory(extra_args=WORKERS)
+    gate = tmp_path / "gate"
+    offset = len(proxy.log_text())
+    run = BackgroundUpgrade(proxy.control_socket, tmp_path, "--python",
+                            interpreter_gated_at_restore(tmp_path, gate))
+    try:
+        proxy.wait_log("[worker 1/2] exec:", start=offset, timeout=30)
+        proxy.signal(signal.SIGTERM)
+        gate.touch()
+        result = run.wait(60)
+    finally:
+        gate.touch()
+        run.kill()
+    assert result.returncode == 1, result
+    assert proxy.wait_exit(40) == 0
+    assert "supervisor: exec" not in proxy.log_text()[offset:]
+    assert children(proxy.pid) == []
+
+
+def test_a_stranger_on_a_workers_address_is_not_believed(proxy_factory, tmp_path):
+    """Abstract Unix socket names have no permissions: another user could bind a worker's
+    address. The supervisor only talks to processes of its own user."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run the stranger as another user")
+    from shotover_gevent.lifecycle import worker_control_address
+
+    proxy = proxy_factory(extra_args=WORKERS, start=False)
+    address = worker_control_address(proxy.control_socket, 1)
+    stranger = subprocess.Popen([sys.executable, "-c", STRANGER, address],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert stranger.stdout.readline().strip() == "listening"
+        done = subprocess.run(proxy.command(), capture_output=True, text=True, timeout=60,
+                              env=proxy.environment(), cwd=str(proxy.directory))
+        assert done.returncode == 1, done
+        assert "still holds" in done.stdout + done.stderr, done
+    finally:
+        stranger.kill()
+        stranger.wait(10)
+
+
+STRANGER = """\
+import json, os, socket, sys
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind("\\0" + sys.argv[1][1:])
+listener.listen(8)
+os.setgid(65534)
+os.setuid(65534)
+print("listening", flush=True)
+listener.settimeout(60)
+while True:
+    client, _ = listener.accept()
+    client.recv(65536)
+    client.sendall(json.dumps({"event": "status", "pid": 1, "version": "EVIL"}).encode() + b"\\n")
+    client.close()
+"""

@@ -92,6 +92,8 @@ class ControlServer:
         self.path = path
         self.listener = listener
         self._greenlet: Optional[gevent.Greenlet] = None
+        #: Whether this process created the socket file (only then does close() remove it).
+        self.bound_here = False
 
     def bind(self) -> None:
         if self.path.startswith("@"):
@@ -125,6 +127,7 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         listener.listen(64)
         self.listener = listener
+        self.bound_here = True
 
     def start(self) -> None:
         self._greenlet = gevent.spawn(self._accept_loop)
@@ -172,8 +175,11 @@ class ControlServer:
         if command == "status":
             channel.send({"event": "status", **served.status()})
         elif command == "metrics":
+            # The lineage: when this process's line of images started afresh (an upgrade
+            # carries its counters on; a fresh start begins them again).
             channel.send({"event": "metrics",
-                          "text": served.render_metrics().decode("utf-8", "replace")})
+                          "text": served.render_metrics().decode("utf-8", "replace"),
+                          "lineage": getattr(served, "started_wall", None)})
         elif command == "filter":
             text = request.get("filter")
             if not isinstance(text, str):
@@ -195,7 +201,8 @@ class ControlServer:
             self._greenlet.kill(block=False)
         if self.listener is not None:
             self.listener.close()
-        if unlink and not self.path.startswith("@"):
+        if unlink and (self.bound_here or self.listener is not None) and \
+                not self.path.startswith("@"):
             try:
                 os.unlink(self.path)
             except OSError:

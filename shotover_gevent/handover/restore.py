@@ -230,6 +230,8 @@ def restore(options: RestoreOptions):
 
     proxy.generation = cp.generation if options.rollback else cp.generation + 1
     proxy.started_wall = hints.get("started_wall", proxy.started_wall)
+    # Counters go on from the previous image's before this image answers any scrape.
+    observability.import_counters(hints.get("counters") or [])
 
     # Listeners: keep a source's socket when the source still listens on that address.
     by_name = {record.source: record for record in cp.listeners}
@@ -504,7 +506,6 @@ def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
     proxy.upgrade_finished(result)
     if result["ok"]:
         observability.record_upgrade(blackout_ms / 1000, upgrades_so_far=proxy.generation)
-    observability.import_counters(hints.get("counters") or [])
     for why, n in (hints.get("upgrade_closed_totals") or {}).items():
         if isinstance(n, (int, float)):
             observability.record_upgrade_closed(str(why), n)
