@@ -140,6 +140,30 @@ def restore_args(bridge_fd: int, bridge_pid: int, rollback: bool = False) -> Lis
     return args + (["--rollback"] if rollback else [])
 
 
+def package_root() -> str:
+    """The directory this package is imported from."""
+    import shotover_gevent
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(shotover_gevent.__file__)))
+
+
+def fast_start_argv(python: str, answer: Dict) -> List[str]:
+    """The start of the new image's command line.
+
+    With the search path its preflight reported, the new interpreter skips site-packages
+    processing (-S): that start-up time would otherwise be client-visible blackout.
+    """
+    sys_path = answer.get("sys_path")
+    root = answer.get("package_root")
+    if not isinstance(sys_path, list) or not isinstance(root, str) or \
+            not all(isinstance(p, str) for p in sys_path):
+        return [python, "-m", "shotover_gevent"]
+    paths = [root] + [p for p in sys_path[1:] if p != root]
+    boot = (f"import sys; sys.path[:] = {paths!r}; "
+            "from shotover_gevent.__main__ import _run; _run()")
+    return [python, "-S", "-c", boot]
+
+
 # ---- the supervisor's exec in place -------------------------------------------------------------
 
 #: Set by a supervisor for the image it execs: everything it holds (JSON, see supervisor.py's

@@ -985,7 +985,12 @@ class Supervisor:
             "outcome": outcome, "channel_fd": channel_fd,
             "config_fd": (lifecycle.configuration_memfd(*self.configuration)
                           if None not in self.configuration else None),
-            "previous": {"python": sys.executable, "version": __version__},
+            # How to start this very version again (its search path pinned: the new image's
+            # environment may lead another interpreter to the new code).
+            "previous": {"python": sys.executable, "version": __version__,
+                         "boot": lifecycle.fast_start_argv(
+                             sys.executable, {"sys_path": sys.path,
+                                              "package_root": lifecycle.package_root()})},
             "last_upgrade": self.last_upgrade,
         }
 
@@ -1180,9 +1185,10 @@ def restore_or_roll_back(text: str, config_path: str, topology_path: str, contro
             raise
         state["rolled_back"] = f"new supervisor {__version__}: {error}"
         state["generation"] = int(state["generation"]) - 1
-        argv = lifecycle.program_argv(previous["python"], config_path, topology_path,
-                                      control_path, log_format) + ["--workers",
-                                                                   str(state["count"])]
+        boot = list(previous.get("boot") or [previous["python"], "-m", "shotover_gevent"])
+        argv = boot + lifecycle.program_argv(previous["python"], config_path, topology_path,
+                                             control_path, log_format)[3:] + \
+            ["--workers", str(state["count"])]
         exec_supervisor(previous["python"], argv, state)
         raise
     supervisor.go_live()

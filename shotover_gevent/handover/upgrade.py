@@ -203,14 +203,14 @@ def fork_and_exec(proxy, python: str, request: UpgradeRequest, report: Reporter,
     signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
     restore_args = lifecycle.restore_args(bridge_fd, child_pid)
     # How to start this version again: for the new image's roll-back, or right below.
-    own_start = fast_start_argv(sys.executable, {"sys_path": sys.path,
-                                                 "package_root": _package_root()})
+    own_start = lifecycle.fast_start_argv(sys.executable, {"sys_path": sys.path,
+                                                 "package_root": lifecycle.package_root()})
     os.environ[PREVIOUS_ENV] = json.dumps({"python": sys.executable,
                                            "argv": program_argv(proxy, sys.executable),
                                            "boot": own_start, "version": __version__})
     os.environ[EXEC_TIME_ENV] = str(time.time_ns())
     try:
-        os.execv(python, fast_start_argv(python, answer) + program_argv(proxy, python)[3:] +
+        os.execv(python, lifecycle.fast_start_argv(python, answer) + program_argv(proxy, python)[3:] +
                  restore_args)
     except OSError as error:
         reason = f"exec {python} failed: {error.strerror or error}"
@@ -228,29 +228,6 @@ def fork_and_exec(proxy, python: str, request: UpgradeRequest, report: Reporter,
         os.write(bridge_fd, b"takeover " + reason.encode("utf-8", "replace") + b"\n")
     finally:
         os._exit(1)
-
-
-def _package_root() -> str:
-    import shotover_gevent
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(shotover_gevent.__file__)))
-
-
-def fast_start_argv(python: str, answer: Dict) -> List[str]:
-    """The start of the new image's command line.
-
-    With the search path its preflight reported, the new interpreter skips site-packages
-    processing (-S): that start-up time would otherwise be client-visible blackout.
-    """
-    sys_path = answer.get("sys_path")
-    root = answer.get("package_root")
-    if not isinstance(sys_path, list) or not isinstance(root, str) or \
-            not all(isinstance(p, str) for p in sys_path):
-        return [python, "-m", "shotover_gevent"]
-    paths = [root] + [p for p in sys_path[1:] if p != root]
-    boot = (f"import sys; sys.path[:] = {paths!r}; "
-            "from shotover_gevent.__main__ import _run; _run()")
-    return [python, "-S", "-c", boot]
 
 
 def reap_later(pid: int, patience: Optional[float] = 10.0) -> None:
