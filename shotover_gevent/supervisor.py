@@ -46,6 +46,8 @@ MAX_RESTART_DELAY = 30.0
 STOP_SECONDS = 30.0
 #: How long a worker may take to answer a status or metrics request.
 WORKER_ANSWER_SECONDS = 2.0
+#: How long the supervisor's exec waits for the control and metrics requests being answered.
+EXEC_QUIESCE_SECONDS = 2.0
 #: Signals held back while the supervisor execs its next image.
 HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP}
 
@@ -1001,11 +1003,24 @@ class Supervisor:
         channel = getattr(report, "channel", None)
         channel_fd = channel.sock.fileno() if channel is not None else None
         report.stage("supervisor", f"exec {python} in place, pid {os.getpid()}")
+        # Requests being answered are finished first (a scrape, a status): new ones wait in
+        # the queues of the sockets the next image inherits.
+        self.control_server.quiesce(EXEC_QUIESCE_SECONDS)
+        if self.observability_server is not None:
+            self.observability_server.server.stop_accepting()
+            pool = self.observability_server.server.pool
+            deadline = time.monotonic() + EXEC_QUIESCE_SECONDS
+            while pool is not None and pool.free_count() < pool.size and \
+                    time.monotonic() < deadline:
+                gevent.sleep(0.01)
         state = self.state(outcome, channel_fd)
         state["generation"] = self.generation + 1
         error = exec_supervisor(python, self.argv(python), state)
         if state.get("config_fd") is not None:
             os.close(state["config_fd"])
+        self.control_server.start()
+        if self.observability_server is not None:
+            self.observability_server.server.start_accepting()
         outcome = dict(outcome, ok=False, reason=f"the supervisor could not exec {python}: "
                                                  f"{error}")
         outcome["summary"] += (f"\nthe workers run the new version; the supervisor still runs "

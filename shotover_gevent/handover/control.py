@@ -94,6 +94,8 @@ class ControlServer:
         self._greenlet: Optional[gevent.Greenlet] = None
         #: Whether this process created the socket file (only then does close() remove it).
         self.bound_here = False
+        #: Requests being served right now.
+        self.serving = 0
 
     def bind(self) -> None:
         if self.path.startswith("@"):
@@ -132,6 +134,17 @@ class ControlServer:
     def start(self) -> None:
         self._greenlet = gevent.spawn(self._accept_loop)
 
+    def quiesce(self, timeout: float) -> None:
+        """Stop accepting (new connections wait in the queue) and give the requests being
+        served up to `timeout` seconds to finish (an upgrade reporting on its channel is not
+        one of them)."""
+        if self._greenlet is not None:
+            self._greenlet.kill()
+            self._greenlet = None
+        deadline = time.monotonic() + timeout
+        while self.serving > 0 and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+
     def _accept_loop(self) -> None:
         while True:
             try:
@@ -143,6 +156,7 @@ class ControlServer:
     def _serve(self, client) -> None:
         channel = ControlChannel(client)
         keep_open = False
+        self.serving += 1
         try:
             uid = peer_uid(client)
             if uid != os.getuid() and uid != 0:
@@ -163,6 +177,7 @@ class ControlServer:
             log.exception("control request failed")
             channel.send({"event": "error", "error": f"internal error: {error}"})
         finally:
+            self.serving -= 1
             if not keep_open:
                 channel.close()
 
