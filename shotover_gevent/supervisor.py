@@ -627,10 +627,11 @@ class Supervisor:
                                                        0.5 * 2 ** (slot.quick_deaths - 2))
         slot.restarts += 1
         self.restarts_total[slot.index] = self.restarts_total.get(slot.index, 0) + 1
-        slot.state = "restarting"
-        log.error("worker %d (pid %d) exited (%s); its clients lost their connections; "
-                  "restarting it%s", slot.index, pid, _exit_text(code),
+        log.error("worker %d (pid %d) exited (%s)%s; restarting it%s", slot.index, pid,
+                  _exit_text(code),
+                  "; its clients lost their connections" if slot.state == "serving" else "",
                   f" in {delay:g} s" if delay else "")
+        slot.state = "restarting"
         if delay:
             gevent.sleep(delay)
         if self.stopping:
@@ -644,8 +645,9 @@ class Supervisor:
         try:
             self._wait_serving([slot])
             log.info("worker %d restarted: pid %d", slot.index, slot.pid)
-        except SystemExit as error:
-            log.error("%s", error)
+        except SystemExit:
+            log.error("worker %d: its replacement (pid %d) did not come up; it is tried again "
+                      "after a growing pause (see the messages above)", slot.index, slot.pid)
 
     # ---- status and metrics -------------------------------------------------------------------
 
