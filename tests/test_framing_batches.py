@@ -310,3 +310,21 @@ def test_well_formed_pipelines_are_framed_as_runs(monkeypatch):
     framer.feed(WELL_FORMED[0][:9])
     assert framer.pop_requests() == ([], None)
     assert calls == [WELL_FORMED[0][:9]]  # the cut request: stepwise, resumed next time
+
+
+def test_replies_split_and_not_taken_stay_unread_exactly():
+    stream = b"".join(REPLIES)
+    framer = ReplyFramer()
+    framer.feed(stream + b"$7\r\npart")
+    taken = [framer.next_frame() for _ in range(3)]
+    assert b"".join(taken) == stream[:len(b"".join(taken))]
+    assert framer.unread_bytes() == stream[len(b"".join(taken)):] + b"$7\r\npart"
+    assert framer.pending() == len(framer.unread_bytes())
+    framer.feed(b"ial\r\n")  # more bytes while split frames wait: they stay in order
+    rest = []
+    while True:
+        frame = framer.next_frame()
+        if frame is None:
+            break
+        rest.append(frame)
+    assert b"".join(taken + rest) == stream + b"$7\r\npartial\r\n"

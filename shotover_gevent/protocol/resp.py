@@ -149,38 +149,87 @@ def scan_frame(buf: bytearray, pos: int, max_bulk_len: int = DEFAULT_MAX_BULK_LE
     return pos
 
 
-class ReplyFramer:
-    """Splits a server's byte stream into whole RESP2/RESP3 frames (raw bytes each)."""
+def _length_alternatives(longest: int, payload) -> str:
+    """A regular expression for every decimal length 0..`longest` as written canonically,
+    each followed by `payload(length)`: the digits branch like a trie, so a match costs one
+    step per digit."""
+    def branch(spellings: List[str], depth: int) -> str:
+        choices = [payload(int(text)) for text in spellings if len(text) == depth]
+        following: dict = {}
+        for text in spellings:
+            if len(text) > depth:
+                following.setdefault(text[depth], []).append(text)
+        choices += [digit + branch(group, depth + 1) for digit, group in following.items()]
+        return choices[0] if len(choices) == 1 else "(?:" + "|".join(choices) + ")"
+    return branch([str(length) for length in range(longest + 1)], 0)
 
-    __slots__ = ("_buf", "max_bulk_len", "_state")
+
+#: Bulk strings up to this long are framed by the run expressions below; longer ones, by
+#: scan_frame (their bytes cost more than their framing).
+_RUN_BULK_MAX = 999
+# One reply frame of the kinds most commands get: a line (not holding a lone CR or LF), a null,
+# an empty array, or a blob of a canonical length followed by CRLF. Each starts with the byte
+# that decides its kind and ends where scan_frame ends it; anything else stops a run.
+_RUN_FRAME = (r"[-+:_,#(][^\r\n]*\r\n|\$-1\r\n|\*(?:-1|0)\r\n|[$!=]"
+              + _length_alternatives(_RUN_BULK_MAX,
+                                     lambda n: r"\r\n" + (r".{%d}" % n if n else "") + r"\r\n"))
+_REPLY_FRAME = re.compile(_RUN_FRAME.encode(), re.DOTALL)
+_REPLY_RUN = re.compile(("(?:%s)*" % _RUN_FRAME).encode(), re.DOTALL)
+
+
+class ReplyFramer:
+    """Splits a server's byte stream into whole RESP2/RESP3 frames (raw bytes each).
+
+    A run of simple frames (lines, short blobs: what most commands answer) is split in two
+    C calls for however many there are; the rest, one frame at a time by scan_frame.
+    """
+
+    __slots__ = ("_buf", "max_bulk_len", "_state", "_ready")
 
     def __init__(self, max_bulk_len: int = DEFAULT_MAX_BULK_LEN) -> None:
         self._buf = _Buffer()
         self.max_bulk_len = max_bulk_len
         self._state: Optional[_ScanState] = None
+        # Frames split off the buffer and not returned yet, last first.
+        self._ready: List[bytes] = []
 
     def feed(self, data: bytes) -> None:
         # Scan state is relative to the frame start, so compaction inside feed() is harmless.
         self._buf.feed(data)
 
     def next_frame(self) -> Optional[bytes]:
+        ready = self._ready
+        if ready:
+            return ready.pop()
         buf = self._buf
         data = buf.data
         start = buf.offset
         if start >= len(data):
             return None
-        # Fast path for the commonest replies: one line (+OK, :1, -ERR ...).
-        if self._state is None and data[start] in _LINE_TYPES:
-            nl = data.find(_CRLF, start + 1)
-            if nl < 0:
-                if len(data) - start > MAX_INLINE_LEN:
-                    raise ProtocolError("too big line without CRLF")
-                return None
-            buf.offset = nl + 2
-            return bytes(data[start : nl + 2])
         state = self._state
-        if state is None and (data[start] in _AGGREGATE_TYPES or data[start] in _PAIR_TYPES):
-            state = self._state = _ScanState()
+        if state is None:
+            if self.max_bulk_len >= _RUN_BULK_MAX:
+                end = _REPLY_RUN.match(data, start).end()
+                if end > start:
+                    buf.offset = end
+                    frames = _REPLY_FRAME.findall(data, start, end)
+                    if len(frames) > 1:
+                        frames.reverse()
+                        frame = frames.pop()
+                        self._ready = frames
+                        return frame
+                    return frames[0]
+            # Fast path for the commonest replies: one line (+OK, :1, -ERR ...).
+            if data[start] in _LINE_TYPES:
+                nl = data.find(_CRLF, start + 1)
+                if nl < 0:
+                    if len(data) - start > MAX_INLINE_LEN:
+                        raise ProtocolError("too big line without CRLF")
+                    return None
+                buf.offset = nl + 2
+                return bytes(data[start : nl + 2])
+            if data[start] in _AGGREGATE_TYPES or data[start] in _PAIR_TYPES:
+                state = self._state = _ScanState()
         end = scan_frame(data, start, self.max_bulk_len, state)
         if end < 0:
             return None
@@ -189,9 +238,15 @@ class ReplyFramer:
         return bytes(data[start:end])
 
     def pending(self) -> int:
+        ready = self._ready
+        if ready:
+            return sum([len(frame) for frame in ready]) + self._buf.pending()
         return self._buf.pending()
 
     def unread_bytes(self) -> bytes:
+        ready = self._ready
+        if ready:
+            return b"".join(ready[::-1]) + self._buf.unread()
         return self._buf.unread()
 
 
