@@ -262,7 +262,12 @@ def start_targets(stack: Stack, options, topologies: List[str]
     for topology in topologies:
         proxy = stack.start_proxy(topology, redis.port)
         proxies[topology] = proxy
-        targets.append(Target(f"proxy[{topology}]", "proxy", proxy.port, [proxy.pid]))
+        targets.append(Target(proxy.name, "proxy", proxy.port, [proxy.pid]))
+        if options.baseline:
+            proxy = stack.start_proxy(topology, redis.port, source_root=options.baseline,
+                                      label="baseline")
+            proxies[f"{topology}@baseline"] = proxy
+            targets.append(Target(proxy.name, "proxy", proxy.port, [proxy.pid]))
     return targets, proxies, haproxy
 
 
@@ -270,6 +275,8 @@ def throughput(options) -> Dict[str, Any]:
     topologies = (["passthrough", "filtered"] if options.topology == "both"
                   else [options.topology])
     pipelines = [1] if options.pipeline <= 1 else [1, options.pipeline]
+    if options.pipelined_only and options.pipeline > 1:
+        pipelines = [options.pipeline]
     tests = options.tests
     key_range = CLUSTER_KEY_RANGE if options.topology == "cluster" else None
     requests = {1: options.requests}
@@ -414,6 +421,10 @@ def ratio_pairs(names: List[str], topologies: List[str]) -> List[Tuple[str, str,
             pairs.append((f"proxy[{topology}]", "haproxy", label, True))
     if "passthrough" in topologies and "filtered" in topologies:
         pairs.append(("proxy[filtered]", "proxy[passthrough]", "filtered/passthrough", True))
+    for topology in topologies:
+        if f"proxy[{topology}]@baseline" in names:
+            label = "proxy/baseline" if len(topologies) == 1 else f"{topology}/baseline"
+            pairs.append((f"proxy[{topology}]", f"proxy[{topology}]@baseline", label, True))
     return pairs
 
 
@@ -838,6 +849,13 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="connection cost: N connections opened, each for one PING "
                              "(redis-benchmark -k 0); 0 skips it (default 3000)")
     parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy target")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="also run the proxy of another checkout (DIR holds its "
+                             "shotover_gevent package, e.g. one made by `git worktree add`) as "
+                             "proxy[...]@baseline, interleaved with this one's runs, with a "
+                             "proxy/baseline ratio row")
+    parser.add_argument("--pipelined-only", action="store_true",
+                        help="only the runs with -P (skip those without pipelining)")
     parser.add_argument("--haproxy-threads", type=int, default=1,
                         help="HAProxy nbthread (default 1, like the single-threaded proxy)")
     parser.add_argument("--run-timeout", type=float, default=300.0,
@@ -874,6 +892,12 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def main(argv: Optional[List[str]] = None) -> int:
     options = parse_args(argv)
+    if options.baseline is not None:
+        options.baseline = os.path.abspath(options.baseline)
+        if not os.path.isfile(os.path.join(options.baseline, "shotover_gevent", "__main__.py")):
+            sys.stderr.write(f"bench: --baseline {options.baseline}: no shotover_gevent "
+                             "package there\n")
+            return 2
     try:
         if options.idle_connections is not None:
             topologies = (["passthrough", "filtered"] if options.topology == "both"

@@ -541,7 +541,10 @@ class Stack:
 
     def start_proxy(self, topology: str, redis_port: Optional[int],
                     connection_limit: int = 10000, timeout: float = 30.0,
-                    contact_points: Sequence[str] = ()) -> Proxy:
+                    contact_points: Sequence[str] = (), source_root: str = REPO_ROOT,
+                    label: str = "") -> Proxy:
+        """The proxy of this checkout, or of the one at `source_root` (named with `label`
+        after its topology: proxy[passthrough]@label)."""
         port = free_port()
         tag = f"{topology}-{port}"
         config_path = self.path(f"config-{tag}.yaml")
@@ -553,12 +556,13 @@ class Stack:
                                        contact_points))
         control_path = self.path(f"ctl-{port}.sock")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + ([env["PYTHONPATH"]]
+        env["PYTHONPATH"] = os.pathsep.join([source_root] + ([env["PYTHONPATH"]]
                                                           if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
         argv = [sys.executable, "-m", "shotover_gevent", "start", "-c", config_path,
                 "-t", topology_path, "--control-socket", control_path]
-        child = self._spawn(f"proxy[{topology}]", argv, f"proxy-{tag}.log", port, env=env,
+        name = f"proxy[{topology}]" + (f"@{label}" if label else "")
+        child = self._spawn(name, argv, f"proxy-{tag}.log", port, env=env,
                             cwd=self.directory, child_class=Proxy, control_path=control_path,
                             topology=topology)
 
