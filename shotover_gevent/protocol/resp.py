@@ -208,6 +208,12 @@ class ReplyFramer:
             return None
         state = self._state
         if state is None:
+            if data[start] in _LINE_TYPES:
+                # One line, alone in the buffer: the commonest read without pipelining.
+                nl = data.find(_CRLF, start + 1)
+                if nl > 0 and nl + 2 == len(data):
+                    buf.offset = nl + 2
+                    return bytes(data[start:])
             if self.max_bulk_len >= _RUN_BULK_MAX:
                 end = _REPLY_RUN.match(data, start).end()
                 if end > start:
