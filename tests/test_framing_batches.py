@@ -110,6 +110,8 @@ STREAMS = {
     "odd first": ODD[2] + b"".join(WELL_FORMED[:3]),
     "inline between": WELL_FORMED[0] + b"PING\r\n" + WELL_FORMED[1] + b"GET k\r\n" + WELL_FORMED[2],
     "partial at the end": b"".join(WELL_FORMED[:3]) + WELL_FORMED[4][:20],
+    # Bytes that look like a huge element count keep a run from being framed in C.
+    "count-like payload": WELL_FORMED[0] + multibulk(b"SET", b"k", b"*1234567\r\n") + WELL_FORMED[1],
 }
 
 
