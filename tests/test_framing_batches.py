@@ -330,3 +330,13 @@ def test_replies_split_and_not_taken_stay_unread_exactly():
             break
         rest.append(frame)
     assert b"".join(taken + rest) == stream + b"$7\r\npartial\r\n"
+
+
+@pytest.mark.parametrize("kind", [b"*", b"%", b"~", b">", b"|"])
+def test_a_huge_element_count_is_never_handed_to_hiredis(kind):
+    # hiredis makes room for every element announced as soon as it reads the count.
+    framer = RequestFramer()
+    framer.feed(WELL_FORMED[0] + b"*2\r\n$3\r\nGET\r\n" + kind + b"2000000000\r\n")
+    assert framer._frame_canonical(framer._buf.data, 0) == (0, False)
+    requests, error = framer.pop_requests()
+    assert requests == [(WELL_FORMED[0], b"SET")] and error is not None

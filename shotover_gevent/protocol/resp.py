@@ -272,8 +272,10 @@ _HIDDEN = -2
 #: longer than this is framed step by step (its bytes cost more than its framing).
 _CANONICAL_WINDOW = 64 * 1024
 _FIRST = itemgetter(0)
-#: An aggregate of more elements than fit in _CANONICAL_WINDOW (or bytes that look like one).
-_LARGE_COUNT = re.compile(rb"[*%~>|][0-9]{6}")
+#: An aggregate of more elements than fit in _CANONICAL_WINDOW (or bytes that look like one),
+#: once digits are made 0 and aggregate type bytes '*'.
+_COUNT_SHAPE = bytes.maketrans(b"0123456789%~>|", b"0000000000****")
+_LARGE_COUNT = b"*000000"
 
 
 def _redis_integer(text: bytearray) -> Optional[int]:
@@ -437,8 +439,9 @@ class RequestFramer:
         if window > self.max_bulk_len:
             # No request within the window can then hold a bulk over the limit.
             window = self.max_bulk_len
-        if _LARGE_COUNT.search(data, pos, pos + window) is not None:
-            # hiredis would allocate room for every element announced before they arrive.
+        if data[pos : pos + window].translate(_COUNT_SHAPE).find(_LARGE_COUNT) >= 0:
+            # Something that may be read as an aggregate of more elements than fit in the
+            # window: hiredis would make room for all of them before they arrive.
             return 0, False
         reader = _request_reader
         if reader is None:
