@@ -449,6 +449,16 @@ class RequestFramer:
         reader.feed(data, pos, window)
         try:
             parsed = list(iter(reader.gets, _NOT_ENOUGH))
+            if len(parsed) == 1:  # what a read without pipelining holds: fewer steps
+                args = parsed[0]
+                raw = hiredis.pack_command(tuple(args))
+                if type(args) is not list or not args or not data.startswith(raw, pos):
+                    raise ValueError("not well-formed")
+                _request_reader = reader if len(raw) == window else None
+                self._ready = [(raw, args[0])]
+                self._buf.offset = pos + len(raw)
+                self._line_mark = 0
+                return 1, True
             raws = list(map(hiredis.pack_command, map(tuple, parsed)))
         except (hiredis.HiredisError, TypeError, ValueError):
             _request_reader = None
