@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from operator import itemgetter
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import hiredis
 
@@ -190,8 +190,9 @@ class ReplyFramer:
         self._buf = _Buffer()
         self.max_bulk_len = max_bulk_len
         self._state: Optional[_ScanState] = None
-        # Frames split off the buffer and not returned yet, last first.
-        self._ready: List[bytes] = []
+        # Frames split off the buffer and not returned yet, last first (a list once there are
+        # some: an idle connection holds no list of its own).
+        self._ready: Sequence[bytes] = ()
 
     def feed(self, data: bytes) -> None:
         # Scan state is relative to the frame start, so compaction inside feed() is harmless.
@@ -360,8 +361,8 @@ class RequestFramer:
         self._line_mark = 0
         self._line_hidden = False
         # Requests framed and not returned yet (a call asked for fewer than were buffered):
-        # they come before the buffer's unread bytes.
-        self._ready: List[Tuple[bytes, bytes]] = []
+        # they come before the buffer's unread bytes. A list once there are some.
+        self._ready: Sequence[Tuple[bytes, bytes]] = ()
 
     def feed(self, data: bytes) -> None:
         # Saved positions are relative to the first unread byte, so compaction is harmless.
