@@ -262,7 +262,12 @@ def start_targets(stack: Stack, options, topologies: List[str]
     for topology in topologies:
         proxy = stack.start_proxy(topology, redis.port)
         proxies[topology] = proxy
-        targets.append(Target(f"proxy[{topology}]", "proxy", proxy.port, [proxy.pid]))
+        targets.append(Target(proxy.name, "proxy", proxy.port, [proxy.pid]))
+        if options.baseline:
+            proxy = stack.start_proxy(topology, redis.port, source_root=options.baseline,
+                                      label="baseline")
+            proxies[f"{topology}@baseline"] = proxy
+            targets.append(Target(proxy.name, "proxy", proxy.port, [proxy.pid]))
     return targets, proxies, haproxy
 
 
@@ -270,6 +275,8 @@ def throughput(options) -> Dict[str, Any]:
     topologies = (["passthrough", "filtered"] if options.topology == "both"
                   else [options.topology])
     pipelines = [1] if options.pipeline <= 1 else [1, options.pipeline]
+    if options.pipelined_only and options.pipeline > 1:
+        pipelines = [options.pipeline]
     tests = options.tests
     key_range = CLUSTER_KEY_RANGE if options.topology == "cluster" else None
     requests = {1: options.requests}
@@ -330,7 +337,7 @@ def throughput(options) -> Dict[str, Any]:
                     "cpu_ticks": user + system,
                     "connections_per_second": round(result["rps"], 1),
                 }
-        proxy_rss = {topology: proxy_kib(p.pid) for topology, p in proxies.items()}
+        proxy_rss = {topology: proxy_kib(p.serving_pid) for topology, p in proxies.items()}
     load_after = machine_load()
 
     cells: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
@@ -414,6 +421,10 @@ def ratio_pairs(names: List[str], topologies: List[str]) -> List[Tuple[str, str,
             pairs.append((f"proxy[{topology}]", "haproxy", label, True))
     if "passthrough" in topologies and "filtered" in topologies:
         pairs.append(("proxy[filtered]", "proxy[passthrough]", "filtered/passthrough", True))
+    for topology in topologies:
+        if f"proxy[{topology}]@baseline" in names:
+            label = "proxy/baseline" if len(topologies) == 1 else f"{topology}/baseline"
+            pairs.append((f"proxy[{topology}]", f"proxy[{topology}]@baseline", label, True))
     return pairs
 
 
@@ -674,13 +685,14 @@ def idle_connections(options, topology: str) -> Dict[str, Any]:
     with Stack(keep=options.keep_logs, quiet=options.json and not options.verbose) as stack:
         redis = stack.start_redis(max_clients=count + 1000)
         proxy = stack.start_proxy(topology, redis.port, connection_limit=count + 1000)
-        proxy_limit = proc_nofile_limit(proxy.pid)
+        serving = proxy.serving_pid  # the worker: it holds the connections
+        proxy_limit = proc_nofile_limit(serving)
         if count + PROXY_FD_MARGIN > proxy_limit:
             raise BenchError(f"the proxy's open-file limit is {proxy_limit}: too low for "
                              f"{count} connections")
         time.sleep(0.5)
-        rss_before = proc_status_kib(proxy.pid)
-        fds_before = proc_fd_count(proxy.pid)
+        rss_before = proc_status_kib(serving)
+        fds_before = proc_fd_count(serving)
         stack.say(f"opening {count} idle connections to {proxy.name}")
         started = time.monotonic()
         clients = open_connections(proxy.port, count, started + options.timeout)
@@ -691,8 +703,8 @@ def idle_connections(options, topology: str) -> Dict[str, Any]:
                        f"the proxy to accept {count} connections", interval=0.1)
             accept_seconds = time.monotonic() - started
             time.sleep(1.0)  # let the last greenlets settle into recv()
-            rss_idle = proc_status_kib(proxy.pid)
-            fds_idle = proc_fd_count(proxy.pid)
+            rss_idle = proc_status_kib(serving)
+            fds_idle = proc_fd_count(serving)
             per_idle = (rss_idle - rss_before) / count
             stack.say(f"{count} idle: RSS {rss_before} -> {rss_idle} KiB "
                       f"({per_idle:.1f} KiB per connection)")
@@ -702,21 +714,21 @@ def idle_connections(options, topology: str) -> Dict[str, Any]:
             snapshot: Dict[str, Any] = {}
 
             def on_budget_reached(kept: int) -> None:
-                snapshot["rss"] = proc_status_kib(proxy.pid)
+                snapshot["rss"] = proc_status_kib(serving)
                 snapshot["kept"] = kept
 
             ping_result = ping_all(clients, keep_budget,
                                    time.monotonic() + options.timeout, on_budget_reached)
             if "rss" not in snapshot:
                 time.sleep(0.5)
-                snapshot["rss"] = proc_status_kib(proxy.pid)
+                snapshot["rss"] = proc_status_kib(serving)
                 snapshot["kept"] = ping_result["kept_open"]
             still = proxy.connections()
             proxy.check_alive()
         finally:
             for client in clients:
                 client.sock.close()
-        rss_final = proc_status_kib(proxy.pid)
+        rss_final = proc_status_kib(serving)
     active = snapshot["kept"]
     return {
         "mode": "idle-connections",
@@ -838,6 +850,13 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="connection cost: N connections opened, each for one PING "
                              "(redis-benchmark -k 0); 0 skips it (default 3000)")
     parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy target")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="also run the proxy of another checkout (DIR holds its "
+                             "shotover_gevent package, e.g. one made by `git worktree add`) as "
+                             "proxy[...]@baseline, interleaved with this one's runs, with a "
+                             "proxy/baseline ratio row")
+    parser.add_argument("--pipelined-only", action="store_true",
+                        help="only the runs with -P (skip those without pipelining)")
     parser.add_argument("--haproxy-threads", type=int, default=1,
                         help="HAProxy nbthread (default 1, like the single-threaded proxy)")
     parser.add_argument("--run-timeout", type=float, default=300.0,
@@ -874,6 +893,12 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def main(argv: Optional[List[str]] = None) -> int:
     options = parse_args(argv)
+    if options.baseline is not None:
+        options.baseline = os.path.abspath(options.baseline)
+        if not os.path.isfile(os.path.join(options.baseline, "shotover_gevent", "__main__.py")):
+            sys.stderr.write(f"bench: --baseline {options.baseline}: no shotover_gevent "
+                             "package there\n")
+            return 2
     try:
         if options.idle_connections is not None:
             topologies = (["passthrough", "filtered"] if options.topology == "both"

@@ -415,6 +415,13 @@ class Proxy(Child):
     def connections(self) -> int:
         return sum(s["connections"] for s in self.status()["sources"].values())
 
+    @property
+    def serving_pid(self) -> int:
+        """The process that holds the clients: the first worker (a proxy from before the
+        supervisor existed serves them itself)."""
+        workers = self.status().get("workers") or []
+        return int(workers[0]["pid"]) if workers else self.pid
+
 
 class RedisCluster:
     """The nodes of a Redis Cluster started by a Stack (each one a Child of that Stack)."""
@@ -555,7 +562,10 @@ class Stack:
 
     def start_proxy(self, topology: str, redis_port: Optional[int],
                     connection_limit: int = 10000, timeout: float = 30.0,
-                    contact_points: Sequence[str] = (), workers: int = 1) -> Proxy:
+                    contact_points: Sequence[str] = (), source_root: str = REPO_ROOT,
+                    label: str = "", workers: int = 1) -> Proxy:
+        """The proxy of this checkout, or of the one at `source_root` (named with `label`
+        after its topology: proxy[passthrough]@label), with `workers` worker processes."""
         port = free_port()
         tag = f"{topology}-{port}"
         config_path = self.path(f"config-{tag}.yaml")
@@ -567,12 +577,15 @@ class Stack:
                                        contact_points))
         control_path = self.path(f"ctl-{port}.sock")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + ([env["PYTHONPATH"]]
+        env["PYTHONPATH"] = os.pathsep.join([source_root] + ([env["PYTHONPATH"]]
                                                           if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
         argv = [sys.executable, "-m", "shotover_gevent", "start", "-c", config_path,
-                "-t", topology_path, "--control-socket", control_path, "--workers", str(workers)]
-        child = self._spawn(f"proxy[{topology}]", argv, f"proxy-{tag}.log", port, env=env,
+                "-t", topology_path, "--control-socket", control_path]
+        if workers != 1:
+            argv += ["--workers", str(workers)]
+        name = f"proxy[{topology}]" + (f"@{label}" if label else "")
+        child = self._spawn(name, argv, f"proxy-{tag}.log", port, env=env,
                             cwd=self.directory, child_class=Proxy, control_path=control_path,
                             topology=topology)
 

@@ -6,7 +6,8 @@ No sockets and no gevent here, so the exact bytes not yet consumed can always be
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional, Tuple
+from operator import itemgetter
+from typing import Any, List, Optional, Sequence, Tuple
 
 import hiredis
 
@@ -148,38 +149,94 @@ def scan_frame(buf: bytearray, pos: int, max_bulk_len: int = DEFAULT_MAX_BULK_LE
     return pos
 
 
-class ReplyFramer:
-    """Splits a server's byte stream into whole RESP2/RESP3 frames (raw bytes each)."""
+def _length_alternatives(longest: int, payload) -> str:
+    """A regular expression for every decimal length 0..`longest` as written canonically,
+    each followed by `payload(length)`: the digits branch like a trie, so a match costs one
+    step per digit."""
+    def branch(spellings: List[str], depth: int) -> str:
+        choices = [payload(int(text)) for text in spellings if len(text) == depth]
+        following: dict = {}
+        for text in spellings:
+            if len(text) > depth:
+                following.setdefault(text[depth], []).append(text)
+        choices += [digit + branch(group, depth + 1) for digit, group in following.items()]
+        return choices[0] if len(choices) == 1 else "(?:" + "|".join(choices) + ")"
+    return branch([str(length) for length in range(longest + 1)], 0)
 
-    __slots__ = ("_buf", "max_bulk_len", "_state")
+
+#: Bulk strings up to this long are framed by the run expressions below; longer ones, by
+#: scan_frame (their bytes cost more than their framing).
+_RUN_BULK_MAX = 999
+# One reply frame of the kinds most commands get: a line (not holding a lone CR or LF), a null,
+# an empty array, or a blob of a canonical length followed by CRLF. Each starts with the byte
+# that decides its kind and ends where scan_frame ends it; anything else stops a run.
+_RUN_FRAME = (r"[-+:_,#(][^\r\n]*\r\n|\$-1\r\n|\*(?:-1|0)\r\n|[$!=]"
+              + _length_alternatives(_RUN_BULK_MAX,
+                                     lambda n: r"\r\n" + (r".{%d}" % n if n else "") + r"\r\n"))
+_REPLY_FRAME = re.compile(_RUN_FRAME.encode(), re.DOTALL)
+_REPLY_RUN = re.compile(("(?:%s)*" % _RUN_FRAME).encode(), re.DOTALL)
+
+
+class ReplyFramer:
+    """Splits a server's byte stream into whole RESP2/RESP3 frames (raw bytes each).
+
+    A run of simple frames (lines, short blobs: what most commands answer) is split in two
+    C calls for however many there are; the rest, one frame at a time by scan_frame.
+    """
+
+    __slots__ = ("_buf", "max_bulk_len", "_state", "_ready")
 
     def __init__(self, max_bulk_len: int = DEFAULT_MAX_BULK_LEN) -> None:
         self._buf = _Buffer()
         self.max_bulk_len = max_bulk_len
         self._state: Optional[_ScanState] = None
+        # Frames split off the buffer and not returned yet, last first (a list once there are
+        # some: an idle connection holds no list of its own).
+        self._ready: Sequence[bytes] = ()
 
     def feed(self, data: bytes) -> None:
         # Scan state is relative to the frame start, so compaction inside feed() is harmless.
         self._buf.feed(data)
 
     def next_frame(self) -> Optional[bytes]:
+        ready = self._ready
+        if ready:
+            return ready.pop()
         buf = self._buf
         data = buf.data
         start = buf.offset
         if start >= len(data):
             return None
-        # Fast path for the commonest replies: one line (+OK, :1, -ERR ...).
-        if self._state is None and data[start] in _LINE_TYPES:
-            nl = data.find(_CRLF, start + 1)
-            if nl < 0:
-                if len(data) - start > MAX_INLINE_LEN:
-                    raise ProtocolError("too big line without CRLF")
-                return None
-            buf.offset = nl + 2
-            return bytes(data[start : nl + 2])
         state = self._state
-        if state is None and (data[start] in _AGGREGATE_TYPES or data[start] in _PAIR_TYPES):
-            state = self._state = _ScanState()
+        if state is None:
+            if data[start] in _LINE_TYPES:
+                # One line, alone in the buffer: the commonest read without pipelining.
+                nl = data.find(_CRLF, start + 1)
+                if nl > 0 and nl + 2 == len(data):
+                    buf.offset = nl + 2
+                    return bytes(data[start:])
+            if self.max_bulk_len >= _RUN_BULK_MAX:
+                end = _REPLY_RUN.match(data, start).end()
+                if end > start:
+                    buf.offset = end
+                    frames = _REPLY_FRAME.findall(data, start, end)
+                    if len(frames) > 1:
+                        frames.reverse()
+                        frame = frames.pop()
+                        self._ready = frames
+                        return frame
+                    return frames[0]
+            # Fast path for the commonest replies: one line (+OK, :1, -ERR ...).
+            if data[start] in _LINE_TYPES:
+                nl = data.find(_CRLF, start + 1)
+                if nl < 0:
+                    if len(data) - start > MAX_INLINE_LEN:
+                        raise ProtocolError("too big line without CRLF")
+                    return None
+                buf.offset = nl + 2
+                return bytes(data[start : nl + 2])
+            if data[start] in _AGGREGATE_TYPES or data[start] in _PAIR_TYPES:
+                state = self._state = _ScanState()
         end = scan_frame(data, start, self.max_bulk_len, state)
         if end < 0:
             return None
@@ -188,9 +245,15 @@ class ReplyFramer:
         return bytes(data[start:end])
 
     def pending(self) -> int:
+        ready = self._ready
+        if ready:
+            return sum([len(frame) for frame in ready]) + self._buf.pending()
         return self._buf.pending()
 
     def unread_bytes(self) -> bytes:
+        ready = self._ready
+        if ready:
+            return b"".join(ready[::-1]) + self._buf.unread()
         return self._buf.unread()
 
 
@@ -206,6 +269,14 @@ _COUNT_LINE = re.compile(rb"\*([1-9][0-9]{0,9})\r\n")
 _BULK_LINE = re.compile(rb"\$(0|[1-9][0-9]{0,19})\r\n")
 #: _line_end: a NUL byte comes before the line's end, which Redis therefore never finds.
 _HIDDEN = -2
+#: How many bytes one attempt at framing well-formed requests in C looks at, at most: a request
+#: longer than this is framed step by step (its bytes cost more than its framing).
+_CANONICAL_WINDOW = 64 * 1024
+_FIRST = itemgetter(0)
+#: An aggregate of more elements than fit in _CANONICAL_WINDOW (or bytes that look like one),
+#: once digits are made 0 and aggregate type bytes '*'.
+_COUNT_SHAPE = bytes.maketrans(b"0123456789%~>|", b"0000000000****")
+_LARGE_COUNT = b"*000000"
 
 
 def _redis_integer(text: bytearray) -> Optional[int]:
@@ -273,9 +344,13 @@ class RequestFramer:
     the request as a well-formed multibulk. Redis's own reading decides what is accepted and
     what is a protocol error (with its wording), down to where it stops looking for a line's
     end and the bytes it skips without checking them.
+
+    Well-formed multibulk requests, what clients send, are framed many at a time in C (see
+    _frame_canonical); anything else, and a request split between reads, goes through the
+    reading that follows Redis step by step.
     """
 
-    __slots__ = ("_buf", "max_bulk_len", "_partial", "_line_mark", "_line_hidden")
+    __slots__ = ("_buf", "max_bulk_len", "_partial", "_line_mark", "_line_hidden", "_ready")
 
     def __init__(self, max_bulk_len: int = DEFAULT_MAX_BULK_LEN) -> None:
         self._buf = _Buffer()
@@ -285,16 +360,25 @@ class RequestFramer:
         # searched, and whether a NUL byte already hides its end for good.
         self._line_mark = 0
         self._line_hidden = False
+        # Requests framed and not returned yet (a call asked for fewer than were buffered):
+        # they come before the buffer's unread bytes. A list once there are some.
+        self._ready: Sequence[Tuple[bytes, bytes]] = ()
 
     def feed(self, data: bytes) -> None:
         # Saved positions are relative to the first unread byte, so compaction is harmless.
         self._buf.feed(data)
 
     def pending(self) -> int:
+        ready = self._ready
+        if ready:
+            return sum([len(raw) for raw, _ in ready]) + self._buf.pending()
         return self._buf.pending()
 
     def unread_bytes(self) -> bytes:
         """Every byte received and not yet returned as a request: what a checkpoint must carry."""
+        ready = self._ready
+        if ready:  # framed as they arrived: their raw bytes are the bytes received
+            return b"".join([raw for raw, _ in ready]) + self._buf.unread()
         return self._buf.unread()
 
     def _stop_in_line(self, request_start: int, searched_to: int, line_end: int) -> None:
@@ -314,6 +398,115 @@ class RequestFramer:
         """
         out: List[Tuple[bytes, bytes]] = []
         buf = self._buf
+        # Whether runs of well-formed requests may still be framed in C during this call: not
+        # once one attempt stopped at a request that is not, so that a stream of those costs
+        # no more than one attempt per call.
+        fast = True
+        while True:
+            ready = self._ready
+            if ready:
+                if limit and limit - len(out) <= len(ready):
+                    wanted = limit - len(out)
+                    out += ready[:wanted]
+                    del ready[:wanted]
+                    return out, None
+                out += ready
+                ready.clear()
+            data = buf.data
+            pos = buf.offset
+            if pos >= len(data):
+                return out, None
+            if fast and data[pos] == 0x2A and self._partial is None and not self._line_mark \
+                    and not self._line_hidden:
+                framed, fast = self._frame_canonical(data, pos)
+                if framed:
+                    continue
+            # One request at least the step-by-step way; then, after a request that was not
+            # well-formed, the rest of the call too.
+            error, stopped_for_fast = self._pop_stepwise(out, limit, fast)
+            if error is not None or not stopped_for_fast:
+                return out, error
+
+    def _frame_canonical(self, data: bytearray, pos: int) -> Tuple[int, bool]:
+        """Frame the run of well-formed requests (a multibulk of bulks, nothing Redis would read
+        differently) that starts at `pos`, into _ready; (how many, whether the run ended only
+        because the data did). hiredis splits the run; re-encoding each request and comparing
+        with the bytes received keeps exactly those that Redis reads as they are, the raw bytes
+        of each being its encoding."""
+        global _request_reader
+        window = len(data) - pos
+        if window > _CANONICAL_WINDOW:
+            window = _CANONICAL_WINDOW
+        if window > self.max_bulk_len:
+            # No request within the window can then hold a bulk over the limit.
+            window = self.max_bulk_len
+        if data[pos : pos + window].translate(_COUNT_SHAPE).find(_LARGE_COUNT) >= 0:
+            # Something that may be read as an aggregate of more elements than fit in the
+            # window: hiredis would make room for all of them before they arrive.
+            return 0, False
+        reader = _request_reader
+        if reader is None:
+            reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+        reader.feed(data, pos, window)
+        try:
+            parsed = list(iter(reader.gets, _NOT_ENOUGH))
+            if len(parsed) == 1:  # what a read without pipelining holds: fewer steps
+                args = parsed[0]
+                raw = hiredis.pack_command(tuple(args))
+                if type(args) is not list or not args or not data.startswith(raw, pos):
+                    raise ValueError("not well-formed")
+                _request_reader = reader if len(raw) == window else None
+                self._ready = [(raw, args[0])]
+                self._buf.offset = pos + len(raw)
+                self._line_mark = 0
+                return 1, True
+            raws = list(map(hiredis.pack_command, map(tuple, parsed)))
+        except (hiredis.HiredisError, TypeError, ValueError):
+            _request_reader = None
+            return self._frame_canonical_prefix(data, pos, window)
+        run = b"".join(raws)
+        if not data.startswith(run, pos) or not all(parsed):
+            _request_reader = None
+            return self._frame_canonical_prefix(data, pos, window)
+        # A reader that read every byte fed holds nothing: the next call can use it as it is.
+        _request_reader = reader if len(run) == window else None
+        if raws:
+            self._ready = list(zip(raws, map(_FIRST, parsed)))
+            self._buf.offset = pos + len(run)
+            self._line_mark = 0
+        return len(raws), True
+
+    def _frame_canonical_prefix(self, data: bytearray, pos: int, window: int) -> Tuple[int, bool]:
+        """_frame_canonical() for a run that ends at a request that is not well-formed: the
+        requests before it, one at a time."""
+        reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+        reader.feed(data, pos, window)
+        ready = []
+        start = pos
+        try:
+            while True:
+                args = reader.gets()
+                if args is _NOT_ENOUGH or type(args) is not list or not args:
+                    break
+                raw = hiredis.pack_command(tuple(args))
+                if not data.startswith(raw, start):
+                    break
+                ready.append((raw, args[0]))
+                start += len(raw)
+        except (hiredis.HiredisError, TypeError, ValueError):
+            pass
+        if ready:
+            self._ready = ready
+            self._buf.offset = start
+            self._line_mark = 0
+        return len(ready), False
+
+    def _pop_stepwise(self, out: List[Tuple[bytes, bytes]], limit: int, fast: bool
+                      ) -> Tuple[Optional[ProtocolError], bool]:
+        """Frame requests into `out` following Redis step by step, up to `limit` in all;
+        (the protocol error that stopped framing, whether it stopped only to let a run of
+        well-formed requests be framed in C: `fast`, and a request was framed before it)."""
+        buf = self._buf
         data = buf.data
         end = len(data)
         pos = buf.offset
@@ -323,8 +516,13 @@ class RequestFramer:
         # Only the first line looked at can be the one a previous call stopped in.
         mark, hidden = pos + self._line_mark, self._line_hidden
         self._line_mark, self._line_hidden = 0, False
+        first = pos
         try:
             while pos < end:
+                if fast and pos != first and data[pos] == 0x2A and partial is None:
+                    buf.offset = pos
+                    self._partial = None
+                    return None, True
                 if data[pos] != 0x2A:  # not '*': an inline command, up to LF
                     if hidden:
                         nl = _HIDDEN
@@ -435,10 +633,10 @@ class RequestFramer:
                     break
         except ProtocolError as error:
             buf.offset = pos
-            return out, error
+            return error, False
         buf.offset = pos
         self._partial = partial
-        return out, None
+        return None, False
 
 
 _ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"a": b"\a"}
@@ -584,6 +782,9 @@ def encode_value(value: Any, resp3: bool = False) -> bytes:
 #: What a hiredis reader returns while a frame is incomplete (its default, False, is also #f).
 _NOT_ENOUGH = object()
 _reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+#: The reader RequestFramer frames well-formed requests with, kept while it holds nothing
+#: (None: make a new one). One for all framers: framing never yields to another greenlet.
+_request_reader: Optional[hiredis.Reader] = None
 
 
 def parse_frame(raw: bytes) -> Any:
