@@ -580,7 +580,8 @@ class Supervisor:
             "SIGHUP ignored: `shotover-g upgrade` (or SIGUSR2) reloads the configuration"))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         addresses = ", ".join(f"{name}={group['address']}"
-                              for name, group in self.listeners.items())
+                              for name, group in self.listeners.items()) or \
+            "the addresses the workers bound themselves (see status)"
         extra = ""
         if self.observability_server is not None:
             extra = f"; metrics on {self.observability_server.metrics_location}"
@@ -702,6 +703,9 @@ class Supervisor:
                 busy = busy or bool(answer.get("upgrade_in_progress"))
             else:
                 entry["error"] = str(answer)
+                last = slot.last_status.get("generation")
+                if isinstance(last, int):
+                    generations.append(last)  # what it last said, not nothing
             workers.append(entry)
         return {
             "version": __version__,
