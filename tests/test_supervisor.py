@@ -472,3 +472,36 @@ while True:
     client.sendall(json.dumps({"event": "status", "pid": 1, "version": "EVIL"}).encode() + b"\\n")
     client.close()
 """
+
+
+def test_a_stopped_bridge_does_not_hold_the_new_image_forever(proxy_factory, tmp_path):
+    """The new image waits for the checkpoint only as long as the bridge gave itself (drain
+    timeout + --timeout); then it gives up, and the bridge, once it runs again, serves on as
+    that worker."""
+    proxy = proxy_factory()
+    gate = tmp_path / "gate"
+    worker = status(proxy.control_socket)["workers"][0]["pid"]
+    with RawClient(proxy.port) as kept:
+        assert kept.call("SET", "k", "v") == b"OK"
+        offset = len(proxy.log_text())
+        run = BackgroundUpgrade(proxy.control_socket, tmp_path, "--python",
+                                interpreter_gated_at_restore(tmp_path, gate),
+                                "--drain-timeout", "0", "--timeout", "3")
+        bridge = None
+        try:
+            proxy.wait_log("[worker 1/1] exec:", start=offset, timeout=30)
+            bridge = int(proxy.log_text()[offset:].split("; pid ")[1].split()[0])
+            os.kill(bridge, signal.SIGSTOP)
+            gate.touch()
+            wait_for(lambda: process_gone(worker), 30, "the new image to give up")
+            assert "did not hand over within 3 s" in proxy.log_text()[offset:]
+        finally:
+            if bridge is not None:
+                os.kill(bridge, signal.SIGCONT)
+            gate.touch()
+        result = run.wait(120)
+        assert result.returncode == 1, result
+        wait_for(lambda: status(proxy.control_socket)["workers"][0]["pid"] == bridge, 60,
+                 "the bridge to be adopted as the worker")
+        assert kept.call("GET", "k") == b"v"
+        assert status(proxy.control_socket)["pid"] == proxy.pid

@@ -323,7 +323,11 @@ class Bridge:
     def _send_configuration(self, config_data, topology_data) -> None:
         import json
 
-        self.channel.send("config " + json.dumps({"config": config_data, "topology": topology_data}))
+        # How long the new image may wait for the checkpoint after it says "ready": the
+        # settling, then the time it is given to take over.
+        wait = self.request.drain_timeout + self.request.restore_timeout
+        self.channel.send("config " + json.dumps({"config": config_data, "topology": topology_data,
+                                                  "wait_seconds": wait}))
 
     def _retry(self) -> None:
         """The new version gave up; the previous one (this version) is started in its place

@@ -28,6 +28,12 @@ from .upgrade import CONTROL_SIGNALS, reap_later
 log = logging.getLogger(__name__)
 
 
+#: The bridge sends its first line as soon as it runs: silence this long means it is stopped.
+BRIDGE_FIRST_LINE_SECONDS = 30.0
+#: How long the bridge may take to hand over when it does not say (an older version).
+DEFAULT_BRIDGE_WAIT_SECONDS = 3600.0
+
+
 class RestoreOptions:
     """What the exec'ing image told this one on its command line."""
 
@@ -44,6 +50,8 @@ class RestoreOptions:
         self.rollback = rollback
         #: The sealed memfd holding the checkpoint, once the bridge has sent it.
         self.checkpoint_fd: Optional[int] = None
+        #: How long the bridge may take to answer "ready" (it says so with its first line).
+        self.bridge_wait = DEFAULT_BRIDGE_WAIT_SECONDS
         # Reads and writes on the bridge socket; the fd itself stays as it is (inheritable:
         # a roll-back exec hands it on).
         self.bridge: Optional[LineChannel] = None
@@ -82,12 +90,18 @@ def _await_checkpoint(options: RestoreOptions) -> None:
     if bridge is None:
         return  # started by hand on an existing file
     bridge.send("ready")
-    answer = bridge.read_line()
+    # The bridge settles (at most the drain timeout), then sends: a bridge that says nothing
+    # for longer than it gave itself is stopped or hung, and this image gives up.
+    wait = options.bridge_wait
+    answer = bridge.read_line(time.monotonic() + wait)
     while answer.startswith("fds "):
         # Connections the bridge accepted while this image started: their sockets come now.
         taken = bridge.take_fds(int(answer.split()[1]))
         bridge.send("fds " + " ".join(str(fd) for fd in taken))
-        answer = bridge.read_line()
+        answer = bridge.read_line(time.monotonic() + wait)
+    if answer == "timeout":
+        raise RestoreFailed(f"the previous version's bridge process did not hand over within "
+                            f"{wait:g} s")
     if answer == "written":
         # The checkpoint itself: a sealed memory file, the one socket-less fd of the message.
         taken = bridge.take_fds(len(bridge.fds))
@@ -107,15 +121,21 @@ def _configuration_from_bridge(options: RestoreOptions):
     """The bridge's first line: the configuration data to run on, as (config, topology)."""
     if options.bridge is None:
         return None
-    line = options.bridge.read_line()
+    line = options.bridge.read_line(time.monotonic() + BRIDGE_FIRST_LINE_SECONDS)
+    if line == "timeout":
+        raise RestoreFailed(f"the previous version's bridge process sent nothing within "
+                            f"{BRIDGE_FIRST_LINE_SECONDS:g} s")
     if not line.startswith("config "):
         raise BridgeLost("the previous version's bridge process ended before handing over")
     import json
 
     try:
         data = json.loads(line[len("config "):])
+        wait = data.get("wait_seconds")
+        if isinstance(wait, (int, float)) and wait > 0:
+            options.bridge_wait = float(wait)
         return data["config"], data["topology"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
