@@ -80,6 +80,7 @@ from bench_common import (  # noqa: E402
     proc_cpu_seconds,
     proc_fd_count,
     proc_status_kib,
+    tree_cpu_seconds,
     process_tree,
     raise_nofile,
     redis_call,
@@ -103,8 +104,11 @@ MAX_FAILURE_RECORDS = 300
 #: Redis commands no mutated byte string may reach: they would disturb every client.
 DANGEROUS_COMMANDS = ("FLUSHALL", "FLUSHDB", "SHUTDOWN", "DEBUG", "SWAPDB", "REPLICAOF",
                       "SLAVEOF", "FAILOVER", "CONFIG")
-UPGRADED_LINE = re.compile(r"^upgraded (\S+) -> (\S+): kept (\d+) connections, closed (\d+) "
-                           r"\(([^)]*)\), blackout (\d+) ms, pid (\d+)", re.M)
+#: One worker's line of an upgrade's summary.
+UPGRADED_LINE = re.compile(r"upgraded (\S+) -> (\S+): kept (\d+) connections, closed (\d+) "
+                           r"\(([^)]*)\), blackout (\d+) ms, pid (\d+)")
+#: The supervisor's line of an upgrade's summary.
+SUPERVISOR_LINE = re.compile(r"\(supervisor pid (\d+), generation (\d+)\)")
 LOG_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -1037,20 +1041,25 @@ class Upgrader:
             self.process = None
 
     def _judge(self, record: UpgradeRecord) -> None:
-        match = UPGRADED_LINE.search(record.output)
-        if match:
-            record.kept, record.closed = int(match.group(3)), int(match.group(4))
-            record.blackout_ms = int(match.group(6))
+        # One line per worker; kept and closed add up, the blackout is the worst worker's.
+        matches = list(UPGRADED_LINE.finditer(record.output))
+        if matches:
+            record.kept = sum(int(m.group(3)) for m in matches)
+            record.closed = sum(int(m.group(4)) for m in matches)
+            record.blackout_ms = max(int(m.group(6)) for m in matches)
+        supervisor = SUPERVISOR_LINE.search(record.output)
         problems = []
         if record.returncode != 0:
             problems.append(f"exit status {record.returncode}")
-        if not match:
+        if not matches:
             problems.append("no 'upgraded ... closed N' line")
         else:
             if record.closed != 0:
-                problems.append(f"closed {record.closed} ({match.group(5)})")
-            if int(match.group(7)) != self.soak.proxy.pid:
-                problems.append(f"pid {match.group(7)}, expected {self.soak.proxy.pid}")
+                problems.append(f"closed {record.closed} "
+                                f"({'; '.join(m.group(5) for m in matches)})")
+            if supervisor is None or int(supervisor.group(1)) != self.soak.proxy.pid:
+                problems.append(f"supervisor pid {supervisor and supervisor.group(1)}, "
+                                f"expected {self.soak.proxy.pid}")
         if problems:
             last_lines = " | ".join(record.output.strip().splitlines()[-3:])
             record.problem = "; ".join(problems) + f" -- {last_lines}"
@@ -1232,12 +1241,13 @@ def final_checks(soak: Soak, clients: List[Any]) -> List[str]:
 
 
 def cpu_seconds(soak: Soak) -> Dict[str, float]:
-    """CPU seconds used so far by the proxy (its pid keeps them across upgrades; the old side's
-    process during each upgrade is not included), redis-server and this process."""
+    """CPU seconds used so far by the proxy (the supervisor and its workers; their pids keep
+    them across upgrades; a bridge's own share is not included), redis-server and this
+    process."""
     used: Dict[str, float] = {}
     for name, pid in (("proxy", soak.proxy.pid), ("redis-server", soak.redis_pid)):
         try:
-            used[name] = sum(proc_cpu_seconds(pid))
+            used[name] = tree_cpu_seconds(pid) if name == "proxy" else sum(proc_cpu_seconds(pid))
         except (OSError, ValueError, IndexError):
             pass
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -1415,7 +1425,8 @@ def run_soak(stack: Stack, options: argparse.Namespace) -> int:
     total = client_total(options)
     redis = stack.start_redis(max_clients=total + 1000, extra_args=[
         argument for name in DANGEROUS_COMMANDS for argument in ("--rename-command", name, "")])
-    proxy = stack.start_proxy("passthrough", redis.port, connection_limit=total + 1000)
+    proxy = stack.start_proxy("passthrough", redis.port, connection_limit=total + 1000,
+                              workers=options.workers)
     soak = Soak(options, proxy.port, redis.port, proxy, redis.pid)
     clients = start_clients(soak)
     stack.say(f"{total} client connections: " + ", ".join(
@@ -1504,6 +1515,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "(default 5; 0: no upgrades)")
     parser.add_argument("--report-every", type=float, default=10.0, metavar="SECONDS",
                         help="seconds between two progress lines (default 10)")
+    parser.add_argument("--workers", type=int, default=1, help="proxy workers (default 1)")
     parser.add_argument("--pipeliners", type=int, default=20, help="default 20")
     parser.add_argument("--paced", type=int, default=100, help="default 100")
     parser.add_argument("--subscribers", type=int, default=30,
