@@ -105,8 +105,10 @@ def spawn(argv: List[str], env: Dict[str, str], keep_fds=(), stdout: Optional[in
     if stdout is not None:
         actions += [(os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stdout, 2)]
     try:
+        # The child starts with no signal blocked (the supervisor blocks some across its own
+        # exec, and a mask is inherited).
         return os.posix_spawn(argv[0] if os.sep in argv[0] else _which(argv[0]), argv, env,
-                              file_actions=actions)
+                              file_actions=actions, setsigmask=())
     finally:
         for fd in keep_fds:
             os.set_inheritable(fd, False)
@@ -422,10 +424,10 @@ class Supervisor:
         self.control_server = ControlServer(self, self.control_path)
         self.control_server.bind()
         self._refuse_if_workers_remain()
-        self._start_observability(None)
         addresses = list(_source_addresses(answer.get("topology_data"), parse_address))
         for name, address in addresses:
             _refuse_if_listened_on(name, address)
+        self._start_observability(None)
         for name, address in addresses:
             self.listeners[name] = {"fds": self._bind_group(name, address)}
             self.listeners[name]["address"] = _describe_bound(self.listeners[name]["fds"][0])
@@ -445,11 +447,14 @@ class Supervisor:
             probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
             try:
                 probe.connect(lifecycle.socket_address(address))
-                pid, _uid = peer_credentials(probe)
+                pid, uid = peer_credentials(probe)
             except OSError:
                 continue
             finally:
                 probe.close()
+            if uid not in (os.getuid(), 0):
+                raise OSError(f"{address}, the control address of worker {index}, is held by "
+                              f"pid {pid} of another user (uid {uid}): not starting")
             raise OSError(f"worker {index} of an earlier run of this service (pid {pid}) "
                           f"still holds {address}: stop it before starting again")
 
@@ -755,6 +760,9 @@ class Supervisor:
     # ---- upgrade --------------------------------------------------------------------------------
 
     def _upgrade_from_signal(self) -> None:
+        if self.upgrade_in_progress:
+            log.warning("SIGUSR2 received while an upgrade runs: ignored")
+            return
         log.info("SIGUSR2 received: upgrading every worker, then the supervisor")
         self.start_upgrade({}, None)
 
@@ -816,6 +824,7 @@ class Supervisor:
         request = {k: v for k, v in options.items() if k != "parallel"}
         request.update(command="upgrade", python=python, preflight=answer)
         results: Dict[int, dict] = {}
+        restarts_before = {slot.index: slot.restarts for slot in self.slots}
         pending = list(self.slots)
         while pending:
             if self.stopping:
@@ -834,12 +843,31 @@ class Supervisor:
                 return self._summary(results, python, version, finished=False)
         self.python = python
         self.configuration = (answer.get("config_data"), answer.get("topology_data"))
+        lost = self._casualties(restarts_before)
+        if lost:
+            # A new image that took over and then died took its clients with it: whatever
+            # its own report said, this upgrade did not go well.
+            for index in lost:
+                results[index] = dict(results[index], ok=False,
+                                      reason=f"worker {index}: its new version exited after "
+                                             "taking over; its clients lost their connections",
+                                      summary=f"{results[index].get('summary')}; then its new "
+                                              "version exited: its clients lost their "
+                                              "connections; the worker was restarted")
+            return self._summary(results, python, version, finished=False)
         if self.stopping:
             # A stop wins: no new supervisor image is started.
             return self._summary(results, python, version, finished=False,
                                  interrupted="the service is stopping")
         outcome = self._summary(results, python, version, finished=True)
         return self.exec_next(python, outcome, report)
+
+    def _casualties(self, restarts_before: Dict[int, int]) -> List[int]:
+        """Workers whose process died since `restarts_before` was taken (restarted, or dead
+        and not yet noticed)."""
+        return [slot.index for slot in self.slots
+                if slot.restarts != restarts_before.get(slot.index, slot.restarts)
+                or not _is_child(slot.pid)]
 
     def _moved_sources(self, topology_data) -> List[str]:
         """The sources whose listening address the new topology changes or drops: once a
@@ -1098,7 +1126,7 @@ class Supervisor:
                               started=time.monotonic() - QUICK_DEATH_SECONDS,
                               restarts=int(entry.get("restarts") or 0), state="serving")
             supervisor.slots.append(slot)
-            if _is_child(slot.pid):
+            if _is_child(slot.pid, zombie=True):
                 supervisor._watch(slot)
             else:
                 # Gone (or collected by something else) while the supervisor was exec'ing.
@@ -1214,6 +1242,12 @@ def restore_or_roll_back(text: str, config_path: str, topology_path: str, contro
         raise
     supervisor.go_live()
     outcome = dict(state.get("outcome") or {"event": "result", "ok": True, "summary": ""})
+    dead = [slot.index for slot in supervisor.slots if not _is_child(slot.pid)]
+    if dead and outcome.get("ok"):
+        outcome["ok"] = False
+        outcome["reason"] = (f"worker(s) {dead} exited while the supervisor was exec'ing; "
+                             "their clients lost their connections")
+        outcome["summary"] += f"\n{outcome['reason']}; they are restarted"
     if state.get("rolled_back"):
         outcome["ok"] = False
         outcome["reason"] = state["rolled_back"]
@@ -1324,15 +1358,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _is_child(pid: int) -> bool:
+def _is_child(pid: int, zombie: bool = False) -> bool:
     """Whether `pid` is a live child of this process (a worker, or a worker's bridge that was
-    re-parented here)."""
+    re-parented here); with `zombie`, one that has exited and is not yet collected counts
+    too."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
             fields = stat_file.read().rsplit(b")", 1)[1].split()
     except OSError:
         return False
-    return fields[0] != b"Z" and int(fields[1]) == os.getpid()
+    return (zombie or fields[0] != b"Z") and int(fields[1]) == os.getpid()
 
 
 def _children_of(parent: int) -> List[int]:

@@ -505,3 +505,48 @@ def test_a_stopped_bridge_does_not_hold_the_new_image_forever(proxy_factory, tmp
                  "the bridge to be adopted as the worker")
         assert kept.call("GET", "k") == b"v"
         assert status(proxy.control_socket)["pid"] == proxy.pid
+
+
+def test_workers_start_with_no_signal_blocked():
+    """The supervisor blocks its control signals across its own exec; a worker it starts in
+    that window must not inherit the mask (it would ignore SIGTERM)."""
+    from shotover_gevent.supervisor import spawn
+
+    read_end, write_end = os.pipe()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        pid = spawn([sys.executable, "-c", "print(open('/proc/self/status').read())"],
+                    dict(os.environ), stdout=write_end)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        os.close(write_end)
+    with os.fdopen(read_end) as output:
+        text = output.read()
+    os.waitpid(pid, 0)
+    blocked = next(line for line in text.splitlines() if line.startswith("SigBlk:"))
+    assert int(blocked.split()[1], 16) == 0, blocked
+
+
+def test_a_new_image_dying_soon_after_taking_over_fails_the_upgrade(proxy_factory, tmp_path):
+    proxy = proxy_factory(extra_args=WORKERS)
+    clients = clients_on_each_worker(proxy, 8)
+    wrapper = tmp_path / "python-dies-after-taking-over"
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in
+  *" --restore "*)
+    case "$SHOTOVER_G_WORKER" in
+      *'"index": 1,'*) (sleep 1; kill -9 $$) & ;;
+      *) sleep 3 ;;
+    esac ;;
+esac
+exec "{sys.executable}" "$@"
+""")
+    wrapper.chmod(0o755)
+    try:
+        result = upgrade(proxy.control_socket, "--python", str(wrapper))
+        assert result.returncode == 1, f"{result!r}\n{tail(proxy.log_path)}"
+        assert status(proxy.control_socket)["pid"] == proxy.pid
+        assert "supervisor: exec" not in result.output, result
+    finally:
+        for client in clients:
+            client.close()
