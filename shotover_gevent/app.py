@@ -52,6 +52,12 @@ class Proxy:
         self.worker = lifecycle.worker_identity()
         self._orphan_watch: Optional[gevent.Greenlet] = None
 
+    @property
+    def metrics_address(self):
+        """Where this process serves /metrics itself, or None: a worker never does (its
+        supervisor serves one page for every worker)."""
+        return None if self.worker is not None else self.config.observability_interface
+
     # ---- start --------------------------------------------------------------------------------
 
     def start_fresh(self) -> None:
@@ -68,9 +74,9 @@ class Proxy:
             else:
                 source.bind(reuse_port=self.worker is not None)
             self.sources[source.name] = source
-        if self.config.observability_interface is not None and self.worker is None:
+        if self.metrics_address is not None:
             self.observability_server = observability.start_observability_server(
-                self.config.observability_interface, token=self.config.observability_token)
+                self.metrics_address, token=self.config.observability_token)
         self.control_server = ControlServer(self, self.control_path)
         self.control_server.bind()
         self.go_live()

@@ -121,10 +121,10 @@ def start(config_path: str, topology_path: str, log_format: str, control_socket:
 def _run_supervisor(config_path: str, topology_path: str, log_format: str,
                     control_socket: Optional[str], count: int) -> None:
     from . import lifecycle
-    from .supervisor import Supervisor, restore_or_roll_back
+    from .supervisor import Supervisor, parsed_config, restore_or_roll_back
 
     state = os.environ.get(lifecycle.SUPERVISOR_ENV)
-    control = _control_path(control_socket, _config_quietly(config_path))
+    control = _control_path(control_socket, parsed_config(None, config_path))
     if state:
         supervisor = restore_or_roll_back(state, config_path, topology_path, control, log_format)
     else:
@@ -144,14 +144,6 @@ def _run_supervisor(config_path: str, topology_path: str, log_format: str,
             sys.exit(1)
     supervisor.serve_forever()
     sys.exit(0)
-
-
-def _config_quietly(config_path: str):
-    """config.yaml's control_socket, before the configuration is checked (a broken file is
-    reported by the check)."""
-    from .supervisor import _read_config_quietly
-
-    return _read_config_quietly(config_path)
 
 
 @main.command()

@@ -140,6 +140,13 @@ def restore_args(bridge_fd: int, bridge_pid: int, rollback: bool = False) -> Lis
     return args + (["--rollback"] if rollback else [])
 
 
+def previous_program(previous: Dict[str, Any], args: List[str]) -> List[str]:
+    """The argv that starts the version recorded in `previous` (its interpreter, and the boot
+    line pinning its search path) with these arguments after `python -m shotover_gevent`."""
+    boot = list(previous.get("boot") or [previous["python"], "-m", "shotover_gevent"])
+    return boot + list(args)
+
+
 def package_root() -> str:
     """The directory this package is imported from."""
     import shotover_gevent
@@ -200,8 +207,8 @@ class PreflightFailed(Exception):
     """The new version cannot take over; the text says why."""
 
 
-def preflight_answer(returncode: int, out: bytes, err: bytes) -> dict:
-    """The answer of a preflight that exited with `returncode`, or PreflightFailed."""
+def json_answer(out: bytes) -> Optional[dict]:
+    """The last JSON object line `check --json` printed (other lines are ignored), or None."""
     answer = None
     for line in out.decode("utf-8", "replace").splitlines():
         if line.startswith("{"):
@@ -209,6 +216,12 @@ def preflight_answer(returncode: int, out: bytes, err: bytes) -> dict:
                 answer = json.loads(line)
             except ValueError:
                 pass
+    return answer if isinstance(answer, dict) else None
+
+
+def preflight_answer(returncode: int, out: bytes, err: bytes) -> dict:
+    """The answer of a preflight that exited with `returncode`, or PreflightFailed."""
+    answer = json_answer(out)
     if returncode != 0 or not isinstance(answer, dict) or not answer.get("ok"):
         reason = ""
         if isinstance(answer, dict) and answer.get("problems"):

@@ -167,3 +167,26 @@ def listening_socket(host: str, port: int, reuse_port: bool = False):
     if reuse_port:
         listener.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
     return listener
+
+
+#: Connections the kernel queues for a listener until it accepts them.
+LISTEN_BACKLOG = 4096
+
+
+def bind_listener(name: str, host: str, port: int, reuse_port: bool = False,
+                  listen: bool = True):
+    """A listening socket of source `name` on (host, port) (`listen=False`: only bound, a
+    probe of the address); an OSError naming the source and the address when it cannot be
+    had."""
+    listener = listening_socket(host, port, reuse_port)
+    try:
+        listener.bind((host, port))
+        if listen:
+            listener.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        listener.close()
+        from .config import format_address
+
+        raise OSError(error.errno, f"source {name}: cannot listen on "
+                                   f"{format_address((host, port))}: {error.strerror}") from None
+    return listener

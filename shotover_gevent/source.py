@@ -16,13 +16,12 @@ from gevent.event import Event
 from . import observability
 from .config import SourceConfig, format_address
 from .connection import ClientConnection
-from .netio import listening_socket, stamp_arrivals
+from .netio import bind_listener, stamp_arrivals
 from .session import Session
 from .transforms import build_builders
 
 log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 4096
 
 
 class _Interrupt(Exception):
@@ -65,15 +64,7 @@ class Source:
         """Listen on the source's address; with `reuse_port`, as one socket of a SO_REUSEPORT
         group (a worker's own socket, beside its siblings')."""
         host, port = self.config.listen_addr
-        listener = listening_socket(host, port, reuse_port)
-        try:
-            listener.bind((host, port))
-        except OSError as error:
-            listener.close()
-            raise OSError(error.errno, f"source {self.name}: cannot listen on "
-                                       f"{format_address((host, port))}: {error.strerror}") from None
-        listener.listen(LISTEN_BACKLOG)
-        self.listener = listener
+        self.listener = bind_listener(self.name, host, port, reuse_port)
 
     @property
     def address(self) -> str:

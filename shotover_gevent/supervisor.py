@@ -31,12 +31,12 @@ from gevent import socket
 from gevent.event import AsyncResult, Event
 
 from . import __version__, lifecycle
-from .handover.control import ControlChannel, ControlError, ControlServer, Reporter
+from .handover.control import (ControlChannel, ControlError, ControlServer, Reporter,
+                               peer_credentials, request)
 
 log = logging.getLogger("shotover_gevent.supervisor")
 
 PR_SET_CHILD_SUBREAPER = 36
-LISTEN_BACKLOG = 4096
 #: How long a fresh worker may take to answer its first status request.
 WORKER_START_SECONDS = 30.0
 #: A worker that dies sooner than this after its start is restarted after a growing delay.
@@ -188,52 +188,9 @@ class WorkerSlot:
 
 def ask(address: str, message: Dict[str, Any], timeout: float = 5.0,
         on_event: Callable[[Dict[str, Any]], None] = lambda e: None) -> Dict[str, Any]:
-    """One control request to a worker, from the supervisor's hub."""
-    from .handover.control import _parse_event
-
-    client = socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    client.settimeout(timeout)
-    try:
-        try:
-            client.connect(lifecycle.socket_address(address))
-        except OSError as error:
-            raise ControlError(f"cannot reach {address}: {error.strerror or error}") from None
-        # An abstract name has no file permissions: whoever listens there must be of this
-        # user (or root) before anything is told to it.
-        pid, uid = peer_credentials(client)
-        if uid not in (os.getuid(), 0):
-            raise ControlError(f"{address} is held by pid {pid} of uid {uid}, not by a worker "
-                               "of this service")
-        client.sendall(json.dumps(message).encode() + b"\n")
-        buffer = b""
-        while True:
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                event = _parse_event(line)
-                if event.get("event") in ("result", "status", "error", "metrics"):
-                    return event
-                on_event(event)
-            try:
-                chunk = client.recv(1 << 20)
-            except socket.timeout:
-                raise ControlError(f"no answer within {timeout:g} s") from None
-            except OSError as error:
-                raise ControlError(f"the connection failed: {error.strerror or error}") from None
-            if not chunk:
-                raise ControlError("closed without an answer")
-            buffer += chunk
-    finally:
-        client.close()
-
-
-def peer_credentials(sock) -> Tuple[int, int]:
-    """(pid, uid) of the process at the other end of a Unix socket."""
-    import struct
-
-    data = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED,
-                           struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", data)
-    return pid, uid
+    """One control request to a worker (of this user only), from the supervisor's hub."""
+    return request(address, message, on_event, timeout, socket_module=socket,
+                   own_user_only=True)
 
 
 # ---- metrics of all workers ------------------------------------------------------------------
@@ -298,7 +255,6 @@ class MetricsAggregate:
                 headers[family] = [f"# TYPE {family} {kinds[family]}"]
                 order.append(family)
         merged: Dict[Tuple[str, Tuple], float] = {}
-        monotonic = set()
         for index in set(self.last) | set(current):
             now = current.get(index)
             before = self.last.get(index, {})
@@ -318,7 +274,6 @@ class MetricsAggregate:
                 family = _family_of(key[0], kinds)
                 kind = kinds.get(family, "untyped")
                 if kind in ("counter", "histogram"):
-                    monotonic.add(key)
                     merged[key] = merged.get(key, 0.0) + value
                 elif family in _GAUGE_MIN:
                     merged[key] = min(merged.get(key, value), value)
@@ -329,7 +284,6 @@ class MetricsAggregate:
             self.last[index] = now
         for key, offset in self.offset.items():
             merged[key] = merged.get(key, 0.0) + offset
-            monotonic.add(key)
         return order, {"headers": headers, "kinds": kinds, "values": merged}
 
     def render(self, pages: Dict[int, Optional[str]], extra: List[str],
@@ -465,14 +419,8 @@ class Supervisor:
                    "-t", self.topology_path, "--json"]
         done = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL,
                               timeout=lifecycle.PREFLIGHT_TIMEOUT)
-        answer = None
-        for line in done.stdout.decode("utf-8", "replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    answer = json.loads(line)
-                except ValueError:
-                    pass
-        if not isinstance(answer, dict):
+        answer = lifecycle.json_answer(done.stdout)
+        if answer is None:
             sys.stderr.write(done.stderr.decode("utf-8", "replace"))
             raise SystemExit("shotover-g: the configuration could not be checked; not starting")
         if not answer.get("ok"):
@@ -491,25 +439,19 @@ class Supervisor:
         return answer
 
     def _bind_group(self, name: str, address) -> List[int]:
-        from .config import format_address
-        from .netio import listening_socket
+        from .netio import bind_listener
 
         host, port = address
-        fds = []
-        for _ in range(self.count):
-            listener = listening_socket(host, port, reuse_port=True)
-            try:
-                listener.bind((host, port))
-                listener.listen(LISTEN_BACKLOG)
-            except OSError as error:
-                listener.close()
-                for fd in fds:
-                    os.close(fd)
-                raise OSError(error.errno, f"source {name}: cannot listen on "
-                                           f"{format_address((host, port))}: "
-                                           f"{error.strerror}") from None
-            port = listener.getsockname()[1]  # port 0: the others join the port the first got
-            fds.append(listener.detach())
+        fds: List[int] = []
+        try:
+            for _ in range(self.count):
+                listener = bind_listener(name, host, port, reuse_port=True)
+                port = listener.getsockname()[1]  # port 0: the others join the port it got
+                fds.append(listener.detach())
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            raise
         return fds
 
     def _slot(self, index: int, python: Optional[str] = None) -> WorkerSlot:
@@ -606,7 +548,6 @@ class Supervisor:
             return  # an earlier process of this slot
         if self.stopping:
             slot.state = "stopped"
-            self._maybe_stopped()
             return
         # Its bridge may serve on (the new version died during an upgrade): whoever holds
         # the worker's control socket is that worker now.
@@ -1107,10 +1048,10 @@ class Supervisor:
             supervisor.configuration = tuple(state["configuration"])
         supervisor.control_server = ControlServer(
             supervisor, control_path, socket.socket(fileno=int(state["control_fd"])))
-        answer = _read_config_quietly(config_path)
-        if answer is not None:
-            supervisor.observability_address = answer.observability_interface
-            supervisor.observability_token = answer.observability_token
+        config = parsed_config(supervisor.configuration[0], config_path)
+        if config is not None:
+            supervisor.observability_address = config.observability_interface
+            supervisor.observability_token = config.observability_token
         listener = None
         if state.get("metrics_fd") is not None:
             listener = socket.socket(fileno=int(state["metrics_fd"]))
@@ -1170,9 +1111,6 @@ class Supervisor:
             except OSError:
                 pass
         self._finish_stop()
-
-    def _maybe_stopped(self) -> None:
-        pass  # _stop polls the children itself
 
     def _finish_stop(self) -> None:
         if self.control_server is not None:
@@ -1234,10 +1172,9 @@ def restore_or_roll_back(text: str, config_path: str, topology_path: str, contro
             raise
         state["rolled_back"] = f"new supervisor {__version__}: {error}"
         state["generation"] = int(state["generation"]) - 1
-        boot = list(previous.get("boot") or [previous["python"], "-m", "shotover_gevent"])
-        argv = boot + lifecycle.program_argv(previous["python"], config_path, topology_path,
-                                             control_path, log_format)[3:] + \
-            ["--workers", str(state["count"])]
+        argv = lifecycle.previous_program(previous, lifecycle.program_argv(
+            previous["python"], config_path, topology_path, control_path,
+            log_format)[3:] + ["--workers", str(state["count"])])
         exec_supervisor(previous["python"], argv, state)
         raise
     supervisor.go_live()
@@ -1297,77 +1234,73 @@ def _source_addresses(topology_data, parse_address):
 def _refuse_if_listened_on(name: str, address) -> None:
     """OSError when something listens on `address` already: SO_REUSEPORT would let this
     service join it silently (same user) and take a share of its connections."""
-    from .config import format_address
+    from .netio import bind_listener
 
     host, port = address
-    if port == 0:
-        return
-    family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
-    probe = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+    if port != 0:
+        bind_listener(name, host, port, listen=False).close()
+
+
+def _bound_address(fd: int) -> Optional[Tuple[str, int]]:
+    """(host, port) the socket `fd` is bound to, or None."""
+    sock = stdlib_socket.socket(fileno=fd)
     try:
-        probe.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
-    except OSError as error:
-        raise OSError(error.errno, f"source {name}: cannot listen on "
-                                   f"{format_address((host, port))}: {error.strerror}") from None
+        return tuple(sock.getsockname()[:2])
+    except OSError:
+        return None
     finally:
-        probe.close()
+        sock.detach()
 
 
 def _bound_to(fd: int, address) -> bool:
     """Whether the listening socket `fd` is bound to (host, port) (port 0: any port)."""
-    sock = stdlib_socket.socket(fileno=fd)
-    try:
-        host, port = sock.getsockname()[:2]
-    except OSError:
-        return False
-    finally:
-        sock.detach()
-    return host == address[0] and (address[1] == 0 or port == address[1])
+    bound = _bound_address(fd)
+    return bound is not None and bound[0] == address[0] and address[1] in (0, bound[1])
 
 
 def _describe_bound(fd: int) -> str:
     from .config import format_address
 
-    sock = stdlib_socket.socket(fileno=fd)
-    try:
-        return format_address(sock.getsockname()[:2])
-    finally:
-        sock.detach()
+    return format_address(_bound_address(fd))
 
 
-def _read_config_quietly(config_path: str):
-    """config.yaml as it is now (the metrics endpoint's address and token), or None."""
+def parsed_config(data, config_path: str):
+    """config.yaml from the data the service runs on (what its last check validated), else
+    as the file is now; None when neither can be had."""
     from .config import parse_config
 
-    try:
-        import yaml
+    if data is None:
+        try:
+            import yaml
 
-        with open(config_path, encoding="utf-8") as file:
-            config, _problems = parse_config(yaml.safe_load(file), config_path)
-        return config
-    except (OSError, ValueError, yaml.YAMLError):
+            with open(config_path, encoding="utf-8") as file:
+                data = yaml.safe_load(file)
+        except (OSError, yaml.YAMLError):
+            return None
+    try:
+        config, _problems = parse_config(data, config_path)
+    except ValueError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            return stat_file.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+    return config
 
 
 def _is_child(pid: int, zombie: bool = False) -> bool:
     """Whether `pid` is a live child of this process (a worker, or a worker's bridge that was
     re-parented here); with `zombie`, one that has exited and is not yet collected counts
     too."""
+    fields = _proc_stat(pid)
+    return fields is not None and (zombie or fields[0] != b"Z") and \
+        int(fields[1]) == os.getpid()
+
+
+def _proc_stat(pid: int) -> Optional[List[bytes]]:
+    """The fields of /proc/<pid>/stat after the command name (state, parent pid, ...), or
+    None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            fields = stat_file.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return False
-    return (zombie or fields[0] != b"Z") and int(fields[1]) == os.getpid()
+            return stat_file.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def _children_of(parent: int) -> List[int]:
@@ -1375,12 +1308,8 @@ def _children_of(parent: int) -> List[int]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat_file:
-                fields = stat_file.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if len(fields) > 1 and int(fields[1]) == parent and fields[0] != b"Z":
+        fields = _proc_stat(int(name))
+        if fields is not None and int(fields[1]) == parent and fields[0] != b"Z":
             found.append(int(name))
     return found
 

@@ -10,7 +10,7 @@ import os
 import socket as stdlib_socket
 import struct
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import gevent
 from gevent import socket
@@ -39,11 +39,12 @@ class BadRequest(Exception):
     """A control request that cannot be served; its text is the error sent back."""
 
 
-def peer_uid(sock) -> int:
+def peer_credentials(sock) -> Tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket."""
     creds = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED,
                             struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
 
 
 class ControlChannel:
@@ -158,7 +159,7 @@ class ControlServer:
         keep_open = False
         self.serving += 1
         try:
-            uid = peer_uid(client)
+            _pid, uid = peer_credentials(client)
             if uid != os.getuid() and uid != 0:
                 log.warning("control socket: refused a request from uid %d", uid)
                 channel.send({"event": "error", "error": "permission denied: different user"})
@@ -326,18 +327,26 @@ def upgrade_options(request: Dict[str, Any]) -> Dict[str, Any]:
 # ---- client side (used by the CLI, plain blocking sockets) -------------------------------------
 
 def request(path: str, message: Dict[str, Any], on_event: Callable[[Dict[str, Any]], None],
-            timeout: float) -> Dict[str, Any]:
+            timeout: float, socket_module=stdlib_socket,
+            own_user_only: bool = False) -> Dict[str, Any]:
     """Send one request; pass each event to `on_event`; return the final one ("result",
-    "status" or "error"). Raises ControlError when the proxy cannot be reached."""
-    client = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    "status", "metrics" or "error"). Raises ControlError when the proxy cannot be reached.
+    `socket_module`: the CLI's plain sockets, or gevent's for a caller on a hub. With
+    `own_user_only`, nothing is sent to a peer of another user (an abstract address has no
+    file permissions to keep others from listening there)."""
+    client = socket_module.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
     client.settimeout(timeout)
     try:
-        client.connect(socket_address(path))
-    except OSError as error:
-        client.close()
-        raise ControlError(f"cannot reach shotover-g on control socket {path}: "
-                           f"{error.strerror or error}") from None
-    try:
+        try:
+            client.connect(socket_address(path))
+        except OSError as error:
+            raise ControlError(f"cannot reach shotover-g on control socket {path}: "
+                               f"{error.strerror or error}") from None
+        if own_user_only:
+            pid, uid = peer_credentials(client)
+            if uid not in (os.getuid(), 0):
+                raise ControlError(f"{path} is held by pid {pid} of uid {uid}, not by a "
+                                   "process of this service")
         try:
             client.sendall(json.dumps(message).encode() + b"\n")
         except OSError as error:
@@ -349,10 +358,10 @@ def request(path: str, message: Dict[str, Any], on_event: Callable[[Dict[str, An
                 line, buffer = buffer.split(b"\n", 1)
                 event = _parse_event(line)
                 on_event(event)
-                if event.get("event") in ("result", "status", "error"):
+                if event.get("event") in ("result", "status", "metrics", "error"):
                     return event
             try:
-                chunk = client.recv(65536)
+                chunk = client.recv(1 << 20)
             except stdlib_socket.timeout:
                 raise ControlError(f"no answer from shotover-g within {timeout:g} s") from None
             except OSError as error:

@@ -161,8 +161,8 @@ def roll_back(options: RestoreOptions, reason: str) -> None:
     log.error("restore failed (%s): rolling back to %s", reason, previous.get("version"))
     for handler in logging.getLogger().handlers:
         handler.flush()
-    boot = list(previous.get("boot") or [previous["python"], "-m", "shotover_gevent"])
-    argv = boot + list(previous["argv"])[3:] + ["--restore", FROM_BRIDGE, "--rollback"]
+    argv = lifecycle.previous_program(previous, list(previous["argv"])[3:] +
+                                      ["--restore", FROM_BRIDGE, "--rollback"])
     if options.bridge_fd is not None:
         argv += ["--bridge-fd", str(options.bridge_fd), "--bridge-pid", str(options.bridge_pid)]
     os.environ[ROLLBACK_REASON_ENV] = f"new version {__version__}: {reason}"
@@ -291,8 +291,8 @@ def restore(options: RestoreOptions):
     metrics_listener = None
     if control.get("metrics_fd") is not None:
         metrics_listener = socket.socket(fileno=control["metrics_fd"])
-        if config.observability_interface is None or \
-                not same_address(metrics_listener.getsockname(), config.observability_interface):
+        if proxy.metrics_address is None or \
+                not same_address(metrics_listener.getsockname(), proxy.metrics_address):
             metrics_listener.close()
             metrics_listener = None
 
@@ -452,16 +452,15 @@ def _forget_record(record, closed: Dict[str, int]) -> None:
 def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted: int,
             blackout_ms: float, moments, leaked: int, metrics_listener, channel) -> dict:
     ready_ns, written_ns, live_ns = moments
-    config = proxy.config
     hints = cp.restore or {}
     quiesce_ns = hints.get("quiesce_started_ns") or cp.created_ns
     gevent.spawn_later(2.0, _collect_garbage_again)
     # Clients are served again; what only scrapes need loads now, off the hub's thread.
-    if config.observability_interface is not None and proxy.worker is None:
+    if proxy.metrics_address is not None:
         # A second later: loading it competes for the interpreter with the catch-up of every
         # request that queued during the pause. The kernel queues scrapes meanwhile.
-        gevent.spawn_later(1.0, _start_observability_later, proxy,
-                           config.observability_interface, metrics_listener)
+        gevent.spawn_later(1.0, _start_observability_later, proxy, proxy.metrics_address,
+                           metrics_listener)
 
     keep_problem = _dispose_checkpoint(options, hints.get("keep_checkpoint"))
 

@@ -131,7 +131,7 @@ def build_checkpoint(proxy, snapshot: Snapshot, closed: Dict[str, int], settle_m
     control = {"fd": proxy.control_server.listener.fileno(), "path": proxy.control_path}
     if channel_fd is not None:
         control["channel_fd"] = channel_fd
-    if proxy.observability_server is not None and proxy.worker is None:
+    if proxy.observability_server is not None:
         control["metrics_fd"] = proxy.observability_server.server.socket.fileno()
     config_data, topology_data = answer.get("config_data"), answer.get("topology_data")
     cp = checkpoint_format.Checkpoint(

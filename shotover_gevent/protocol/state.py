@@ -602,14 +602,7 @@ def _failed(frames: List[bytes]) -> bool:
 
 def _elements(array: bytes) -> List[bytes]:
     """The element frames of an aggregate frame."""
-    framer = resp.ReplyFramer()
-    framer.feed(array[array.index(b"\r\n") + 2:])
-    elements = []
-    while True:
-        frame = framer.next_frame()
-        if frame is None:
-            return elements
-        elements.append(frame)
+    return reply_frames(array[array.index(b"\r\n") + 2:])
 
 
 def reply_frames(raw: bytes) -> List[bytes]:
