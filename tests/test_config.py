@@ -255,6 +255,11 @@ def test_bad_listen_addresses(tmp_path, bad_address):
     ([{"DebugReturner": {"Kafka": "x"}}], "chain[0].DebugReturner", "Fail"),
     ([{"NullSink": {"x": 1}}], "chain[0].NullSink", "settings"),
     (["QueryCounter"], "chain[0].QueryCounter", "terminating"),
+    ([{"RedisSinkSingle": {"remote_address": "127.0.0.1:6379", "shared_connections": -1}}],
+     "chain[0].RedisSinkSingle.shared_connections", "0 (none)"),
+    ([{"RedisSinkSingle": {"remote_address": "127.0.0.1:6379", "shared_connections": 2,
+                           "tls": {"verify_hostname": False}}}],
+     "chain[0].RedisSinkSingle.shared_connections", "tls"),
 ])
 def test_transform_setting_problems(tmp_path, chain, path_fragment, word):
     topology_path = write(tmp_path / "topology.yaml",

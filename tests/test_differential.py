@@ -22,12 +22,18 @@ SCRIPTS = sorted(p.stem for p in harness.SCRIPT_DIR.glob("*.txt"))
 RANDOM_FAMILIES = sorted(generate.FAMILIES) + ["transactions"]
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """A redis-server of this module's own and a proxy in front of it."""
+@pytest.fixture(scope="module", params=["own", "shared"])
+def servers(request, tmp_path_factory):
+    """A redis-server of this module's own and a proxy in front of it: each client on an
+    upstream connection of its own, or (shared) with shared_connections: 1, where the scripts'
+    plain commands share one connection and the rest move the client to one of its own."""
     directory: Path = tmp_path_factory.mktemp("differential")
     redis = RedisServer(directory / "redis").start()
-    proxy = ProxyProcess(directory / "proxy", topology(redis.port), {"main_log_level": "info"})
+    layout = topology(redis.port)
+    if request.param == "shared":
+        layout["sources"][0]["Redis"]["chain"][-1]["RedisSinkSingle"]["shared_connections"] = 1
+    proxy = ProxyProcess(directory / "proxy", layout, {"main_log_level": "info"})
+    proxy.shared = request.param == "shared"
     try:
         proxy.start()
         yield redis, proxy
@@ -38,8 +44,9 @@ def servers(tmp_path_factory):
         redis.stop()
 
 
-def reset(redis: RedisServer) -> None:
-    """Empty the server and wait until no connection but ours is left on it."""
+def reset(redis: RedisServer, shared: bool = False) -> None:
+    """Empty the server and wait until no connection but ours (and the proxy's shared one)
+    is left on it."""
     with ByteClient(redis.port) as admin:
         for command in (("FLUSHALL",), ("SCRIPT", "FLUSH"), ("FUNCTION", "FLUSH")):
             assert admin.call(*command) == b"+OK\r\n"
@@ -47,16 +54,16 @@ def reset(redis: RedisServer) -> None:
         def alone() -> bool:
             listing = admin.call("CLIENT", "LIST")
             payload = listing[listing.index(b"\r\n") + 2:-2]
-            return payload.count(b"\n") <= 1
+            return payload.count(b"\n") <= (2 if shared else 1)
 
         wait_for(alone, 10, "the server to have no client but the test's")
 
 
 def differential(servers, steps, protocol: int, label: str) -> None:
     redis, proxy = servers
-    reset(redis)
+    reset(redis, proxy.shared)
     direct = harness.run_script(redis.port, steps, protocol, redis.port)
-    reset(redis)
+    reset(redis, proxy.shared)
     log_offset = len(proxy.log_text())
     proxied = harness.run_script(proxy.port, steps, protocol, redis.port)
     problem = harness.compare(direct, proxied)
@@ -99,8 +106,8 @@ def test_scripts_cover_thousands_of_commands():
 
 def test_harness_notices_a_difference(servers):
     """The comparison is not vacuous: a changed reply is reported with both versions."""
-    redis, _ = servers
-    reset(redis)
+    redis, proxy = servers
+    reset(redis, proxy.shared)
     steps = harness.parse_script("INCR a\nGET a\n")
     first = harness.run_script(redis.port, steps, 2, redis.port)
     second = harness.run_script(redis.port, steps, 2, redis.port)

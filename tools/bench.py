@@ -272,8 +272,7 @@ def start_targets(stack: Stack, options, topologies: List[str]
 
 
 def throughput(options) -> Dict[str, Any]:
-    topologies = (["passthrough", "filtered"] if options.topology == "both"
-                  else [options.topology])
+    topologies = topology_kinds(options.topology)
     pipelines = [1] if options.pipeline <= 1 else [1, options.pipeline]
     if options.pipelined_only and options.pipeline > 1:
         pipelines = [options.pipeline]
@@ -407,6 +406,15 @@ def throughput(options) -> Dict[str, Any]:
     }
 
 
+def topology_kinds(topology: str) -> List[str]:
+    """The proxy chains one --topology value stands for."""
+    if topology == "both":
+        return ["passthrough", "filtered"]
+    if topology == "all":
+        return ["passthrough", "shared", "filtered"]
+    return [topology]
+
+
 def ratio_pairs(names: List[str], topologies: List[str]) -> List[Tuple[str, str, str, bool]]:
     """(numerator, denominator, label, whether CPU per request compares) of the ratio rows."""
     pairs = []
@@ -421,6 +429,8 @@ def ratio_pairs(names: List[str], topologies: List[str]) -> List[Tuple[str, str,
             pairs.append((f"proxy[{topology}]", "haproxy", label, True))
     if "passthrough" in topologies and "filtered" in topologies:
         pairs.append(("proxy[filtered]", "proxy[passthrough]", "filtered/passthrough", True))
+    if "passthrough" in topologies and "shared" in topologies:
+        pairs.append(("proxy[shared]", "proxy[passthrough]", "shared/passthrough", True))
     for topology in topologies:
         if f"proxy[{topology}]@baseline" in names:
             label = "proxy/baseline" if len(topologies) == 1 else f"{topology}/baseline"
@@ -837,11 +847,14 @@ def parse_args(argv: Optional[List[str]] = None):
     parser.add_argument("--tests", "-t", type=test_list, default=DEFAULT_TESTS,
                         metavar="TEST[,TEST...]",
                         help="redis-benchmark tests; CPU time covers them all (default set,get)")
-    parser.add_argument("--topology", choices=["passthrough", "filtered", "both", "cluster"],
+    parser.add_argument("--topology",
+                        choices=["passthrough", "shared", "filtered", "both", "all", "cluster"],
                         default=None,
-                        help="proxy chain: RedisSinkSingle only (passthrough), QueryCounter + "
-                             "QueryTypeFilter + RedisSinkSingle (filtered), or both (default; "
-                             "passthrough with --idle-connections); "
+                        help="proxy chain: RedisSinkSingle only (passthrough), RedisSinkSingle "
+                             "with shared_connections: 1 (shared), QueryCounter + "
+                             "QueryTypeFilter + RedisSinkSingle (filtered), passthrough and "
+                             "filtered (both), or the three (all: the default; passthrough "
+                             "with --idle-connections); "
                              "cluster: a 3-master/3-replica Redis Cluster, direct "
                              "(redis-benchmark --cluster) and behind RedisSinkCluster")
     parser.add_argument("--repeat", type=int, default=1,
@@ -875,7 +888,7 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="keep the temporary directory with configs and logs")
     options = parser.parse_args(argv)
     if options.topology is None:
-        options.topology = "both" if options.idle_connections is None else "passthrough"
+        options.topology = "all" if options.idle_connections is None else "passthrough"
     if options.requests is None:
         options.requests = DEFAULT_REQUESTS.get(options.topology, DEFAULT_REQUESTS_SINGLE)
     if options.pipelined_requests is None:
@@ -901,8 +914,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     try:
         if options.idle_connections is not None:
-            topologies = (["passthrough", "filtered"] if options.topology == "both"
-                          else [options.topology])
+            topologies = topology_kinds(options.topology)
             reports = [idle_connections(options, topology) for topology in topologies]
             if options.json:
                 print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))

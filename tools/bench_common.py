@@ -313,7 +313,8 @@ def tool_version(argv: List[str]) -> str:
 
 def topology_yaml(kind: str, listen_port: int, redis_port: Optional[int], connection_limit: int,
                   contact_points: Sequence[str] = ()) -> str:
-    """`passthrough`: RedisSinkSingle only. `filtered`: QueryCounter + QueryTypeFilter + sink.
+    """`passthrough`: RedisSinkSingle only. `shared`: the same with `shared_connections: 1`.
+    `filtered`: QueryCounter + QueryTypeFilter + sink.
     `cluster`: RedisSinkCluster over `contact_points` ("host:port"), the cluster hidden."""
     chain = []
     if kind == "cluster":
@@ -328,11 +329,13 @@ def topology_yaml(kind: str, listen_port: int, redis_port: Optional[int], connec
         if kind == "filtered":
             chain += ["        - QueryCounter:", "            name: bench",
                       "        - QueryTypeFilter:", "            DenyList: [SchemaChange]"]
-        elif kind != "passthrough":
+        elif kind not in ("passthrough", "shared"):
             raise ValueError(f"unknown topology {kind!r}")
         chain += ["        - RedisSinkSingle:",
                   f'            remote_address: "{HOST}:{redis_port}"',
                   "            connect_timeout_ms: 3000"]
+        if kind == "shared":
+            chain.append("            shared_connections: 1")
     return "\n".join([
         "---",
         "sources:",

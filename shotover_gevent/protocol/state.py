@@ -329,6 +329,16 @@ class ConnectionState:
                     or (self.resp_version == 2 and self.subscribed))
 
     @property
+    def is_default(self) -> bool:
+        """Nothing has changed since the connection was opened (what a connection shared by
+        several clients stays in)."""
+        return (self.resp_version == 2 and not self.selected_db and self.reply_mode == ON
+                and self.queued is None and not self.watching and not self.subscribed
+                and not self.monitor and not self.tracking and not self.quitting
+                and self.client_name is None and self.auth_password is None
+                and self.auth_username is None and not self.readonly and not self.no_evict)
+
+    @property
     def pushes_expected(self) -> bool:
         """Frames may arrive that answer no request (messages, MONITOR, invalidations)."""
         return self.monitor or self.tracking or self.subscribed

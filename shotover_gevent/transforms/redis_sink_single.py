@@ -1,6 +1,10 @@
 """RedisSinkSingle (alias ValkeySinkSingle): each client connection gets its own upstream
 connection to one server, opened on the first batch. When the server ends that connection, the
-client's ends too; when the proxy gives up on it (request timeout), the next batch reopens it."""
+client's ends too; when the proxy gives up on it (request timeout), the next batch reopens it.
+
+With `shared_connections: N`, clients in the default session send their plain commands over N
+connections they share instead (see shared_upstream.py); a client gets its own connection from
+its first command that changes or depends on the connection on."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, format_address, parse_address, take_mapping
 from ..message import NO_REPLY, Message
+from ..shared_upstream import UNSHAREABLE, SharedConnections
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import UpstreamConnection, UpstreamError
 from . import TransformType, register
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 #: SAVE, a CLIENT PAUSE during a failover), short enough that a hung server does not hold
 #: clients for good.
 DEFAULT_REQUEST_TIMEOUT_MS = 30000
+MAX_SHARED_CONNECTIONS = 64
 
 
 @dataclass
@@ -38,12 +44,16 @@ class RedisSinkSingleConfig:
     tls: Optional[TlsConnectorConfig] = None
     #: 0: no request timeout.
     request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS
+    #: Connections per proxy process shared by the clients in the default session (0: none,
+    #: every client has its own).
+    shared_connections: int = 0
 
 
 def parse(settings: Any, where: str, problems: Problems) -> Optional[RedisSinkSingleConfig]:
     values = take_mapping(settings, where, problems, required={"remote_address": str},
                           optional={"connect_timeout_ms": (int, 3000), "tls": (dict, None),
-                                    "request_timeout_ms": (int, DEFAULT_REQUEST_TIMEOUT_MS)})
+                                    "request_timeout_ms": (int, DEFAULT_REQUEST_TIMEOUT_MS),
+                                    "shared_connections": (int, 0)})
     if values is None:
         return None
     address = parse_address(values["remote_address"], f"{where}.remote_address", problems)
@@ -52,13 +62,20 @@ def parse(settings: Any, where: str, problems: Problems) -> Optional[RedisSinkSi
     if values["request_timeout_ms"] < 0:
         problems.add(f"{where}.request_timeout_ms",
                      "must be a number of milliseconds, or 0 for no request timeout")
+    shared = values["shared_connections"]
+    if not 0 <= shared <= MAX_SHARED_CONNECTIONS:
+        problems.add(f"{where}.shared_connections",
+                     f"must be a number of connections from 0 (none) to {MAX_SHARED_CONNECTIONS}")
+    elif shared and values["tls"] is not None:
+        problems.add(f"{where}.shared_connections",
+                     "cannot be used with tls: shared connections are plain TCP only")
     tls = None
     if values["tls"] is not None:
         tls = parse_tls_connector(values["tls"], f"{where}.tls", problems)
     if address is None:
         return None
     return RedisSinkSingleConfig(address, values["connect_timeout_ms"], tls,
-                                 values["request_timeout_ms"])
+                                 values["request_timeout_ms"], shared)
 
 
 class RedisSinkSingleBuilder(TransformBuilder):
@@ -73,9 +90,18 @@ class RedisSinkSingleBuilder(TransformBuilder):
         self.request_timeout = (config.request_timeout_ms / 1000.0
                                 if config.request_timeout_ms else None)
         self.failed_requests = observability.failed_requests(chain_name, "RedisSinkSingle")
+        self.shared: Optional[SharedConnections] = None
+        if config.shared_connections:
+            self.shared = SharedConnections(config.remote_address,
+                                            config.connect_timeout_ms / 1000.0,
+                                            self.request_timeout, config.shared_connections)
 
     def build(self, context: ConnectionContext) -> Transform:
         return RedisSinkSingle(self, context)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
 
 #: Between attempts to subscribe again on a new connection after the server went away.
@@ -83,7 +109,8 @@ RESUBSCRIBE_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
 class RedisSinkSingle(Transform):
-    __slots__ = ("builder", "context", "upstream", "_connecting", "_resubscriber", "_closed")
+    __slots__ = ("builder", "context", "upstream", "_connecting", "_resubscriber", "_closed",
+                 "_shared_slot", "_shared_busy")
     inflight_handover = True
 
     def __init__(self, builder: RedisSinkSingleBuilder, context: ConnectionContext) -> None:
@@ -93,6 +120,13 @@ class RedisSinkSingle(Transform):
         self._connecting = Semaphore()
         self._resubscriber: Optional[gevent.Greenlet] = None
         self._closed = False
+        #: The shared connection this client's plain batches go over (None: its own
+        #: connection; for good once it has sent a command a shared connection cannot carry).
+        self._shared_slot: Optional[int] = None
+        #: A batch of this client is on a shared connection, its replies owed.
+        self._shared_busy = False
+        if builder.shared is not None and context.session.is_default:
+            self._shared_slot = builder.shared.assign()
 
     def _connect(self) -> UpstreamConnection:
         """The current upstream connection, opened (and the session replayed) if need be."""
@@ -114,6 +148,10 @@ class RedisSinkSingle(Transform):
                 "client_follows": self.context.hang_up is not None}
 
     def export_upstream(self, batch: Optional[List[Message]] = None):
+        if self._shared_busy:
+            # Its replies come on a connection that stays with this process: the client stops
+            # once they are written (they are owed by a server that does not block on them).
+            return None, "busy"
         upstream = self.upstream
         if upstream is None:
             # Not connected yet, or connecting for this very batch: nothing of it was sent.
@@ -134,6 +172,7 @@ class RedisSinkSingle(Transform):
         if record.sink != "RedisSinkSingle" or config.tls is not None or \
                 record.address != self.builder.address_text:
             return False
+        self._shared_slot = None
         self.upstream = UpstreamConnection.adopt(
             _socket_from_fd(record.fd, config.remote_address),
             config.remote_address, record, self.context.session, self.context.push,
@@ -189,6 +228,14 @@ class RedisSinkSingle(Transform):
                 log.debug("resubscribing %s: %s", self.context.peer, error)
 
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
+        slot = self._shared_slot
+        if slot is not None:
+            for request in requests:
+                if request.command in UNSHAREABLE:
+                    self._shared_slot = None  # its own connection from now on
+                    break
+            else:
+                return self._call_shared(slot, requests)
         upstream = self.upstream
         if upstream is None or upstream.closed:
             if upstream is not None and upstream.lost_by_server and \
@@ -205,6 +252,25 @@ class RedisSinkSingle(Transform):
         replies = upstream.call(requests)
         if upstream.closed:
             self.builder.failed_requests(sum(1 for r in replies if r.is_error))
+        return replies
+
+    def _call_shared(self, slot: int, requests: List[Message]) -> List[Message]:
+        try:
+            shared = self.builder.shared.get(slot)
+        except UpstreamError as error:
+            self.builder.failed_requests(len(requests))
+            return [Message.error(f"ERR {error}")] * len(requests)
+        payload = requests[0].raw if len(requests) == 1 else b"".join([r.raw for r in requests])
+        self._shared_busy = True
+        try:
+            frames, failure = shared.call(payload, len(requests))
+        finally:
+            self._shared_busy = False
+        replies = [Message(frame) for frame in frames]
+        if failure is not None:
+            missing = len(requests) - len(replies)
+            self.builder.failed_requests(missing)
+            replies.extend([Message.error(f"ERR {failure}")] * missing)
         return replies
 
     def abandon(self) -> None:

@@ -1,0 +1,296 @@
+"""Upstream connections shared by many clients (RedisSinkSingle's `shared_connections`).
+
+A client whose session is the default one (database 0, RESP2, no credentials, no name, replies
+on, no transaction, no subscription) and whose batch holds only commands that neither change
+nor depend on the connection can have its requests carried on a connection that other such
+clients use too. Every batch queued during one turn of the event loop goes out in one write,
+and the server's replies come back in one read: one upstream `send`/`recv` (and one wake-up of
+the server) for many clients instead of one each.
+
+Replies come in the order the requests were written, so each client takes as many frames as it
+sent requests, in the order the batches were queued. That is all the accounting a shared
+connection needs: on a connection in the default state every request outside TRACKED_COMMANDS
+is answered by exactly one frame and changes nothing (protocol/state.py).
+
+Reading and writing run in the event loop's own callbacks (no greenlet of their own): a read
+splits the replies and switches to each waiting client's greenlet in turn, which writes its
+replies and reads its next requests before the next client's turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as stdlib_socket
+from collections import deque
+from typing import Deque, List, Optional, Tuple
+
+from gevent import get_hub, getcurrent
+from gevent.hub import Waiter
+from gevent.lock import Semaphore
+
+from .netio import close_for_good
+from .protocol import resp
+from .protocol.state import BLOCKING_COMMANDS, TRACKED_COMMANDS
+from .upstream import UpstreamError, _fmt, _reason, connect
+
+log = logging.getLogger(__name__)
+
+#: Commands a shared connection never carries: those that change the connection or are
+#: counted otherwise (TRACKED_COMMANDS, CLIENT included), those that may block it for every
+#: client on it, SYNC/PSYNC, and ASKING (it applies to the connection's next command). A
+#: client that sends one gets a connection of its own from then on.
+UNSHAREABLE = TRACKED_COMMANDS | BLOCKING_COMMANDS | {"SYNC", "PSYNC", "ASKING"}
+
+RECV_SIZE = 256 * 1024
+_BUFFER = bytearray(RECV_SIZE)
+_VIEW = memoryview(_BUFFER)
+
+_READ = 1
+_WRITE = 2
+
+
+class _Waiting:
+    """A batch whose replies are owed: who waits for them, how many, those read so far."""
+
+    __slots__ = ("waiter", "count", "frames")
+
+    def __init__(self, waiter: Waiter, count: int) -> None:
+        self.waiter = waiter
+        self.count = count
+        self.frames: List[bytes] = []
+
+
+class SharedConnection:
+    """One connection to the server carrying the batches of many clients, in order."""
+
+    def __init__(self, address, connect_timeout: float, request_timeout: Optional[float]) -> None:
+        self.address = address
+        self.request_timeout = request_timeout
+        self.closed = False
+        self.failure = ""
+        try:
+            sock = connect(address, connect_timeout)
+        except (OSError, stdlib_socket.timeout) as error:
+            raise UpstreamError(f"upstream {_fmt(address)} unavailable: {_reason(error)}") \
+                from None
+        sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        self.sock = sock
+        self._raw = sock._sock  # the plain, non-blocking socket under gevent's wrapper
+        self._hub = hub = get_hub()
+        self._loop = loop = hub.loop
+        self._framer = resp.ReplyFramer()
+        self._waiting: Deque[_Waiting] = deque()
+        #: Batches queued in this turn of the loop, written together by _flush.
+        self._out: List[bytes] = []
+        self._flush_scheduled = False
+        #: What a write left unsent (the rest goes when the socket has room).
+        self._unsent: Optional[memoryview] = None
+        #: When the server last sent something, or the first batch of a wait was queued.
+        self._progress = loop.now()
+        fd = sock.fileno()
+        # Always read: a server that closes an idle shared connection is noticed at once.
+        self._reader = loop.io(fd, _READ)
+        self._reader.start(self._readable)
+        self._writer = loop.io(fd, _WRITE)
+        self._timer = None
+        if request_timeout:
+            interval = min(1.0, request_timeout / 2)
+            self._timer = loop.timer(interval, interval)
+            self._timer.ref = False
+            self._timer.start(self._check_timeout)
+
+    # ---- the clients' side ------------------------------------------------------------------
+
+    def call(self, payload: bytes, count: int) -> Tuple[List[bytes], Optional[str]]:
+        """Queue a batch of `count` requests (their bytes, `payload`) and wait for its replies:
+        (frames, None), or (the frames that came, why the rest never will)."""
+        if self.closed:
+            return [], self.failure
+        waiting = self._waiting
+        if not waiting:
+            self._progress = self._loop.now()
+        entry = _Waiting(Waiter(self._hub), count)
+        waiting.append(entry)
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._flush)
+        try:
+            return entry.waiter.get()
+        except BaseException:
+            # The client's greenlet was killed (it left, the proxy stops): its replies are
+            # read and dropped when they come, so the next batch's stay in step.
+            entry.waiter = None
+            raise
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self._waiting)
+
+    # ---- the event loop's side --------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if self.closed or not out or self._unsent is not None:
+            return  # a write under way takes what was queued when it is done
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._write(data)
+
+    def _write(self, data) -> None:
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self._fail(f"upstream {_fmt(self.address)} write failed: {_reason(error)}")
+            return
+        if sent < len(data):
+            self._unsent = memoryview(data)[sent:]
+            if not self._writer.active:
+                self._writer.start(self._writable)
+        elif self._unsent is not None:
+            self._unsent = None
+            self._writer.stop()
+
+    def _writable(self) -> None:
+        unsent = self._unsent
+        if unsent is None or self.closed:
+            self._writer.stop()
+            return
+        out = self._out
+        if out:
+            data = b"".join([bytes(unsent)] + out)
+            out.clear()
+        else:
+            data = unsent
+        self._unsent = None
+        self._write(data)
+        if self._unsent is None:
+            self._writer.stop()
+
+    def _readable(self) -> None:
+        try:
+            received = self._raw.recv_into(_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._fail(f"upstream {_fmt(self.address)} read failed: {_reason(error)}")
+            return
+        if not received:
+            self._fail(f"upstream {_fmt(self.address)} closed the connection")
+            return
+        self._progress = self._loop.now()
+        framer = self._framer
+        framer.feed(_VIEW[:received])
+        waiting = self._waiting
+        done = []
+        try:
+            while waiting:
+                entry = waiting[0]
+                frames = entry.frames
+                count = entry.count
+                while len(frames) < count:
+                    frame = framer.next_frame()
+                    if frame is None:
+                        break
+                    frames.append(frame)
+                if len(frames) < count:
+                    break
+                waiting.popleft()
+                done.append(entry)
+            if not waiting and framer.pending():
+                raise resp.ProtocolError("a frame that answers no request")
+        except resp.ProtocolError as error:
+            self._fail(f"upstream {_fmt(self.address)} sent invalid RESP: {error}", done)
+            return
+        for entry in done:
+            waiter = entry.waiter
+            if waiter is not None:
+                waiter.switch((entry.frames, None))
+
+    def _check_timeout(self) -> None:
+        if self._waiting and not self.closed and \
+                self._loop.now() - self._progress > self.request_timeout:
+            self._fail(f"upstream {_fmt(self.address)} did not answer within "
+                       f"{self.request_timeout * 1000:.0f} ms (request_timeout_ms)")
+
+    def _fail(self, reason: str, answered: Optional[List[_Waiting]] = None) -> None:
+        """Give the connection up: every batch still owed replies gets `reason` (and the
+        frames that came for it); `answered` batches get their replies first."""
+        if self.closed:
+            return
+        self.closed = True
+        self.failure = reason
+        log.warning("shared connection to %s: %s", _fmt(self.address), reason)
+        self._stop()
+        owed = list(answered or ()) + list(self._waiting)
+        self._waiting.clear()
+        self._out.clear()
+        self._unsent = None
+        complete = {id(entry) for entry in answered or ()}
+        for entry in owed:
+            waiter = entry.waiter
+            if waiter is None:
+                continue
+            if id(entry) in complete:
+                waiter.switch((entry.frames, None))
+            else:
+                waiter.switch((entry.frames, reason))
+
+    def _stop(self) -> None:
+        self._reader.stop()
+        self._writer.stop()
+        if self._timer is not None:
+            self._timer.stop()
+        close_for_good(self.sock)
+
+    def close(self) -> None:
+        """Close for good (the proxy stops). Batches still owed replies are answered with an
+        error from the event loop."""
+        if self.closed:
+            return
+        if self._waiting and getcurrent() is not self._hub:
+            self._loop.run_callback(self._fail, "the proxy closed the shared connection")
+            return
+        self._fail("the proxy closed the shared connection")
+
+
+class SharedConnections:
+    """A sink's shared connections in this process: clients are spread over them in turn, and
+    each is opened when first needed and again after it was lost."""
+
+    def __init__(self, address, connect_timeout: float, request_timeout: Optional[float],
+                 count: int) -> None:
+        self.address = address
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self._slots: List[Optional[SharedConnection]] = [None] * count
+        self._opening = [Semaphore() for _ in range(count)]
+        self._next = 0
+
+    def assign(self) -> int:
+        """The slot of a new client."""
+        index = self._next
+        self._next = (index + 1) % len(self._slots)
+        return index
+
+    def get(self, index: int) -> SharedConnection:
+        """The slot's connection, opened if need be (UpstreamError if it cannot be)."""
+        connection = self._slots[index]
+        if connection is not None and not connection.closed:
+            return connection
+        with self._opening[index]:
+            connection = self._slots[index]
+            if connection is None or connection.closed:
+                connection = self._slots[index] = SharedConnection(
+                    self.address, self.connect_timeout, self.request_timeout)
+        return connection
+
+    def close(self) -> None:
+        for index, connection in enumerate(self._slots):
+            if connection is not None:
+                connection.close()
+            self._slots[index] = None
