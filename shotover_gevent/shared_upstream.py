@@ -191,14 +191,11 @@ class SharedConnection:
             while waiting:
                 entry = waiting[0]
                 frames = entry.frames
-                count = entry.count
-                while len(frames) < count:
-                    frame = framer.next_frame()
-                    if frame is None:
+                missing = entry.count - len(frames)
+                if missing:
+                    frames += framer.take(missing)
+                    if len(frames) < entry.count:
                         break
-                    frames.append(frame)
-                if len(frames) < count:
-                    break
                 waiting.popleft()
                 done.append(entry)
             if not waiting and framer.pending():

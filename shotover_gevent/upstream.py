@@ -402,26 +402,47 @@ class UpstreamConnection:
                 raise UpstreamError(self._failure) from None
             if frame is not None:
                 return frame
+            self._receive()
+
+    def _take_replies(self, total: int, replies: List[Message]) -> None:
+        """Read frames into `replies` until it holds `total`, many per call: for requests that
+        are each answered by one frame, on a connection where no push can come between."""
+        framer = self.framer
+        while True:
             try:
-                if self._just_sent:
-                    # The first read after a batch was written: the replies are not there yet
-                    # (a recv would only return EAGAIN), so wait for them first. Not over TLS,
-                    # where decrypted bytes may wait inside the TLS object.
-                    self._just_sent = False
-                    if not self.tls and not self.closed:
-                        sock = self.sock
-                        sock._wait(sock._read_event)
-                received = self.sock.recv_into(_RECV_BUFFER)
-            except OSError as error:
-                self._broken(f"upstream {_fmt(self.address)} read failed: {_reason(error)}",
-                             by_server=self._ended_by_server(error))
+                frames = framer.take(total - len(replies))
+            except resp.ProtocolError as error:
+                self._broken(f"upstream {_fmt(self.address)} sent invalid RESP: {error}")
                 raise UpstreamError(self._failure) from None
-            if not received:
-                self._broken(f"upstream {_fmt(self.address)} closed the connection",
-                             by_server=self._ended_by_server(None))
-                raise UpstreamError(self._failure)
-            self._quiet_since = None
-            framer.feed(_RECV_VIEW[:received])  # copied out before anything else can run
+            if frames:
+                replies += map(Message, frames)
+                if len(replies) >= total:
+                    return
+            self._receive()
+
+    def _receive(self) -> None:
+        """Read what the server sent into the framer (waiting for it)."""
+        framer = self.framer
+        try:
+            if self._just_sent:
+                # The first read after a batch was written: the replies are not there yet
+                # (a recv would only return EAGAIN), so wait for them first. Not over TLS,
+                # where decrypted bytes may wait inside the TLS object.
+                self._just_sent = False
+                if not self.tls and not self.closed:
+                    sock = self.sock
+                    sock._wait(sock._read_event)
+            received = self.sock.recv_into(_RECV_BUFFER)
+        except OSError as error:
+            self._broken(f"upstream {_fmt(self.address)} read failed: {_reason(error)}",
+                         by_server=self._ended_by_server(error))
+            raise UpstreamError(self._failure) from None
+        if not received:
+            self._broken(f"upstream {_fmt(self.address)} closed the connection",
+                         by_server=self._ended_by_server(None))
+            raise UpstreamError(self._failure)
+        self._quiet_since = None
+        framer.feed(_RECV_VIEW[:received])  # copied out before anything else can run
 
     def _read_reply_frame(self) -> bytes:
         """The next frame that answers a request; pushes on the way are held."""
@@ -748,6 +769,17 @@ class UpstreamConnection:
 
     def _collect(self, requests: List[Message], replies: List[Message]) -> None:
         """Read the replies of requests[len(replies):] into `replies`."""
+        state = self.state
+        if self._plain and self._current is None and state.resp_version == 2 and \
+                not state.pushes_expected:
+            # Every request outside TRACKED_COMMANDS is answered by one frame, and a RESP2
+            # connection without subscriptions, MONITOR or tracking gets no other frame.
+            for index in range(len(replies), len(requests)):
+                if requests[index].command in TRACKED_COMMANDS:
+                    break
+            else:
+                self._take_replies(len(requests), replies)
+                return
         for index in range(len(replies), len(requests)):
             request = requests[index]
             current = self._current

@@ -673,3 +673,71 @@ def test_reset_forgets_everything():
     session.observe(req("RESET"), Message(b"+RESET\r\n"))
     assert session.to_dict() == Session().to_dict()
     assert session.handover_blocker() is None
+
+
+@pytest.mark.parametrize("framing", ["c", "python"])
+def test_reply_framer_take_returns_the_frames_next_frame_would(framing, monkeypatch):
+    """take(n), what a shared upstream connection reads with, gives the same frames in the same
+    order as next_frame(), whatever the reads and counts (framing simple frames in C where it
+    was built, in Python otherwise)."""
+    import random
+
+    if framing == "python":
+        monkeypatch.setattr(resp, "_scan_replies", None)
+    elif resp._scan_replies is None:
+        pytest.skip("the C framing is not built")
+    rng = random.Random(7)
+    kinds = [b"+OK\r\n", b":12\r\n", b"$3\r\nabc\r\n", b"*2\r\n$1\r\na\r\n:1\r\n", b"$-1\r\n",
+             b"-ERR x\r\n", b"%1\r\n+k\r\n+v\r\n", b"*0\r\n", b"*-1\r\n", b"!3\r\nerr\r\n",
+             b"=7\r\ntxt:abc\r\n", b"$0\r\n\r\n", b"$2000\r\n" + b"x" * 2000 + b"\r\n",
+             b"+a\rb\r\n", b"_\r\n", b",1.5\r\n", b"$5\r\na\r\nbc\r\n"]
+    for _ in range(300):
+        frames = [rng.choice(kinds) for _ in range(rng.randint(1, 60))]
+        data = b"".join(frames)
+        taker, stepper = resp.ReplyFramer(), resp.ReplyFramer()
+        taken, stepped = [], []
+        for start in range(0, len(data), 17):
+            chunk = data[start:start + 17]
+            taker.feed(chunk)
+            stepper.feed(chunk)
+            while True:
+                wanted = rng.randint(1, 7)
+                got = taker.take(wanted)
+                taken += got
+                if len(got) < wanted:
+                    break
+            frame = stepper.next_frame()
+            while frame is not None:
+                stepped.append(frame)
+                frame = stepper.next_frame()
+        assert taken == stepped == frames
+
+
+@pytest.mark.parametrize("framing", ["c", "python"])
+@pytest.mark.parametrize("stream", [b"+OK\r\n$03\r\nabc\r\n", b":1\r\n?x\r\n",
+                                    b"$3\r\nabcXY+OK\r\n", b"+OK\r\n+a\nb\r\n"])
+def test_reply_framer_take_stops_where_next_frame_would(stream, framing, monkeypatch):
+    """What is not a simple frame is left to the step-by-step reading, with its verdict."""
+    if framing == "python":
+        monkeypatch.setattr(resp, "_scan_replies", None)
+    elif resp._scan_replies is None:
+        pytest.skip("the C framing is not built")
+
+    def outcome(read):
+        framer = resp.ReplyFramer()
+        framer.feed(stream)
+        frames = []
+        try:
+            while True:
+                got = read(framer)
+                if not got:
+                    return frames, framer.unread_bytes(), None
+                frames += got
+        except ProtocolError as error:
+            return frames, None, str(error)
+
+    def stepwise(framer):
+        frame = framer.next_frame()
+        return [frame] if frame is not None else []
+
+    assert outcome(lambda framer: framer.take(5)) == outcome(stepwise)

@@ -11,6 +11,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import hiredis
 
+try:  # built with the package where a C compiler is at hand (setup.py)
+    from ._scan import scan_replies as _scan_replies
+    from ._scan import scan_requests as _scan_requests
+except ImportError:  # pragma: no cover - the same framing in Python
+    _scan_requests = _scan_replies = None
+
 #: Redis's proto-max-bulk-len default: a longer bulk string is refused before any allocation.
 DEFAULT_MAX_BULK_LEN = 512 * 1024 * 1024
 #: A reply announcing more elements than this is refused as "invalid multibulk length".
@@ -244,6 +250,35 @@ class ReplyFramer:
         buf.offset = end
         return bytes(data[start:end])
 
+    def take(self, count: int) -> List[bytes]:
+        """Up to `count` whole frames, in order (fewer: the rest has not arrived yet)."""
+        out: List[bytes] = []
+        if _scan_replies is not None and not self._ready and self._state is None:
+            buf = self._buf
+            out, buf.offset = _scan_replies(buf.data, buf.offset, count, self.max_bulk_len)
+        while True:
+            wanted = count - len(out)
+            if wanted <= 0:
+                return out
+            ready = self._ready
+            if ready:
+                if wanted >= len(ready):
+                    out += ready[::-1]
+                    ready.clear()
+                else:
+                    out += ready[: -wanted - 1 : -1]
+                    del ready[-wanted:]
+                continue
+            try:
+                frame = self.next_frame()
+            except ProtocolError:
+                if out:
+                    return out  # the frames before it; the next call raises
+                raise
+            if frame is None:
+                return out
+            out.append(frame)
+
     def pending(self) -> int:
         ready = self._ready
         if ready:
@@ -434,6 +469,14 @@ class RequestFramer:
         with the bytes received keeps exactly those that Redis reads as they are, the raw bytes
         of each being its encoding."""
         global _request_reader
+        if _scan_requests is not None:
+            ready, stop, well_formed = _scan_requests(
+                data, pos, pos + _CANONICAL_WINDOW, self.max_bulk_len, MAX_REQUEST_MULTIBULK_LEN)
+            if ready:
+                self._ready = ready
+                self._buf.offset = stop
+                self._line_mark = 0
+            return len(ready), well_formed
         window = len(data) - pos
         if window > _CANONICAL_WINDOW:
             window = _CANONICAL_WINDOW

@@ -1,0 +1,282 @@
+/* Framing in one C call: the run of well-formed requests at the start of a client's buffer,
+ * and the run of simple reply frames at the start of a server's.
+ *
+ * A well-formed request is what Redis reads exactly as it is written: "*<count>\r\n" with
+ * 1 <= count, then <count> times "$<length>\r\n<length bytes>\r\n", every number in plain
+ * decimal (no sign, no leading zero, at most 18 digits), every line ending in CRLF. Its raw
+ * bytes are then its own encoding, so they can be forwarded as they are. Anything else (inline
+ * commands, other types, odd numbers, a request cut by the end of the window) ends the run and
+ * is left to the step-by-step framer in resp.py, which knows every rule and error.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* Parse a plain decimal number at *p, followed by CRLF. 1: parsed (*p moved past the CRLF),
+ * 0: the buffer ends first, -1: not plain decimal with CRLF. */
+static int
+read_number(const char **p, const char *end, long long *value)
+{
+    const char *s = *p;
+    const char *digits = s;
+    long long v = 0;
+    while (s < end && *s >= '0' && *s <= '9') {
+        if (s - digits >= 18)
+            return -1;
+        v = v * 10 + (*s - '0');
+        s++;
+    }
+    if (s >= end)
+        return 0;
+    if (s == digits || (s - digits > 1 && *digits == '0') || *s != '\r')
+        return -1;
+    if (s + 1 >= end)
+        return 0;
+    if (s[1] != '\n')
+        return -1;
+    *p = s + 2;
+    *value = v;
+    return 1;
+}
+
+/* One request at p: 1 (its end in *next, its first argument's bounds in name/name_len),
+ * 0: incomplete, -1: not well-formed. */
+static int
+scan_request(const char *p, const char *end, long long max_bulk, long long max_count,
+             const char **next, const char **name, Py_ssize_t *name_len)
+{
+    long long count, length, i;
+    int status;
+    if (p >= end)
+        return 0;
+    if (*p != '*')
+        return -1;
+    p++;
+    status = read_number(&p, end, &count);
+    if (status <= 0)
+        return status;
+    if (count < 1 || count > max_count)
+        return -1;
+    for (i = 0; i < count; i++) {
+        if (p >= end)
+            return 0;
+        if (*p != '$')
+            return -1;
+        p++;
+        status = read_number(&p, end, &length);
+        if (status <= 0)
+            return status;
+        if (length > max_bulk)
+            return -1;
+        if (end - p < length + 2)
+            return 0;
+        if (p[length] != '\r' || p[length + 1] != '\n')
+            return -1;
+        if (i == 0) {
+            *name = p;
+            *name_len = (Py_ssize_t)length;
+        }
+        p += length + 2;
+    }
+    *next = p;
+    return 1;
+}
+
+/* scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)
+ *
+ * requests: [(raw bytes, first argument bytes)] of the well-formed requests from `start`, one
+ * after the other, up to `end`; stop: where the first one not taken begins; well_formed:
+ * False when the run ended at a request that is not well-formed (True: at the end of the
+ * data, or at a request not complete before `end`). */
+static PyObject *
+scan_requests(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, end;
+    long long max_bulk, max_count;
+    PyObject *out = NULL, *result = NULL;
+    const char *base, *p, *stop;
+    int status = 0;
+
+    if (!PyArg_ParseTuple(args, "y*nnLL", &view, &start, &end, &max_bulk, &max_count))
+        return NULL;
+    if (end > view.len)
+        end = view.len;
+    if (start < 0 || start > end) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "start out of range");
+        return NULL;
+    }
+    out = PyList_New(0);
+    if (out == NULL)
+        goto done;
+    base = (const char *)view.buf;
+    p = base + start;
+    stop = base + end;
+    for (;;) {
+        const char *next = NULL, *name = NULL;
+        Py_ssize_t name_len = 0;
+        PyObject *raw, *first, *pair;
+        status = scan_request(p, stop, max_bulk, max_count, &next, &name, &name_len);
+        if (status != 1)
+            break;
+        raw = PyBytes_FromStringAndSize(p, next - p);
+        if (raw == NULL)
+            goto fail;
+        first = PyBytes_FromStringAndSize(name, name_len);
+        if (first == NULL) {
+            Py_DECREF(raw);
+            goto fail;
+        }
+        pair = PyTuple_Pack(2, raw, first);
+        Py_DECREF(raw);
+        Py_DECREF(first);
+        if (pair == NULL || PyList_Append(out, pair) < 0) {
+            Py_XDECREF(pair);
+            goto fail;
+        }
+        Py_DECREF(pair);
+        p = next;
+    }
+    result = Py_BuildValue("(On" "O)", out, (Py_ssize_t)(p - base),
+                           status < 0 ? Py_False : Py_True);
+fail:
+    Py_DECREF(out);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* One simple reply frame at p (what resp.py's run expression takes): a line of type
+ * -+:_,#( holding no CR or LF, $-1, *-1, *0, or a blob ($ ! =) of a plain decimal length up to
+ * max_bulk followed by CRLF. 1: its end in *next, 0: incomplete, -1: not a simple frame. */
+static int
+scan_reply(const char *p, const char *end, long long max_bulk, const char **next)
+{
+    const char *s;
+    long long length;
+    int status;
+    if (p >= end)
+        return 0;
+    switch (*p) {
+    case '-': case '+': case ':': case '_': case ',': case '#': case '(':
+        for (s = p + 1; s < end; s++) {
+            if (*s == '\r' || *s == '\n')
+                break;
+        }
+        if (s >= end)
+            return 0;
+        if (*s != '\r')
+            return -1;
+        if (s + 1 >= end)
+            return 0;
+        if (s[1] != '\n')
+            return -1;
+        *next = s + 2;
+        return 1;
+    case '*':
+        if (end - p < 4)
+            return 0;
+        if (p[1] == '0' && p[2] == '\r' && p[3] == '\n') {
+            *next = p + 4;
+            return 1;
+        }
+        if (end - p < 5)
+            return 0;
+        if (p[1] == '-' && p[2] == '1' && p[3] == '\r' && p[4] == '\n') {
+            *next = p + 5;
+            return 1;
+        }
+        return -1;
+    case '$': case '!': case '=':
+        s = p + 1;
+        if (*p == '$' && s < end && *s == '-') {
+            if (end - p < 5)
+                return 0;
+            if (p[2] == '1' && p[3] == '\r' && p[4] == '\n') {
+                *next = p + 5;
+                return 1;
+            }
+            return -1;
+        }
+        status = read_number(&s, end, &length);
+        if (status <= 0)
+            return status;
+        if (length > max_bulk)
+            return -1;
+        if (end - s < length + 2)
+            return 0;
+        if (s[length] != '\r' || s[length + 1] != '\n')
+            return -1;
+        *next = s + length + 2;
+        return 1;
+    default:
+        return -1;
+    }
+}
+
+/* scan_replies(data, start, count, max_bulk) -> (frames, stop)
+ *
+ * frames: up to `count` simple reply frames (bytes each) from `start`, one after the other;
+ * stop: where the first one not taken begins (at a frame that is not simple, is incomplete,
+ * or the end of the data). */
+static PyObject *
+scan_replies(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, count, taken = 0;
+    long long max_bulk;
+    PyObject *out = NULL, *result = NULL;
+    const char *base, *p, *stop;
+
+    if (!PyArg_ParseTuple(args, "y*nnL", &view, &start, &count, &max_bulk))
+        return NULL;
+    if (start < 0 || start > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "start out of range");
+        return NULL;
+    }
+    out = PyList_New(0);
+    if (out == NULL)
+        goto done;
+    base = (const char *)view.buf;
+    p = base + start;
+    stop = base + view.len;
+    while (taken < count) {
+        const char *next = NULL;
+        PyObject *frame;
+        if (scan_reply(p, stop, max_bulk, &next) != 1)
+            break;
+        frame = PyBytes_FromStringAndSize(p, next - p);
+        if (frame == NULL || PyList_Append(out, frame) < 0) {
+            Py_XDECREF(frame);
+            goto fail;
+        }
+        Py_DECREF(frame);
+        p = next;
+        taken++;
+    }
+    result = Py_BuildValue("(On)", out, (Py_ssize_t)(p - base));
+fail:
+    Py_DECREF(out);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"scan_requests", scan_requests, METH_VARARGS,
+     "scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)"},
+    {"scan_replies", scan_replies, METH_VARARGS,
+     "scan_replies(data, start, count, max_bulk) -> (frames, stop)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_scan", "Request framing in C (see resp.py).", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__scan(void)
+{
+    return PyModule_Create(&module);
+}
