@@ -82,9 +82,11 @@ class Message:
 #: A reply the client must not see (CLIENT REPLY OFF/SKIP): it still holds its request's place.
 NO_REPLY = Message(b"")
 
-#: Commands that would turn the connection into a replication stream (the RDB file, then every
-#: write): the sinks refuse them rather than leave the client waiting for a reply that is not one.
-REPLICATION_COMMANDS = frozenset({"SYNC", "PSYNC"})
+#: Commands of the replication protocol: SYNC/PSYNC would turn the connection into a replication
+#: stream (the RDB file, then every write), and REPLCONF ACK/FACK/GETACK get no reply at all
+#: from a client that is not a replica. The sinks refuse them rather than leave the client
+#: waiting for a reply that is not one, or miscount the replies that follow.
+REPLICATION_COMMANDS = frozenset({"SYNC", "PSYNC", "REPLCONF"})
 
 
 def replication_refused(command: str) -> Message:

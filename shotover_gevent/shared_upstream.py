@@ -28,6 +28,7 @@ from gevent import get_hub, getcurrent
 from gevent.hub import Waiter
 from gevent.lock import Semaphore
 
+from .message import REPLICATION_COMMANDS
 from .netio import close_for_good
 from .protocol import resp
 from .protocol.state import BLOCKING_COMMANDS, TRACKED_COMMANDS
@@ -37,9 +38,16 @@ log = logging.getLogger(__name__)
 
 #: Commands a shared connection never carries: those that change the connection or are
 #: counted otherwise (TRACKED_COMMANDS, CLIENT included), those that may block it for every
-#: client on it, SYNC/PSYNC, and ASKING (it applies to the connection's next command). A
-#: client that sends one gets a connection of its own from then on.
-UNSHAREABLE = TRACKED_COMMANDS | BLOCKING_COMMANDS | {"SYNC", "PSYNC", "ASKING"}
+#: client on it, the replication protocol's (refused, see message.py), and ASKING (it applies
+#: to the connection's next command). A client that sends one gets a connection of its own
+#: from then on.
+UNSHAREABLE = TRACKED_COMMANDS | BLOCKING_COMMANDS | REPLICATION_COMMANDS | {"ASKING"}
+
+#: A client that sends a request, or gets a reply frame, larger than this gets a connection of
+#: its own from then on: large values would hold up the other clients' replies behind them,
+#: and one request over a limit of the server's (proto-max-bulk-len, 1 MiB at the least) would
+#: make it close the connection under every client on it.
+LARGE_MESSAGE = 64 * 1024
 
 RECV_SIZE = 256 * 1024
 _BUFFER = bytearray(RECV_SIZE)
@@ -211,6 +219,11 @@ class SharedConnection:
     def _check_timeout(self) -> None:
         if self._waiting and not self.closed and \
                 self._loop.now() - self._progress > self.request_timeout:
+            # After the proxy itself stalled, this timer may run before the read of what the
+            # server sent meanwhile: read first.
+            self._readable()
+        if self._waiting and not self.closed and \
+                self._loop.now() - self._progress > self.request_timeout:
             self._fail(f"upstream {_fmt(self.address)} did not answer within "
                        f"{self.request_timeout * 1000:.0f} ms (request_timeout_ms)")
 
@@ -266,6 +279,8 @@ class SharedConnections:
         self.request_timeout = request_timeout
         self._slots: List[Optional[SharedConnection]] = [None] * count
         self._opening = [Semaphore() for _ in range(count)]
+        #: Per slot, the last failed attempt to open it: (when it ended, its error).
+        self._failed: List[Optional[Tuple[float, UpstreamError]]] = [None] * count
         self._next = 0
 
     def assign(self) -> int:
@@ -279,11 +294,23 @@ class SharedConnections:
         connection = self._slots[index]
         if connection is not None and not connection.closed:
             return connection
+        asked = get_hub().loop.now()
         with self._opening[index]:
             connection = self._slots[index]
             if connection is None or connection.closed:
-                connection = self._slots[index] = SharedConnection(
-                    self.address, self.connect_timeout, self.request_timeout)
+                failed = self._failed[index]
+                if failed is not None and failed[0] >= asked:
+                    # An attempt made while this one waited has just failed: every client
+                    # that waited for it gets its answer, rather than one attempt each in
+                    # turn (the thousandth client would wait a thousand connect timeouts).
+                    raise failed[1]
+                try:
+                    connection = SharedConnection(self.address, self.connect_timeout,
+                                                  self.request_timeout)
+                except UpstreamError as error:
+                    self._failed[index] = (get_hub().loop.now(), error)
+                    raise
+                self._slots[index] = connection
         return connection
 
     def close(self) -> None:

@@ -663,6 +663,9 @@ class UpstreamConnection:
                 in_multi = False
             elif in_multi and command == "CLIENT" and request.subcommand() == "REPLY":
                 refused[index] = Message.error(_CLIENT_REPLY_IN_MULTI)
+            elif in_multi and command == "REPLCONF":
+                # Queued by Redis, it would leave a hole in the EXEC reply.
+                refused[index] = replication_refused(command)
             elif not in_multi and command in REPLICATION_COMMANDS:
                 standins.add(index)
         if not refused and not standins:

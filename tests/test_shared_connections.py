@@ -3,8 +3,11 @@ connections; any client that changes or depends on its connection gets one of it
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
+import time
 
 import hiredis
 import pytest
@@ -68,6 +71,19 @@ def test_a_client_that_changes_its_connection_gets_its_own(shared_proxy, redis_s
         assert plain.call("INCR", "t") == 1  # database 0: not the transaction's key
         assert own.call("EXEC") == [1, 2]
     assert redis_server.client(db=3).get("t") == b"2"
+
+
+def test_a_command_redis_does_not_answer_never_shifts_the_replies(shared_proxy, redis_server):
+    # REPLCONF ACK gets no reply from Redis: on a shared connection every later reply would
+    # go to the client before (another client's value to the wrong client).
+    with RawClient(shared_proxy.port) as first, RawClient(shared_proxy.port) as second:
+        assert second.call("SET", "secret", "second's") == b"OK"
+        first.send(encode("REPLCONF", "ACK", "0"))
+        reply = first.read_reply()
+        assert isinstance(reply, hiredis.ReplyError) and "REPLCONF" in str(reply), reply
+        assert second.call("GET", "secret") == b"second's"
+        assert first.call("PING") == b"PONG"
+        assert second.call("PING") == b"PONG"
 
 
 def test_a_blocked_client_does_not_hold_the_shared_connection(shared_proxy, redis_server):
@@ -148,3 +164,108 @@ def test_clients_on_shared_connections_keep_every_reply_across_upgrades(proxy_fa
     assert [int(n or 0) for n in counts] == [client.received for client in clients]
     # Two shared connections carried 30 clients.
     assert proxy_connections(redis_server) == 2
+
+
+def test_a_stalled_proxy_does_not_time_out_replies_that_came_meanwhile(proxy_factory,
+                                                                        redis_factory):
+    # The proxy itself stopped (a long GC pause, throttling): when it runs again, the replies
+    # that arrived meanwhile are read before the request timeout is judged.
+    upstream = redis_factory()
+    proxy = proxy_factory(shared_topology(upstream.port, request_timeout_ms=300))
+    worker = status(proxy.control_socket)["workers"][0]["pid"]
+    with RawClient(proxy.port) as client:
+        assert client.call("SET", "k", "v") == b"OK"
+        upstream.process.send_signal(signal.SIGSTOP)
+        try:
+            client.send(encode("GET", "k") * 5)
+            wait_for(lambda: sent_upstream(worker, upstream.port), 10,
+                     "the GETs to be written to the stopped server")
+            os.kill(worker, signal.SIGSTOP)
+        finally:
+            upstream.process.send_signal(signal.SIGCONT)
+        try:
+            wait_for(lambda: get_calls(upstream) >= 5, 10, "Redis to answer the GETs")
+            stopped = time.monotonic()
+            wait_for(lambda: time.monotonic() - stopped > 0.6, 5,
+                     "the worker to stay stopped past the request timeout")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert client.read_replies(5, timeout=10) == [b"v"] * 5
+
+
+def sent_upstream(pid: int, port: int) -> bool:
+    """Whether a socket of `pid` towards `port` has bytes the peer has not read."""
+    inodes = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].split(":")[1], 16)
+            send_queue = int(fields[4].split(":")[0], 16)
+            if remote_port == port and fields[9] in inodes and send_queue:
+                return True
+    return False
+
+
+def get_calls(server) -> int:
+    with server.client() as admin:
+        return int(admin.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+
+def test_clients_waiting_for_a_connection_share_its_failure(proxy_factory):
+    # A server that does not answer connects: the clients that came while the proxy tried get
+    # its failure, instead of one connect timeout each in turn.
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        port = blackhole.getsockname()[1]
+        # Fill the accept queue: further connects then wait for the timeout.
+        fillers = []
+        try:
+            for _ in range(8):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+                fillers.append(filler)
+            topology = shared_topology(port, connect_timeout_ms=2000)
+            proxy = proxy_factory(topology)
+            clients = [RawClient(proxy.port, timeout=30) for _ in range(8)]
+            try:
+                for client in clients:
+                    client.send(encode("PING"))
+                answers, times = [], []
+                for client in clients:
+                    answers.append(client.read_reply(timeout=30))
+                    times.append(time.monotonic())
+            finally:
+                for client in clients:
+                    client.close()
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert all(isinstance(a, hiredis.ReplyError) and "unavailable" in str(a) for a in answers), \
+        answers
+    # One attempt answers all of them together; attempts in turn would answer them a connect
+    # timeout (2 s) apart.
+    assert times[-1] - times[0] < 1.5, times
+
+
+def test_large_values_move_a_client_to_its_own_connection(shared_proxy, redis_server):
+    big = b"x" * (128 * 1024)
+    with RawClient(shared_proxy.port) as writer, RawClient(shared_proxy.port) as reader, \
+            RawClient(shared_proxy.port) as plain:
+        assert plain.call("SET", "small", "1") == b"OK"
+        assert reader.call("GET", "small") == b"1"
+        assert proxy_connections(redis_server) == 1
+        assert writer.call("SET", "big", big) == b"OK"  # a large request
+        assert proxy_connections(redis_server) == 2
+        assert reader.call("GET", "big") == big  # a large reply: from now on its own
+        assert reader.call("GET", "small") == b"1"
+        assert plain.call("GET", "small") == b"1"
+        assert proxy_connections(redis_server) == 3

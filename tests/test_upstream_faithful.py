@@ -218,6 +218,23 @@ def test_sync_and_psync_are_refused_at_once(redis_server, proxy):
         assert admin.info("replication")["connected_slaves"] == 0
 
 
+def test_replconf_is_refused_at_once(redis_server, proxy):
+    # Redis answers REPLCONF ACK/GETACK from a client that is not a replica with nothing at all:
+    # forwarded, the next reply would answer the wrong request.
+    refused = SYNC_REFUSED.replace(b"SYNC", b"REPLCONF", 1)
+    with ByteClient(proxy.port) as client:
+        client.send_raw(encode("REPLCONF", "ACK", "0") + encode("PING") +
+                        encode("REPLCONF", "GETACK", "*") + encode("REPLCONF", "listening-port", "1")
+                        + encode("ECHO", "after"))
+        assert client.read_frames(5) == refused + b"+PONG\r\n" + refused + refused + \
+            b"$5\r\nafter\r\n"
+        # Inside MULTI Redis would queue it and leave a hole in the EXEC reply.
+        client.send_raw(encode("MULTI") + encode("REPLCONF", "ACK", "0") + encode("INCR", "n") +
+                        encode("EXEC"))
+        assert client.read_frames(4) == b"+OK\r\n" + refused + b"+QUEUED\r\n*1\r\n:1\r\n"
+        assert client.quiet_for(0.2)
+
+
 def test_sync_inside_multi_is_refused_by_the_server_as_directly(redis_server, proxy):
     received = []
     for port in (redis_server.port, proxy.port):

@@ -21,7 +21,7 @@ from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, format_address, parse_address, take_mapping
 from ..message import NO_REPLY, Message
-from ..shared_upstream import UNSHAREABLE, SharedConnections
+from ..shared_upstream import LARGE_MESSAGE, UNSHAREABLE, SharedConnections
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import UpstreamConnection, UpstreamError
 from . import TransformType, register
@@ -231,7 +231,7 @@ class RedisSinkSingle(Transform):
         slot = self._shared_slot
         if slot is not None:
             for request in requests:
-                if request.command in UNSHAREABLE:
+                if request.command in UNSHAREABLE or len(request.raw) > LARGE_MESSAGE:
                     self._shared_slot = None  # its own connection from now on
                     break
             else:
@@ -267,6 +267,8 @@ class RedisSinkSingle(Transform):
         finally:
             self._shared_busy = False
         replies = [Message(frame) for frame in frames]
+        if frames and max(map(len, frames)) > LARGE_MESSAGE:
+            self._shared_slot = None  # large values: its own connection from now on
         if failure is not None:
             missing = len(requests) - len(replies)
             self.builder.failed_requests(missing)
