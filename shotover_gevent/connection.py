@@ -144,6 +144,7 @@ class ClientConnection:
             # the others a turn when this client keeps its socket full (see netio); TLS ones
             # through their wrapper.
             order = arrival_order(gevent.get_hub()) if self.source.tls_context is None else None
+            wait_first = False
             while True:
                 if self.state is State.PAUSING and self.session.drain_blocker() is None:
                     if not self._park():
@@ -151,7 +152,8 @@ class ClientConnection:
                 self._idle = True
                 try:
                     if order is not None:
-                        data, arrived, waited = order.recv(sock, RECV_SIZE)
+                        data, arrived, waited, wait_first = order.recv(sock, RECV_SIZE,
+                                                                      wait_first)
                     else:
                         data = sock.recv(RECV_SIZE)
                 finally:

@@ -3,6 +3,7 @@
 import itertools
 import socket as stdlib_socket
 import struct
+from time import time_ns
 
 from gevent import getcurrent, socket
 
@@ -90,10 +91,26 @@ class ArrivalOrder:
         self._spin = self.loop.idle()
         self._spin.ref = False
 
-    def recv(self, sock, size: int):
-        """(bytes, their arrival time in ns or 0, whether it had to wait for them) from a plain
-        (non-TLS) gevent socket; then call my_turn() before acting on them."""
+    def recv(self, sock, size: int, wait_first: bool = False):
+        """(bytes, their arrival time in ns or 0, whether it had to wait for them, whether the
+        next call should wait first) from a plain (non-TLS) gevent socket; then call
+        my_turn() before acting on them.
+
+        `wait_first`: wait until the socket is readable before reading (what the last call
+        advised): a client that sends its next request only once it has the last reply is not
+        asked for bytes that cannot be there yet (a system call and an exception per
+        request). The advice follows the client: wait first again when the bytes came after
+        the wait began, read at once next time when they were there already."""
         raw = sock._sock
+        if wait_first:
+            began = time_ns()
+            sock._wait(sock._read_event)
+            try:
+                data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
+            except BlockingIOError:
+                return sock.recv(size), 0, True, True
+            stamp = _arrival(ancillary)
+            return data, stamp, True, stamp > began
         try:
             data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
             waited = False
@@ -102,9 +119,9 @@ class ArrivalOrder:
             try:
                 data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
             except BlockingIOError:
-                return sock.recv(size), 0, True
+                return sock.recv(size), 0, True, True
             waited = True
-        return data, _arrival(ancillary), waited
+        return data, _arrival(ancillary), waited, waited
 
     def my_turn(self, stamp: int, waited: bool) -> None:
         """Wait, if an older arrival may not have been served yet."""
