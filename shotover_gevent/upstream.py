@@ -92,13 +92,20 @@ class UpstreamConnection:
 
     #: Set on the instance when the connection is encrypted (TLS state cannot be handed over).
     tls = False
+    #: Bytes the replies to one batch may take before the client's connection is closed, as
+    #: its output_buffer_limit would close it once they were written (None: no limit); and
+    #: what is left of it for the batch being read (None: not reading one).
+    reply_limit: Optional[int] = None
+    _reply_budget: Optional[int] = None
 
     def __init__(self, address, connect_timeout: float, session: Session,
                  on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None,
                  on_lost: Optional[Callable[["UpstreamConnection"], None]] = None,
                  client_socket=None, adopted=None, request_timeout: Optional[float] = None,
-                 client_follows: bool = False) -> None:
+                 client_follows: bool = False, reply_limit: Optional[int] = None) -> None:
         self.address = address
+        if reply_limit:
+            self.reply_limit = reply_limit
         self.session = session
         self.on_push = on_push
         # Called (once, after the session is restored) when the server ends the connection or
@@ -443,6 +450,17 @@ class UpstreamConnection:
             raise UpstreamError(self._failure)
         self._quiet_since = None
         framer.feed(_RECV_VIEW[:received])  # copied out before anything else can run
+        budget = self._reply_budget
+        if budget is not None:
+            budget = self._reply_budget = budget - received
+            if budget < 0:
+                # Read on, the proxy would hold the whole batch's replies (a pipeline of large
+                # values: gigabytes) only to close the client over its limit once they are.
+                self._broken(f"output buffer limit: the replies to a batch from "
+                             f"{self._client_name()} are over the source's output_buffer_limit "
+                             f"of {self.reply_limit} bytes (it does not read its replies)",
+                             by_server=True)
+                raise UpstreamError(self._failure)
 
     def _read_reply_frame(self) -> bytes:
         """The next frame that answers a request; pushes on the way are held."""
@@ -490,6 +508,14 @@ class UpstreamConnection:
         if first and on_lost is not None and not (expected or self.state.quitting) and \
                 (self.lost_by_server or self.push_mode):
             on_lost(self)
+
+    def _client_name(self) -> str:
+        sock = self.client_socket
+        try:
+            host, port = sock.getpeername()[:2]
+            return f"{host}:{port}"
+        except (AttributeError, OSError, TypeError, ValueError):
+            return "a client"
 
     def _ended_by_server(self, error: Optional[OSError]) -> bool:
         """Whether a failed read or write (`error`; None: the end of the connection) means the
@@ -736,6 +762,7 @@ class UpstreamConnection:
             _WAITS.add(self)
         self._batch = requests
         self._replies = replies
+        self._reply_budget = self.reply_limit if self.client_follows else None
         try:
             if payload:
                 self._send(payload)
@@ -756,6 +783,7 @@ class UpstreamConnection:
             replies.extend([reply] * (len(requests) - len(replies)))
         finally:
             self._batch = self._replies = self._current = None
+            self._reply_budget = None
             self._answered = requests
             if self._tick is not None:
                 _WAITS.discard(self)

@@ -113,3 +113,33 @@ def test_output_buffer_limit_closes_the_client_and_counts_it(proxy_factory, redi
     assert metric_value(text, "shotover_g_connections_closed_total", source="redis",
                         reason="output buffer limit") == 1
     assert "over the source's output_buffer_limit" in proxy.log_text()
+
+
+def test_a_batch_of_large_replies_is_not_read_past_the_output_buffer_limit(proxy_factory,
+                                                                          redis_server):
+    """A client pipelines 64 GETs of a 1 MiB value and reads nothing, with a 4 MiB
+    output_buffer_limit: the proxy stops reading the batch's replies once they pass the limit
+    and closes the client, rather than holding all 64 MiB first (a pipeline of larger values
+    made gigabytes)."""
+    from helpers import http_request, metric_value, passthrough_topology
+
+    topology = passthrough_topology(redis_server.port)
+    topology["sources"][0]["Redis"]["output_buffer_limit"] = 4 * 1024 * 1024
+    proxy = proxy_factory(topology, observability=True)
+    with redis_server.client() as admin:
+        admin.set("large", b"l" * (1024 * 1024))
+        sent_before = int(admin.info("stats")["total_net_output_bytes"])
+    with RawClient(proxy.port) as client, RawClient(proxy.port) as other:
+        assert client.call("PING") == b"PONG"
+        client.send(b"*2\r\n$3\r\nGET\r\n$5\r\nlarge\r\n" * 64)
+        client.wait_eof(30)
+        assert other.call("PING") == b"PONG"
+    with redis_server.client() as admin:
+        sent = int(admin.info("stats")["total_net_output_bytes"]) - sent_before
+    # Redis wrote what the limit let through plus what the sockets held when the proxy hung
+    # up: far from the 64 MiB the batch asked for.
+    assert sent < 32 * 1024 * 1024, sent
+    text = http_request(proxy.metrics_url)[1]
+    assert metric_value(text, "shotover_g_connections_closed_total", source="redis",
+                        reason="output buffer limit") == 1
+    assert "over the source's output_buffer_limit" in proxy.log_text()

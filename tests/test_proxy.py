@@ -348,6 +348,26 @@ def test_inline_commands(proxy):
         assert raw.call("PING") == b"PONG"
 
 
+def test_inline_words_end_where_redis_ends_them(proxy, redis_server):
+    # Between words Redis skips every isspace() byte; inside a word only a space, a tab, CR or
+    # LF ends it: a vertical tab or form feed is part of the word.
+    lines = [b"ECHO a\x0bb\r\n", b"SET vtkey\x0bvalue\r\n", b"PING\x0bhello\r\n",
+             b"SET \"vtq\" a\x0bb\r\n", b"ECHO \x0c\x0b x\x0cy \x0b\r\n", b"ECHO 'q'\x0b\r\n",
+             b"ECHO a\tb\r\n"]
+    answers = []
+    for port in (redis_server.port, proxy.port):
+        redis_server.client().flushall()
+        with RawClient(port) as raw:
+            replies = []
+            for line in lines:
+                raw.send(line)
+                reply = raw.read_reply()
+                replies.append(("error", str(reply)) if isinstance(reply, Exception) else reply)
+            answers.append(replies)
+    assert answers[1] == answers[0]
+    assert answers[0][0] == b"a\x0bb"
+
+
 def test_pipeline_split_at_odd_offsets(proxy):
     commands = []
     expected = []

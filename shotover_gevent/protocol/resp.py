@@ -686,12 +686,19 @@ _ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"a": b"\a"}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
+#: What ends an unquoted word of an inline command (sdssplitargs).
+_WORD_ENDS = (b" ", b"\t", b"\r", b"\n")
+
+
 def split_inline(line: bytes) -> List[bytes]:
     """Split an inline command as Redis does: words separated by blanks; "..." with backslash
     escapes (\\n, \\xHH, ...), '...' with only \\' escaped; a quote may open mid-word and a
-    closing quote must be followed by a blank or the end of the line."""
-    if b'"' not in line and b"'" not in line:
-        return line.split()
+    closing quote must be followed by a blank or the end of the line.
+
+    Blanks between words are all six of C's isspace(); a word itself ends only at a space, a
+    tab, CR or LF (a vertical tab or form feed inside a word belongs to it)."""
+    if b'"' not in line and b"'" not in line and b"\x0b" not in line and b"\x0c" not in line:
+        return line.split()  # splits at exactly space, tab, CR and LF here
     args: List[bytes] = []
     i, n = 0, len(line)
     while True:
@@ -730,7 +737,7 @@ def split_inline(line: bytes) -> List[bytes]:
                         raise ProtocolError("unbalanced quotes in request")
                     break
                 current += ch
-            elif ch.isspace():
+            elif ch in _WORD_ENDS:
                 break
             elif ch in (b'"', b"'"):
                 quote = ch

@@ -145,7 +145,8 @@ class RedisSinkSingle(Transform):
     def _upstream_options(self) -> dict:
         return {"on_lost": self._upstream_lost, "client_socket": _client_socket(self.context),
                 "request_timeout": self.builder.request_timeout,
-                "client_follows": self.context.hang_up is not None}
+                "client_follows": self.context.hang_up is not None,
+                "reply_limit": _output_limit(self.context)}
 
     def export_upstream(self, batch: Optional[List[Message]] = None):
         if self._shared_busy:
@@ -304,6 +305,14 @@ def _socket_from_fd(fd: int, address):
         return socket.socket(family, stdlib_socket.SOCK_STREAM, stdlib_socket.IPPROTO_TCP,
                              fileno=fd)
     return socket.socket(fileno=fd)
+
+
+def _output_limit(context: ConnectionContext) -> Optional[int]:
+    """The client connection's output_buffer_limit in bytes (None: none, or not known)."""
+    connection = getattr(context.push, "__self__", None)
+    limit = getattr(getattr(getattr(connection, "source", None), "config", None),
+                    "output_buffer_limit", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def _client_socket(context: ConnectionContext):
