@@ -45,6 +45,9 @@ class StepwiseRequestFramer(RequestFramer):
     def _frame_canonical(self, data, pos):
         return 0, False
 
+    def _skip_blank_lines(self, data, pos):
+        return False
+
 
 WELL_FORMED = [
     multibulk(b"SET", b"key:__rand_int__", b"xxx"),
@@ -77,6 +80,9 @@ ODD = [
     b"PING\r\n",  # inline
     b"SET inline 'quoted value'\r\n",
     b"\r\n",
+    b"\n\n\r\n  \r\n\t\x0b\x0c\n\r\r\n",  # blank lines: skipped
+    b" \x0b \r\nPING\r\n",
+    b"\r\n\r\n \x00\n",  # a NUL: not a blank line
     b"*1\n$4\nPING\n",  # LF-only separators
     b"*1\r\n$4\r\nPI\0G\r\n",  # a NUL byte inside a payload is data
     b"*1\r\n$\x004\r\nPING\r\n",  # inside a length line it hides the line's end
