@@ -49,6 +49,9 @@ UNSHAREABLE = TRACKED_COMMANDS | BLOCKING_COMMANDS | REPLICATION_COMMANDS | {"AS
 #: make it close the connection under every client on it.
 LARGE_MESSAGE = 64 * 1024
 
+#: The reason given for a batch whose replies passed its budget.
+OVER_LIMIT = "output buffer limit: the replies to a batch are over the source's output_buffer_limit"
+
 RECV_SIZE = 256 * 1024
 _BUFFER = bytearray(RECV_SIZE)
 _VIEW = memoryview(_BUFFER)
@@ -58,14 +61,17 @@ _WRITE = 2
 
 
 class _Waiting:
-    """A batch whose replies are owed: who waits for them, how many, those read so far."""
+    """A batch whose replies are owed: who waits for them (None: nobody any more, its frames
+    are dropped as they come), how many are still to come or kept, those kept so far, and how
+    many bytes they may take (None: no limit)."""
 
-    __slots__ = ("waiter", "count", "frames")
+    __slots__ = ("waiter", "count", "frames", "budget")
 
-    def __init__(self, waiter: Waiter, count: int) -> None:
+    def __init__(self, waiter: Waiter, count: int, budget: Optional[int]) -> None:
         self.waiter = waiter
         self.count = count
         self.frames: List[bytes] = []
+        self.budget = budget
 
 
 class SharedConnection:
@@ -110,15 +116,18 @@ class SharedConnection:
 
     # ---- the clients' side ------------------------------------------------------------------
 
-    def call(self, payload: bytes, count: int) -> Tuple[List[bytes], Optional[str]]:
+    def call(self, payload: bytes, count: int, budget: Optional[int] = None
+             ) -> Tuple[List[bytes], Optional[str]]:
         """Queue a batch of `count` requests (their bytes, `payload`) and wait for its replies:
-        (frames, None), or (the frames that came, why the rest never will)."""
+        (frames, None), or (the frames that came, why the rest never will). `budget`: the
+        bytes the replies may take; past it the caller gets what came within it and a reason
+        starting "output buffer limit", and the rest of its replies are read and dropped."""
         if self.closed:
             return [], self.failure
         waiting = self._waiting
         if not waiting:
             self._progress = self._loop.now()
-        entry = _Waiting(Waiter(self._hub), count)
+        entry = _Waiting(Waiter(self._hub), count, budget)
         waiting.append(entry)
         self._out.append(payload)
         if not self._flush_scheduled:
@@ -130,6 +139,8 @@ class SharedConnection:
             # The client's greenlet was killed (it left, the proxy stops): its replies are
             # read and dropped when they come, so the next batch's stay in step.
             entry.waiter = None
+            entry.count -= len(entry.frames)
+            entry.frames = []
             raise
 
     @property
@@ -195,22 +206,41 @@ class SharedConnection:
         framer.feed(_VIEW[:received])
         waiting = self._waiting
         done = []
+        over = []
         try:
             while waiting:
                 entry = waiting[0]
-                frames = entry.frames
-                missing = entry.count - len(frames)
+                missing = entry.count - len(entry.frames)
                 if missing:
-                    frames += framer.take(missing)
-                    if len(frames) < entry.count:
+                    taken = framer.take(missing)
+                    if entry.waiter is None:
+                        entry.count -= len(taken)  # nobody waits for them: dropped
+                    else:
+                        entry.frames += taken
+                        if entry.budget is not None and taken:
+                            entry.budget -= sum(map(len, taken))
+                    if entry.waiter is not None and entry.budget is not None and (
+                            entry.budget < 0 or (len(entry.frames) < entry.count
+                                                 and framer.pending() > entry.budget)):
+                        # Past the client's output limit: it gets what came, the rest is
+                        # dropped as it comes rather than held.
+                        over.append((entry.waiter, entry.frames))
+                        entry.waiter = None
+                        entry.count -= len(entry.frames)
+                        entry.frames = []
+                    if len(entry.frames) < entry.count:
                         break
                 waiting.popleft()
                 done.append(entry)
             if not waiting and framer.pending():
                 raise resp.ProtocolError("a frame that answers no request")
         except resp.ProtocolError as error:
+            for waiter, frames in over:
+                waiter.switch((frames, OVER_LIMIT))
             self._fail(f"upstream {_fmt(self.address)} sent invalid RESP: {error}", done)
             return
+        for waiter, frames in over:
+            waiter.switch((frames, OVER_LIMIT))
         for entry in done:
             waiter = entry.waiter
             if waiter is not None:

@@ -279,3 +279,40 @@ def test_large_values_move_a_client_to_its_own_connection(shared_proxy, redis_se
         assert reader.call("GET", "small") == b"1"
         assert plain.call("GET", "small") == b"1"
         wait_for_connections(redis_server, 3)
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_batch_of_large_replies_is_not_held_past_the_output_buffer_limit(proxy_factory,
+                                                                          redis_server):
+    """On a shared connection too, a client that pipelines GETs of large values and reads
+    nothing is closed once the replies pass its output_buffer_limit: the rest is read and
+    dropped as it comes instead of held (32 x 2 MiB here), and the others go on."""
+    from helpers import http_request, metric_value
+
+    topology = shared_topology(redis_server.port)
+    topology["sources"][0]["Redis"]["output_buffer_limit"] = 4 * 1024 * 1024
+    proxy = proxy_factory(topology, observability=True)
+    worker = status(proxy.control_socket)["workers"][0]["pid"]
+    with redis_server.client() as admin:
+        admin.set("large", b"l" * (2 * 1024 * 1024))
+    with RawClient(proxy.port) as client, RawClient(proxy.port) as other:
+        assert client.call("PING") == b"PONG"
+        assert other.call("PING") == b"PONG"
+        before = peak_rss_kib(worker)
+        client.send(b"*2\r\n$3\r\nGET\r\n$5\r\nlarge\r\n" * 32)
+        replies = client.wait_eof(30)
+        assert len(replies) <= 2 and all(reply == b"l" * (2 * 1024 * 1024) for reply in replies)
+        assert other.call("PING") == b"PONG"
+        assert other.call("SET", "k", "v") == b"OK"
+    grown = peak_rss_kib(worker) - before
+    assert grown < 40 * 1024, f"peak RSS grew by {grown} KiB"
+    text = http_request(proxy.metrics_url)[1]
+    assert metric_value(text, "shotover_g_connections_closed_total", source="redis",
+                        reason="output buffer limit") == 1

@@ -21,7 +21,7 @@ from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, format_address, parse_address, take_mapping
 from ..message import NO_REPLY, Message
-from ..shared_upstream import LARGE_MESSAGE, UNSHAREABLE, SharedConnections
+from ..shared_upstream import LARGE_MESSAGE, OVER_LIMIT, UNSHAREABLE, SharedConnections
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import UpstreamConnection, UpstreamError
 from . import TransformType, register
@@ -110,7 +110,7 @@ RESUBSCRIBE_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 class RedisSinkSingle(Transform):
     __slots__ = ("builder", "context", "upstream", "_connecting", "_resubscriber", "_closed",
-                 "_shared_slot", "_shared_busy")
+                 "_shared_slot", "_shared_busy", "_output_limit")
     inflight_handover = True
 
     def __init__(self, builder: RedisSinkSingleBuilder, context: ConnectionContext) -> None:
@@ -125,6 +125,7 @@ class RedisSinkSingle(Transform):
         self._shared_slot: Optional[int] = None
         #: A batch of this client is on a shared connection, its replies owed.
         self._shared_busy = False
+        self._output_limit = _output_limit(context)
         if builder.shared is not None and context.session.is_default:
             self._shared_slot = builder.shared.assign()
 
@@ -264,12 +265,19 @@ class RedisSinkSingle(Transform):
         payload = requests[0].raw if len(requests) == 1 else b"".join([r.raw for r in requests])
         self._shared_busy = True
         try:
-            frames, failure = shared.call(payload, len(requests))
+            frames, failure = shared.call(payload, len(requests), self._output_limit)
         finally:
             self._shared_busy = False
         replies = [Message(frame) for frame in frames]
         if frames and max(map(len, frames)) > LARGE_MESSAGE:
             self._shared_slot = None  # large values: its own connection from now on
+        if failure is OVER_LIMIT and self.context.hang_up is not None:
+            # As Redis closes a client over its output buffer limit: what came within the
+            # limit, then the end of the connection.
+            log.warning("closing connection from %s: %s of %s bytes (it does not read its "
+                        "replies)", self.context.peer, failure, self._output_limit)
+            self.context.hang_up(failure)
+            return replies + [NO_REPLY] * (len(requests) - len(replies))
         if failure is not None:
             missing = len(requests) - len(replies)
             self.builder.failed_requests(missing)
