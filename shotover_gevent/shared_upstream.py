@@ -338,6 +338,8 @@ class SharedConnections:
                     connection = SharedConnection(self.address, self.connect_timeout,
                                                   self.request_timeout)
                 except UpstreamError as error:
+                    log.warning("shared connection %d to %s could not be opened: %s",
+                                index + 1, _fmt(self.address), error)
                     self._failed[index] = (get_hub().loop.now(), error)
                     raise
                 self._slots[index] = connection

@@ -249,10 +249,7 @@ def test_clients_waiting_for_a_connection_share_its_failure(proxy_factory):
             try:
                 for client in clients:
                     client.send(encode("PING"))
-                answers, times = [], []
-                for client in clients:
-                    answers.append(client.read_reply(timeout=30))
-                    times.append(time.monotonic())
+                answers = [client.read_reply(timeout=30) for client in clients]
             finally:
                 for client in clients:
                     client.close()
@@ -261,9 +258,8 @@ def test_clients_waiting_for_a_connection_share_its_failure(proxy_factory):
                 filler.close()
     assert all(isinstance(a, hiredis.ReplyError) and "unavailable" in str(a) for a in answers), \
         answers
-    # One attempt answers all of them together; attempts in turn would answer them a connect
-    # timeout (2 s) apart.
-    assert times[-1] - times[0] < 1.5, times
+    # One attempt answered all of them (attempts in turn: one connect timeout each).
+    assert proxy.log_text().count("could not be opened") == 1, proxy.log_text()[-3000:]
 
 
 def test_large_values_move_a_client_to_its_own_connection(shared_proxy, redis_server):
