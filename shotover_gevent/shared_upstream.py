@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import socket as stdlib_socket
 from collections import deque
-from typing import Deque, List, Optional, Tuple
+from typing import Deque, List, Optional, Sequence, Tuple
 
 from gevent import get_hub, getcurrent
 from gevent.hub import Waiter
@@ -32,7 +32,7 @@ from .message import REPLICATION_COMMANDS
 from .netio import close_for_good
 from .protocol import resp
 from .protocol.state import BLOCKING_COMMANDS, TRACKED_COMMANDS
-from .upstream import UpstreamError, _fmt, _reason, connect
+from .upstream import OVER_OUTPUT_LIMIT, UpstreamError, _fmt, _reason, connect
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,6 @@ UNSHAREABLE = TRACKED_COMMANDS | BLOCKING_COMMANDS | REPLICATION_COMMANDS | {"AS
 #: and one request over a limit of the server's (proto-max-bulk-len, 1 MiB at the least) would
 #: make it close the connection under every client on it.
 LARGE_MESSAGE = 64 * 1024
-
-#: The reason given for a batch whose replies passed its budget.
-OVER_LIMIT = "output buffer limit: the replies to a batch are over the source's output_buffer_limit"
 
 RECV_SIZE = 256 * 1024
 _BUFFER = bytearray(RECV_SIZE)
@@ -120,8 +117,8 @@ class SharedConnection:
              ) -> Tuple[List[bytes], Optional[str]]:
         """Queue a batch of `count` requests (their bytes, `payload`) and wait for its replies:
         (frames, None), or (the frames that came, why the rest never will). `budget`: the
-        bytes the replies may take; past it the caller gets what came within it and a reason
-        starting "output buffer limit", and the rest of its replies are read and dropped."""
+        bytes the replies may take; past it the caller gets what came within it and
+        OVER_OUTPUT_LIMIT, and the rest of its replies are read and dropped."""
         if self.closed:
             return [], self.failure
         waiting = self._waiting
@@ -142,10 +139,6 @@ class SharedConnection:
             entry.count -= len(entry.frames)
             entry.frames = []
             raise
-
-    @property
-    def in_use(self) -> bool:
-        return bool(self._waiting)
 
     # ---- the event loop's side --------------------------------------------------------------
 
@@ -205,8 +198,8 @@ class SharedConnection:
         framer = self._framer
         framer.feed(_VIEW[:received])
         waiting = self._waiting
-        done = []
-        over = []
+        # (waiter, frames, failure) of the batches this read settles, answered after it.
+        settled: List[tuple] = []
         try:
             while waiting:
                 entry = waiting[0]
@@ -224,27 +217,22 @@ class SharedConnection:
                                                  and framer.pending() > entry.budget)):
                         # Past the client's output limit: it gets what came, the rest is
                         # dropped as it comes rather than held.
-                        over.append((entry.waiter, entry.frames))
+                        settled.append((entry.waiter, entry.frames, OVER_OUTPUT_LIMIT))
                         entry.waiter = None
                         entry.count -= len(entry.frames)
                         entry.frames = []
                     if len(entry.frames) < entry.count:
                         break
                 waiting.popleft()
-                done.append(entry)
+                if entry.waiter is not None:
+                    settled.append((entry.waiter, entry.frames, None))
             if not waiting and framer.pending():
                 raise resp.ProtocolError("a frame that answers no request")
         except resp.ProtocolError as error:
-            for waiter, frames in over:
-                waiter.switch((frames, OVER_LIMIT))
-            self._fail(f"upstream {_fmt(self.address)} sent invalid RESP: {error}", done)
+            self._fail(f"upstream {_fmt(self.address)} sent invalid RESP: {error}", settled)
             return
-        for waiter, frames in over:
-            waiter.switch((frames, OVER_LIMIT))
-        for entry in done:
-            waiter = entry.waiter
-            if waiter is not None:
-                waiter.switch((entry.frames, None))
+        for waiter, frames, failure in settled:
+            waiter.switch((frames, failure))
 
     def _check_timeout(self) -> None:
         if self._waiting and not self.closed and \
@@ -257,28 +245,22 @@ class SharedConnection:
             self._fail(f"upstream {_fmt(self.address)} did not answer within "
                        f"{self.request_timeout * 1000:.0f} ms (request_timeout_ms)")
 
-    def _fail(self, reason: str, answered: Optional[List[_Waiting]] = None) -> None:
+    def _fail(self, reason: str, settled: Sequence[tuple] = ()) -> None:
         """Give the connection up: every batch still owed replies gets `reason` (and the
-        frames that came for it); `answered` batches get their replies first."""
+        frames that came for it); the `settled` ones (see _readable) get theirs first."""
         if self.closed:
             return
         self.closed = True
         self.failure = reason
         log.warning("shared connection to %s: %s", _fmt(self.address), reason)
         self._stop()
-        owed = list(answered or ()) + list(self._waiting)
+        owed = [(entry.waiter, entry.frames, reason) for entry in self._waiting
+                if entry.waiter is not None]
         self._waiting.clear()
         self._out.clear()
         self._unsent = None
-        complete = {id(entry) for entry in answered or ()}
-        for entry in owed:
-            waiter = entry.waiter
-            if waiter is None:
-                continue
-            if id(entry) in complete:
-                waiter.switch((entry.frames, None))
-            else:
-                waiter.switch((entry.frames, reason))
+        for waiter, frames, failure in list(settled) + owed:
+            waiter.switch((frames, failure))
 
     def _stop(self) -> None:
         self._reader.stop()

@@ -64,6 +64,12 @@ _REPLICATION_STANDIN = Message.request([b"PING", b"shotover-g: replication refus
 _CLIENT_REPLY_IN_MULTI = "ERR CLIENT REPLY is not supported inside MULTI by the proxy"
 
 
+#: Why the replies to a batch were not read further: past the client's output_buffer_limit
+#: (its connection is then closed, as Redis closes a client over its own limit).
+OVER_OUTPUT_LIMIT = ("output buffer limit: the replies to a batch are over the source's "
+                     "output_buffer_limit")
+
+
 class UpstreamError(Exception):
     """The server could not be reached or the connection broke; the text goes to clients."""
 
@@ -456,10 +462,7 @@ class UpstreamConnection:
             if budget < 0:
                 # Read on, the proxy would hold the whole batch's replies (a pipeline of large
                 # values: gigabytes) only to close the client over its limit once they are.
-                self._broken(f"output buffer limit: the replies to a batch from "
-                             f"{self._client_name()} are over the source's output_buffer_limit "
-                             f"of {self.reply_limit} bytes (it does not read its replies)",
-                             by_server=True)
+                self._broken(OVER_OUTPUT_LIMIT, by_server=True)
                 raise UpstreamError(self._failure)
 
     def _read_reply_frame(self) -> bytes:
@@ -508,14 +511,6 @@ class UpstreamConnection:
         if first and on_lost is not None and not (expected or self.state.quitting) and \
                 (self.lost_by_server or self.push_mode):
             on_lost(self)
-
-    def _client_name(self) -> str:
-        sock = self.client_socket
-        try:
-            host, port = sock.getpeername()[:2]
-            return f"{host}:{port}"
-        except (AttributeError, OSError, TypeError, ValueError):
-            return "a client"
 
     def _ended_by_server(self, error: Optional[OSError]) -> bool:
         """Whether a failed read or write (`error`; None: the end of the connection) means the

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import time
 
 import hiredis
 import pytest
 
 from helpers import RawClient, encode, free_port, passthrough_topology, wait_for
-from upgrade_support import CounterClient, status, upgrade_ok
+from upgrade_support import CounterLoad, status, upgrade_ok
 
 
 def shared_topology(redis_port: int, count: int = 1, **sink_options):
@@ -146,32 +145,15 @@ def test_a_hung_server_fails_shared_requests_after_the_request_timeout(proxy_fac
 def test_clients_on_shared_connections_keep_every_reply_across_upgrades(proxy_factory,
                                                                         redis_server):
     proxy = proxy_factory(shared_topology(redis_server.port, count=2))
-    stop = threading.Event()
-    clients = [CounterClient(proxy.port, f"shared:{i}", stop, seed=i) for i in range(30)]
-    for client in clients:
-        client.start()
-    try:
-        for client in clients:
-            assert client.connected.wait(15), f"{client.key} could not connect"
-        wait_for(lambda: all(c.batches > 0 or c.error for c in clients), 30,
-                 "every client to complete a batch")
+    with CounterLoad(proxy.port, "shared", 30) as load:
         for _ in range(3):
             result = upgrade_ok(proxy)
             assert "kept 30 connections" in result.stdout, result
-            failed = [f"{c.key}: {c.error}" for c in clients if c.error]
-            assert not failed, failed[:5]
-        marks = {client.key: client.batches for client in clients}
-        wait_for(lambda: all(c.batches >= marks[c.key] + 2 or c.error for c in clients), 60,
-                 "every client to complete two more batches after the last upgrade")
+            assert not load.failures(), load.failures()[:5]
+        load.wait_for_more_batches(2)
         assert status(proxy.control_socket)["generation"] == 3
-    finally:
-        stop.set()
-        for client in clients:
-            client.join(40)
-    failed = [f"{c.key}: {c.error}" for c in clients if c.error]
-    assert not failed, failed[:5]
-    counts = redis_server.client().mget([client.key for client in clients])
-    assert [int(n or 0) for n in counts] == [client.received for client in clients]
+    assert not load.failures(), load.failures()[:5]
+    assert load.counts_match(redis_server.client())
     # Two shared connections carried 30 clients.
     wait_for_connections(redis_server, 2)
 

@@ -21,7 +21,7 @@ import yaml
 from helpers import HOST, RawClient, http_request, metric_value, wait_for
 from upgrade_support import (
     BackgroundUpgrade,
-    CounterClient,
+    CounterLoad,
     children,
     interpreter_exiting_at_restore,
     interpreter_gated_at_restore,
@@ -84,47 +84,32 @@ def test_two_workers_share_the_clients_and_survive_ten_upgrades_under_load(proxy
                                                                           redis_server):
     proxy = proxy_factory(extra_args=WORKERS)
     supervisor_pid = proxy.pid
-    stop = threading.Event()
-    clients = [CounterClient(proxy.port, f"sv:{i}", stop, seed=i) for i in range(100)]
-    for client in clients:
-        client.start()
     connector = ConnectLoop(proxy.port)
     try:
-        for client in clients:
-            assert client.connected.wait(15), f"{client.key} could not connect"
-        wait_for(lambda: all(c.batches > 0 or c.error for c in clients), 30,
-                 "every client to complete a batch")
-        first = status(proxy.control_socket)
-        per_worker = [w["sources"]["redis"] for w in first["workers"]]
-        assert len(per_worker) == 2 and all(n > 0 for n in per_worker), per_worker
-        assert sum(per_worker) == 100
-        connector.start()
-        for round_number in range(1, 11):
-            result = upgrade_ok(proxy)
-            kept = [int(n) for n in re.findall(r"kept (\d+) connections", result.stdout)]
-            # (the connect loop may have one more open at that moment)
-            assert len(kept) == 2 and 100 <= sum(kept) <= 101, result
-            assert "closed 0" in result.stdout, result
-            failed = [f"{c.key}: {c.error}" for c in clients if c.error]
-            assert not failed, f"after upgrade {round_number}: {failed[:5]}"
-            assert not connector.failures, connector.failures[:5]
-        marks = {client.key: client.batches for client in clients}
-        wait_for(lambda: all(c.batches >= marks[c.key] + 2 or c.error for c in clients), 60,
-                 "every client to complete two more batches after the last upgrade")
-        after = status(proxy.control_socket)
+        with CounterLoad(proxy.port, "sv", 100) as load:
+            first = status(proxy.control_socket)
+            per_worker = [w["sources"]["redis"] for w in first["workers"]]
+            assert len(per_worker) == 2 and all(n > 0 for n in per_worker), per_worker
+            assert sum(per_worker) == 100
+            connector.start()
+            for round_number in range(1, 11):
+                result = upgrade_ok(proxy)
+                kept = [int(n) for n in re.findall(r"kept (\d+) connections", result.stdout)]
+                # (the connect loop may have one more open at that moment)
+                assert len(kept) == 2 and 100 <= sum(kept) <= 101, result
+                assert "closed 0" in result.stdout, result
+                assert not load.failures(), f"after upgrade {round_number}: {load.failures()[:5]}"
+                assert not connector.failures, connector.failures[:5]
+            load.wait_for_more_batches(2)
+            after = status(proxy.control_socket)
     finally:
-        stop.set()
         connector.stop.set()
-        for client in clients:
-            client.join(40)
         if connector.is_alive() or connector.ident:
             connector.join(30)
-    failed = [f"{c.key}: {c.error}" for c in clients if c.error]
-    assert not failed, failed[:5]
+    assert not load.failures(), load.failures()[:5]
     assert not connector.failures, connector.failures[:5]
     assert connector.ok > 0
-    counts = redis_server.client().mget([client.key for client in clients])
-    assert [int(n or 0) for n in counts] == [client.received for client in clients]
+    assert load.counts_match(redis_server.client())
     assert after["pid"] == supervisor_pid == proxy.pid and proxy.running
     assert [w["generation"] for w in after["workers"]] == [10, 10]
     assert after["supervisor"]["generation"] == 10

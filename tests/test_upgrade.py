@@ -32,7 +32,7 @@ from helpers import (
 )
 from upgrade_support import (
     BackgroundUpgrade,
-    CounterClient,
+    CounterLoad,
     LaunchedProxy,
     children,
     cli,
@@ -113,41 +113,24 @@ def launch(tmp_path, redis_server):
 # ---- under load ---------------------------------------------------------------------------------
 
 def test_hundred_pipelining_clients_survive_ten_upgrades(proxy, redis_server):
-    stop = threading.Event()
-    clients = [CounterClient(proxy.port, f"counter:{i}", stop, seed=i) for i in range(100)]
-    for client in clients:
-        client.start()
-    try:
-        for client in clients:
-            assert client.connected.wait(15), f"{client.key} could not connect"
-        wait_for(lambda: all(c.batches > 0 or c.error for c in clients), 30,
-                 "every client to complete a batch")
+    with CounterLoad(proxy.port, "counter", 100) as load:
         progress = []
         for round_number in range(1, 11):
-            progress.append(sum(c.received for c in clients))
+            progress.append(load.received())
             result = upgrade_ok(proxy)
             assert "kept 100 connections" in result.stdout, result
             assert "closed 0" in result.stdout, result
             assert f"generation {round_number}" in result.stdout, result
-            failed = [f"{c.key}: {c.error}" for c in clients if c.error]
-            assert not failed, f"after upgrade {round_number}: {failed[:5]}"
+            assert not load.failures(), f"after upgrade {round_number}: {load.failures()[:5]}"
         assert progress == sorted(set(progress)), f"no traffic between upgrades: {progress}"
         # Every client must also be served by the last image, not just have survived.
-        marks = {client.key: client.batches for client in clients}
-        wait_for(lambda: all(c.batches >= marks[c.key] + 2 or c.error for c in clients), 60,
-                 "every client to complete two more batches after the last upgrade")
+        load.wait_for_more_batches(2)
         after = status(proxy.control_socket)
         assert after["sources"]["redis"]["connections"] == 100
-    finally:
-        stop.set()
-        for client in clients:
-            client.join(40)
-    assert not any(client.is_alive() for client in clients), "a client thread is stuck"
-    failed = [f"{c.key}: {c.error}" for c in clients if c.error]
-    assert not failed, failed[:5]
-    counts = redis_server.client().mget([client.key for client in clients])
-    assert [int(n or 0) for n in counts] == [client.received for client in clients]
-    assert sum(client.received for client in clients) > 0
+    assert not load.stuck(), "a client thread is stuck"
+    assert not load.failures(), load.failures()[:5]
+    assert load.counts_match(redis_server.client())
+    assert load.received() > 0
     assert after["pid"] == proxy.pid, "the proxy must upgrade in place, keeping its PID"
     assert after["generation"] == 10
     assert after["last_upgrade"]["ok"] is True

@@ -543,6 +543,55 @@ class CounterClient(threading.Thread):
             client.close()
 
 
+class CounterLoad:
+    """`count` CounterClients (keys `prefix:i`) as one load: started, each connected and past
+    its first batch on entering; stopped and joined on leaving, whatever happened."""
+
+    def __init__(self, port: int, prefix: str, count: int) -> None:
+        self.stop = threading.Event()
+        self.clients = [CounterClient(port, f"{prefix}:{i}", self.stop, seed=i)
+                        for i in range(count)]
+
+    def __enter__(self) -> "CounterLoad":
+        for client in self.clients:
+            client.start()
+        try:
+            for client in self.clients:
+                assert client.connected.wait(15), f"{client.key} could not connect"
+            wait_for(lambda: all(c.batches > 0 or c.error for c in self.clients), 30,
+                     "every client to complete a batch")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for client in self.clients:
+            client.join(40)
+
+    def failures(self) -> List[str]:
+        return [f"{c.key}: {c.error}" for c in self.clients if c.error]
+
+    def received(self) -> int:
+        return sum(client.received for client in self.clients)
+
+    def wait_for_more_batches(self, more: int = 2) -> None:
+        """Wait until every client has completed `more` batches from now (or failed)."""
+        marks = {client.key: client.batches for client in self.clients}
+        wait_for(lambda: all(c.batches >= marks[c.key] + more or c.error for c in self.clients),
+                 60, f"every client to complete {more} more batches")
+
+    def stuck(self) -> bool:
+        return any(client.is_alive() for client in self.clients)
+
+    def counts_match(self, client) -> bool:
+        """Whether Redis (through the redis-py `client`) holds exactly the count each client
+        saw."""
+        counts = client.mget([c.key for c in self.clients])
+        return [int(n or 0) for n in counts] == [c.received for c in self.clients]
+
+
 def ping_on_a_new_connection(port: int, timeout: float = 15.0) -> bytes:
     """Connect, send PING, and return the first line that comes back (b"" on EOF)."""
     with socket.create_connection((HOST, port), timeout=timeout) as sock:

@@ -38,6 +38,28 @@ read_number(const char **p, const char *end, long long *value)
     return 1;
 }
 
+/* A blob at *p, just after its type byte: a plain decimal length up to max_bulk, CRLF, that
+ * many bytes, CRLF. 1: read (its bytes at *payload, *length of them; *p moved past it),
+ * 0: the buffer ends first, -1: not a well-formed blob. */
+static int
+read_blob(const char **p, const char *end, long long max_bulk, const char **payload,
+          long long *length)
+{
+    const char *s = *p;
+    int status = read_number(&s, end, length);
+    if (status <= 0)
+        return status;
+    if (*length > max_bulk)
+        return -1;
+    if (end - s < *length + 2)
+        return 0;
+    if (s[*length] != '\r' || s[*length + 1] != '\n')
+        return -1;
+    *payload = s;
+    *p = s + *length + 2;
+    return 1;
+}
+
 /* One request at p: 1 (its end in *next, its first argument's bounds in name/name_len),
  * 0: incomplete, -1: not well-formed. */
 static int
@@ -57,25 +79,19 @@ scan_request(const char *p, const char *end, long long max_bulk, long long max_c
     if (count < 1 || count > max_count)
         return -1;
     for (i = 0; i < count; i++) {
+        const char *payload;
         if (p >= end)
             return 0;
         if (*p != '$')
             return -1;
         p++;
-        status = read_number(&p, end, &length);
+        status = read_blob(&p, end, max_bulk, &payload, &length);
         if (status <= 0)
             return status;
-        if (length > max_bulk)
-            return -1;
-        if (end - p < length + 2)
-            return 0;
-        if (p[length] != '\r' || p[length + 1] != '\n')
-            return -1;
         if (i == 0) {
-            *name = p;
+            *name = payload;
             *name_len = (Py_ssize_t)length;
         }
-        p += length + 2;
     }
     *next = p;
     return 1;
@@ -152,7 +168,7 @@ done:
 static int
 scan_reply(const char *p, const char *end, long long max_bulk, const char **next)
 {
-    const char *s;
+    const char *s, *payload;
     long long length;
     int status;
     if (p >= end)
@@ -198,17 +214,10 @@ scan_reply(const char *p, const char *end, long long max_bulk, const char **next
             }
             return -1;
         }
-        status = read_number(&s, end, &length);
-        if (status <= 0)
-            return status;
-        if (length > max_bulk)
-            return -1;
-        if (end - s < length + 2)
-            return 0;
-        if (s[length] != '\r' || s[length + 1] != '\n')
-            return -1;
-        *next = s + length + 2;
-        return 1;
+        status = read_blob(&s, end, max_bulk, &payload, &length);
+        if (status == 1)
+            *next = s;
+        return status;
     default:
         return -1;
     }
@@ -272,7 +281,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_scan", "Request framing in C (see resp.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_scan", "Framing in C (see resp.py).", -1, methods,
 };
 
 PyMODINIT_FUNC

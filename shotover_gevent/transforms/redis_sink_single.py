@@ -21,9 +21,9 @@ from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, format_address, parse_address, take_mapping
 from ..message import NO_REPLY, Message
-from ..shared_upstream import LARGE_MESSAGE, OVER_LIMIT, UNSHAREABLE, SharedConnections
+from ..shared_upstream import LARGE_MESSAGE, UNSHAREABLE, SharedConnections
 from ..tls import TlsConnectorConfig, parse_tls_connector
-from ..upstream import UpstreamConnection, UpstreamError
+from ..upstream import OVER_OUTPUT_LIMIT, UpstreamConnection, UpstreamError
 from . import TransformType, register
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class RedisSinkSingle(Transform):
         return {"on_lost": self._upstream_lost, "client_socket": _client_socket(self.context),
                 "request_timeout": self.builder.request_timeout,
                 "client_follows": self.context.hang_up is not None,
-                "reply_limit": _output_limit(self.context)}
+                "reply_limit": self._output_limit}
 
     def export_upstream(self, batch: Optional[List[Message]] = None):
         if self._shared_busy:
@@ -204,9 +204,13 @@ class RedisSinkSingle(Transform):
             return
         hang_up = self.context.hang_up
         if upstream is not None and upstream.lost_by_server and hang_up is not None:
-            # The server ended the connection (CLIENT KILL, its timeout, a restart): the
-            # client's ends too, as it would directly, once the replies that came are written.
-            hang_up(upstream.failure)
+            # The server ended the connection (CLIENT KILL, its timeout, a restart), or the
+            # proxy stopped reading it past the client's output limit: the client's ends too,
+            # as it would directly, once the replies that came are written.
+            if upstream.failure == OVER_OUTPUT_LIMIT:
+                self._hang_up_over_limit()
+            else:
+                hang_up(upstream.failure)
             return
         # The proxy's own doing (a subscriber whose upstream connection could not come along
         # in an upgrade, a request timeout): a subscriber may send nothing for hours, so rather
@@ -214,6 +218,11 @@ class RedisSinkSingle(Transform):
         if self.context.session.subscribed and (
                 self._resubscriber is None or self._resubscriber.dead):
             self._resubscriber = gevent.spawn(self._resubscribe)
+
+    def _hang_up_over_limit(self) -> None:
+        log.warning("closing connection from %s: %s of %s bytes (it does not read its replies)",
+                    self.context.peer, OVER_OUTPUT_LIMIT, self._output_limit)
+        self.context.hang_up(OVER_OUTPUT_LIMIT)
 
     def _resubscribe(self) -> None:
         attempt = 0
@@ -271,12 +280,10 @@ class RedisSinkSingle(Transform):
         replies = [Message(frame) for frame in frames]
         if frames and max(map(len, frames)) > LARGE_MESSAGE:
             self._shared_slot = None  # large values: its own connection from now on
-        if failure is OVER_LIMIT and self.context.hang_up is not None:
+        if failure is OVER_OUTPUT_LIMIT and self.context.hang_up is not None:
             # As Redis closes a client over its output buffer limit: what came within the
             # limit, then the end of the connection.
-            log.warning("closing connection from %s: %s of %s bytes (it does not read its "
-                        "replies)", self.context.peer, failure, self._output_limit)
-            self.context.hang_up(failure)
+            self._hang_up_over_limit()
             return replies + [NO_REPLY] * (len(requests) - len(replies))
         if failure is not None:
             missing = len(requests) - len(replies)
