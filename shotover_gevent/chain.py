@@ -48,6 +48,13 @@ class Transform:
     #: them and answers the client without running the transforms again.
     inflight_handover = False
 
+    #: Optional `screen(requests) -> bool`, for a transform that mostly looks at a batch and
+    #: passes it on whole: True when it has done so in effect (counted it, found nothing to
+    #: refuse), and the next transform's replies are to come back unchanged; False when
+    #: `transform` must run as usual. A chain runs the screens of its leading transforms one
+    #: after the other instead of nesting a call (and its clock readings) per transform.
+    screen: Optional[Callable[[List[Message]], bool]] = None
+
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         raise NotImplementedError
 
@@ -105,7 +112,7 @@ def _sink_end(requests: List[Message]) -> List[Message]:
 class Chain:
     """One connection's instance of a topology chain."""
 
-    __slots__ = ("name", "transforms", "_first", "_after_first", "_metrics", "_first_metrics",
+    __slots__ = ("name", "transforms", "_metrics", "_transform_metrics", "_screens", "_runs",
                  "_inflight_handover")
 
     def __init__(self, name: str, builders: Sequence[TransformBuilder],
@@ -113,29 +120,55 @@ class Chain:
         self.name = name
         self.transforms = [builder.build(context) for builder in builders]
         self._metrics = observability.chain_metrics(name)
-        call_next: CallNext = _sink_end
-        # Nest from the sink upwards so each transform holds a ready-made "next" callable. The
-        # first transform is called by process() itself: the batch's time through it is the
-        # chain's, so one pair of clock readings serves both.
-        pairs = list(zip(builders, self.transforms))
-        for builder, transform in reversed(pairs[1:]):
-            call_next = _bind(transform, call_next, observability.transform_metrics(builder.name))
-        self._first = self.transforms[0].transform if self.transforms else _no_transform
-        self._after_first = call_next
-        self._first_metrics = observability.transform_metrics(builders[0].name) \
-            if builders else None
+        metrics = [observability.transform_metrics(builder.name) for builder in builders]
+        self._transform_metrics = metrics
+        # The leading transforms that can screen a batch. process() runs their screens, then
+        # the transform after the last one that passed, whose next transforms are nested from
+        # the sink upwards, each timed by its own wrapper. The transforms process() entered
+        # are timed by its clock readings: one at each start and one at the end serve them
+        # all and the chain's own latency.
+        screens = []
+        for transform in self.transforms[:-1]:
+            if transform.screen is None:
+                break
+            screens.append(transform.screen)
+        self._screens = tuple(screens)
+        nested: List[CallNext] = [_sink_end] * (len(self.transforms) + 1)
+        for index in range(len(self.transforms) - 1, 0, -1):
+            nested[index] = _bind(self.transforms[index], nested[index + 1], metrics[index])
+        # runs[i]: transform i's `transform` and its (timed) next.
+        self._runs = [(transform.transform, nested[index + 1])
+                      for index, transform in enumerate(self.transforms[:len(screens) + 1])]
+        if not self._runs:
+            self._runs = [(_no_transform, _sink_end)]
         self._inflight_handover = all(t.inflight_handover for t in self.transforms)
 
     def process(self, requests: List[Message]) -> List[Message]:
         started = perf_counter()
         failed = True
+        entered = 0  # transforms entered by this call, less one
+        starts = None
         try:
-            replies = self._first(requests, self._after_first)
+            if self._screens:
+                starts = [started]
+                for screen in self._screens:
+                    if not screen(requests):
+                        break
+                    entered += 1
+                    starts.append(perf_counter())
+            run, after = self._runs[entered]
+            replies = run(requests, after)
             failed = False
         finally:
-            seconds = perf_counter() - started
-            if self._first_metrics is not None:
-                self._first_metrics.record(seconds, failed)
+            ended = perf_counter()
+            seconds = ended - started
+            metrics = self._transform_metrics
+            if starts is None:
+                if metrics:
+                    metrics[0].record(seconds, failed)
+            else:
+                for index in range(entered + 1):
+                    metrics[index].record(ended - starts[index], failed)
             self._metrics.record_batch(seconds, failed)
         if len(replies) != len(requests):
             log.error("chain %s returned %d replies for %d requests", self.name,

@@ -17,7 +17,7 @@ from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
 from .message import Message
-from .netio import arrival_order, close_for_good, let_go
+from .netio import Readable, arrival_order, close_for_good, let_go
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
 from .session import Session
@@ -119,6 +119,7 @@ class ClientConnection:
         return self.greenlet
 
     def run(self) -> None:
+        readable = None
         try:
             if self._output_first:
                 self._write(b"")  # what the previous image owed the client goes out first
@@ -144,6 +145,7 @@ class ClientConnection:
             # the others a turn when this client keeps its socket full (see netio); TLS ones
             # through their wrapper.
             order = arrival_order(gevent.get_hub()) if self.source.tls_context is None else None
+            readable = Readable(sock) if order is not None else None
             wait_first = False
             while True:
                 if self.state is State.PAUSING and self.session.drain_blocker() is None:
@@ -153,7 +155,7 @@ class ClientConnection:
                 try:
                     if order is not None:
                         data, arrived, waited, wait_first = order.recv(sock, RECV_SIZE,
-                                                                      wait_first)
+                                                                      wait_first, readable)
                     else:
                         data = sock.recv(RECV_SIZE)
                 finally:
@@ -194,6 +196,8 @@ class ClientConnection:
             log.exception("connection from %s failed", self.peer)
             self.close_reason = "internal error"
         finally:
+            if readable is not None:
+                readable.stop()
             if self.state is not State.HANDED_OVER:
                 self._close()
 

@@ -5,7 +5,7 @@ import socket as stdlib_socket
 import struct
 from time import time_ns
 
-from gevent import getcurrent, socket
+from gevent import Timeout, getcurrent, socket
 
 
 def send_all(sock, payload: bytes) -> None:
@@ -91,10 +91,11 @@ class ArrivalOrder:
         self._spin = self.loop.idle()
         self._spin.ref = False
 
-    def recv(self, sock, size: int, wait_first: bool = False):
+    def recv(self, sock, size: int, wait_first: bool = False, readable=None):
         """(bytes, their arrival time in ns or 0, whether it had to wait for them, whether the
         next call should wait first) from a plain (non-TLS) gevent socket; then call
-        my_turn() before acting on them.
+        my_turn() before acting on them. `readable`: the socket's Readable, if it has one
+        (else gevent's own wait).
 
         `wait_first`: wait until the socket is readable before reading (what the last call
         advised): a client that sends its next request only once it has the last reply is not
@@ -102,24 +103,19 @@ class ArrivalOrder:
         request). The advice follows the client: wait first again when the bytes came after
         the wait began, read at once next time when they were there already."""
         raw = sock._sock
+        wait = readable.wait if readable is not None else _gevent_wait(sock)
         if wait_first:
             began = time_ns()
-            sock._wait(sock._read_event)
-            try:
-                data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
-            except BlockingIOError:
-                return sock.recv(size), 0, True, True
+            wait()
+            data, ancillary = _recvmsg(raw, size, wait)
             stamp = _arrival(ancillary)
             return data, stamp, True, stamp > began
         try:
             data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
             waited = False
         except BlockingIOError:
-            sock._wait(sock._read_event)
-            try:
-                data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
-            except BlockingIOError:
-                return sock.recv(size), 0, True, True
+            wait()
+            data, ancillary = _recvmsg(raw, size, wait)
             waited = True
         return data, _arrival(ancillary), waited, waited
 
@@ -155,6 +151,78 @@ class ArrivalOrder:
 
 def _nothing() -> None:
     pass
+
+
+def _gevent_wait(sock):
+    return lambda: sock._wait(sock._read_event)
+
+
+def _recvmsg(raw, size: int, wait):
+    """(data, ancillary) of a read after a wait; should the socket have nothing after all
+    (another reader, a spurious wake-up), wait again."""
+    while True:
+        try:
+            data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
+            return data, ancillary
+        except BlockingIOError:
+            wait()
+
+
+class Readable:
+    """Waits for a plain client socket to be readable, with the socket's read watcher left
+    started from one wait to the next.
+
+    gevent starts the watcher for each wait and stops it after; libev applies a stop lazily,
+    and the start that follows costs an epoll_ctl() system call: one per request of a client
+    that waits for each reply. Left started, the watcher costs nothing while the client waits
+    for its reply. Should it fire while nobody waits (bytes arrived while the connection
+    serves a batch), it stops, so that the loop does not spin on them, and the next wait
+    starts it again. Only this connection's greenlet waits here, never on the socket itself
+    while the watcher is ours."""
+
+    __slots__ = ("sock", "greenlet")
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.greenlet = None
+
+    def wait(self) -> None:
+        """Until the socket is readable, or its timeout (socket.timeout) passes."""
+        sock = self.sock
+        watcher = sock._read_event
+        if not watcher.active:
+            watcher.start(self._fired)
+        self.greenlet = getcurrent()
+        timeout = sock.timeout
+        try:
+            if timeout is None:
+                sock.hub.switch()
+            else:
+                with Timeout(timeout, stdlib_socket.timeout("timed out")):
+                    sock.hub.switch()
+        finally:
+            self.greenlet = None
+
+    def _fired(self) -> None:
+        greenlet = self.greenlet
+        if greenlet is None:
+            self.sock._read_event.stop()
+            return
+        self.greenlet = None
+        greenlet.switch()
+
+    def throw(self, *args) -> None:
+        """gevent closing the socket cancels a wait on its watcher through this."""
+        greenlet = self.greenlet
+        if greenlet is not None:
+            self.greenlet = None
+            greenlet.throw(*args)
+
+    def stop(self) -> None:
+        """Stop the watcher if it is still this one's (before the socket changes hands)."""
+        watcher = self.sock._read_event
+        if watcher is not None and getattr(watcher.callback, "__self__", None) is self:
+            watcher.stop()
 
 
 def _arrival(ancillary) -> int:

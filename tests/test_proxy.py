@@ -407,8 +407,12 @@ def test_redis_cli_ping(proxy):
 # ---- observability -----------------------------------------------------------------------------
 
 def test_metrics_match_the_traffic(proxy_factory, redis_server):
+    # The counter and the filter run as screens of the chain (not nested calls): each still
+    # gets its count and its latency per batch, and a refused request never reaches the sink.
     topology = passthrough_topology(redis_server.port, free_port(),
-                                    chain_prefix=[{"QueryCounter": {"name": "main"}}],
+                                    chain_prefix=[{"QueryCounter": {"name": "main"}},
+                                                  {"QueryTypeFilter":
+                                                   {"DenyList": ["SchemaChange"]}}],
                                     name="metered")
     proxy = proxy_factory(topology, observability=True)
     gets, sets = 7, 3
@@ -417,7 +421,15 @@ def test_metrics_match_the_traffic(proxy_factory, redis_server):
             assert raw.call("SET", f"m{i}", "v") == b"OK"
         for i in range(gets):
             assert raw.call("GET", f"m{i % sets}") == b"v"
-        expected_batches = gets + sets  # each request waited for its reply: one batch each
+        assert is_error(raw.call("FLUSHDB"), "ERR")  # refused: a batch the sink never sees
+        raw.send(encode("GET", "m0") + encode("FLUSHALL") + encode("GET", "m1"))
+        replies = raw.read_replies(3)
+        assert replies[0] == b"v" and is_error(replies[1], "ERR") and replies[2] == b"v", \
+            replies
+        assert redis_server.client().dbsize() == sets
+        gets += 2
+        sink_batches = gets - 2 + sets + 1  # one request at a time, then the pipeline
+        expected_batches = sink_batches + 1  # and FLUSHDB
 
         def scrape():
             status, text = http_request(proxy.metrics_url)
@@ -436,10 +448,17 @@ def test_metrics_match_the_traffic(proxy_factory, redis_server):
                             type="redis") == gets
         assert metric_value(text, "shotover_query_count", name="main", query="SET",
                             type="redis") == sets
-        assert metric_value(text, "shotover_transform_total_count",
-                            transform="RedisSinkSingle") == expected_batches
-        assert metric_value(text, "shotover_transform_total_count",
-                            transform="QueryCounter") == expected_batches
+        assert metric_value(text, "shotover_query_count", name="main", query="FLUSHDB",
+                            type="redis") == 1
+        for transform, batches in (("QueryCounter", expected_batches),
+                                   ("QueryTypeFilter", expected_batches),
+                                   ("RedisSinkSingle", sink_batches)):
+            assert metric_value(text, "shotover_transform_total_count",
+                                transform=transform) == batches, transform
+            assert metric_value(text, "shotover_transform_latency_seconds_count",
+                                transform=transform) == batches, transform
+            assert metric_value(text, "shotover_transform_failures_count",
+                                transform=transform) == 0, transform
         assert metric_value(text, "shotover_chain_failures_count", chain="metered") == 0
         assert metric_value(text, "shotover_failed_requests_count", chain="metered") == 0
         # One client is connected: the gauge reports the rest of the default limit of 512.

@@ -50,10 +50,10 @@ class QueryCounter(Transform):
     def __init__(self, count) -> None:
         self.count = count
 
-    def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
+    def screen(self, requests: List[Message]) -> bool:
         if len(requests) == 1:
             self.count(requests[0].command)
-            return call_next(requests)
+            return True
         # Counted once per distinct command of the batch (a pipeline mostly repeats one).
         seen: dict = {}
         for request in requests:
@@ -62,6 +62,10 @@ class QueryCounter(Transform):
         count = self.count
         for command, times in seen.items():
             count(command, times)
+        return True
+
+    def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
+        self.screen(requests)
         return call_next(requests)
 
 

@@ -109,20 +109,19 @@ class QueryTypeFilter(Transform):
     def __init__(self, builder: QueryTypeFilterBuilder) -> None:
         self.builder = builder
 
-    def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
-        builder = self.builder
-        known = builder.blocked_commands
+    def screen(self, requests: List[Message]) -> bool:
+        """True when the builder's memo says no request of the batch is to be refused."""
+        known = self.builder.blocked_commands
         for request in requests:
-            # The builder's memo answers for every command seen before.
-            blocked = known.get(request.command)
-            if blocked is None:
-                blocked = builder.is_blocked(request.command)
-            if blocked:
-                break
-        else:
+            if known.get(request.command, True):  # refused, or not judged yet
+                return False
+        return True
+
+    def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
+        is_blocked = self.builder.is_blocked
+        verdicts = [is_blocked(request.command) for request in requests]
+        if not any(verdicts):
             return call_next(requests)
-        is_blocked = builder.is_blocked
-        verdicts = [is_blocked(r.command) for r in requests]
         allowed = [r for r, blocked in zip(requests, verdicts) if not blocked]
         passed = iter(call_next(allowed) if allowed else [])
         replies = []
