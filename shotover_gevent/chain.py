@@ -48,15 +48,27 @@ class Transform:
     #: them and answers the client without running the transforms again.
     inflight_handover = False
 
-    #: Optional `screen(requests) -> bool`, for a transform that mostly looks at a batch and
-    #: passes it on whole: True when it has done so in effect (counted it, found nothing to
-    #: refuse), and the next transform's replies are to come back unchanged; False when
-    #: `transform` must run as usual. A chain runs the screens of its leading transforms one
-    #: after the other instead of nesting a call (and its clock readings) per transform.
-    screen: Optional[Callable[[List[Message]], bool]] = None
+    #: Optional `screen(commands) -> bool`, for a transform that mostly looks at the command
+    #: names of a batch and passes it on whole: given the upper-cased command name of each
+    #: request, True when it has done its part (counted them, found nothing to refuse) and the
+    #: next transform's replies are to come back unchanged; False when `transform` must run as
+    #: usual. A chain runs the screens of its leading transforms one after the other instead of
+    #: nesting a call (and its clock readings) per transform, and a batch it serves from the
+    #: event loop needs no Message objects for them.
+    screen: Optional[Callable[[List[str]], bool]] = None
 
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         raise NotImplementedError
+
+    def lane_ready(self) -> bool:
+        """Whether this sink's `submit` may take the client's next batches (see submit)."""
+        return False
+
+    def submit(self, requests: List[Message], waiter) -> bool:
+        """A sink that can send a batch without waiting for its replies does so and returns
+        True; `waiter.switch(result)` is then called from the event loop with what its own
+        way of answering the batch needs. False: the batch goes through `transform`."""
+        return False
 
     def close(self) -> None:
         """Release upstream resources (called when the client leaves or is handed over)."""
@@ -125,8 +137,7 @@ class Chain:
         # The leading transforms that can screen a batch. process() runs their screens, then
         # the transform after the last one that passed, whose next transforms are nested from
         # the sink upwards, each timed by its own wrapper. The transforms process() entered
-        # are timed by its clock readings: one at each start and one at the end serve them
-        # all and the chain's own latency.
+        # are timed by its two clock readings, as the chain is.
         screens = []
         for transform in self.transforms[:-1]:
             if transform.screen is None:
@@ -145,37 +156,67 @@ class Chain:
 
     def process(self, requests: List[Message]) -> List[Message]:
         started = perf_counter()
-        failed = True
-        entered = 0  # transforms entered by this call, less one
-        starts = None
+        entered = self.screen([request.command for request in requests], started) \
+            if self._screens else 0
+        return self.run_rest(requests, started, entered)
+
+    def screen(self, commands: List[str], started: float) -> int:
+        """Run the screens on a batch (its requests' command names) that entered the chain at
+        `started`: how many passed it on, for run_rest or, when all did and the sink took it
+        without waiting (submit), for record. The transforms a batch enters this way share
+        the chain's start: a screen takes well under a microsecond, and one clock reading per
+        batch serves them all."""
+        entered = 0
         try:
-            if self._screens:
-                starts = [started]
-                for screen in self._screens:
-                    if not screen(requests):
-                        break
-                    entered += 1
-                    starts.append(perf_counter())
+            for screen in self._screens:
+                if not screen(commands):
+                    break
+                entered += 1
+        except BaseException:
+            self.record(started, entered, True)
+            raise
+        return entered
+
+    @property
+    def screens(self) -> bool:
+        """Whether the chain starts with transforms that screen batches."""
+        return bool(self._screens)
+
+    @property
+    def sink_after_screens(self) -> Optional[Transform]:
+        """The sink, when every transform before it screens batches."""
+        if len(self._screens) == len(self.transforms) - 1:
+            return self.transforms[-1]
+        return None
+
+    def run_rest(self, requests: List[Message], started: float, entered: int) -> List[Message]:
+        """The replies to a batch whose screens have run: through the transform where they
+        stopped (`entered`, the number that passed it on) and the ones after it."""
+        failed = True
+        try:
             run, after = self._runs[entered]
             replies = run(requests, after)
             failed = False
         finally:
-            ended = perf_counter()
-            seconds = ended - started
-            metrics = self._transform_metrics
-            if starts is None:
-                if metrics:
-                    metrics[0].record(seconds, failed)
-            else:
-                for index in range(entered + 1):
-                    metrics[index].record(ended - starts[index], failed)
-            self._metrics.record_batch(seconds, failed)
+            self.record(started, entered, failed)
         if len(replies) != len(requests):
             log.error("chain %s returned %d replies for %d requests", self.name,
                       len(replies), len(requests))
             replies = (list(replies) + [Message.error("ERR proxy lost a reply")] * len(requests))
             replies = replies[: len(requests)]
         return replies
+
+    def record(self, started: float, entered: int, failed: bool) -> None:
+        """Account for a batch done now: the chain's latency, and the transforms it entered
+        itself (the first, and one more per screen that passed the batch on)."""
+        seconds = perf_counter() - started
+        metrics = self._transform_metrics
+        if entered:
+            for index in range(entered + 1):
+                metrics[index].record(seconds, failed)
+        elif metrics:
+            metrics[0].record(seconds, failed)
+        self._metrics.record_batch(seconds, failed)
 
     def prepare(self) -> None:
         for transform in self.transforms:

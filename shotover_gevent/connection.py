@@ -9,6 +9,7 @@ import enum
 import logging
 import os
 import socket as stdlib_socket
+from time import perf_counter
 from typing import TYPE_CHECKING, List, Optional
 
 import gevent
@@ -16,8 +17,8 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
-from .message import Message
-from .netio import Readable, arrival_order, close_for_good, let_go
+from .message import Message, batch_commands
+from .netio import Readable, arrival_order, close_for_good, let_go, read_stamped
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
 from .session import Session
@@ -151,6 +152,11 @@ class ClientConnection:
                 if self.state is State.PAUSING and self.session.drain_blocker() is None:
                     if not self._park():
                         return
+                if readable is not None and self._lane_usable():
+                    if not self._after_lane(self._serve_on_lane(readable, order)):
+                        return
+                    wait_first = False
+                    continue
                 self._idle = True
                 try:
                     if order is not None:
@@ -225,14 +231,17 @@ class ClientConnection:
         finally:
             self._in_batch = False
 
-    def _serve_buffered(self) -> bool:
+    def _serve_buffered(self, first=None) -> bool:
         """Serve every complete request buffered, MAX_BATCH at a time (a deep pipeline of large
-        replies is held a batch at a time, not all at once). False when the connection must
-        end."""
+        replies is held a batch at a time, not all at once); `first`: what the lane framed
+        already, (requests, error). False when the connection must end."""
         while True:
             if self.state is State.HANDED_OVER:
                 return False  # another process serves this client now
-            framed, error = self.framer.pop_requests(MAX_BATCH)
+            if first is not None:
+                (framed, error), first = first, None
+            else:
+                framed, error = self.framer.pop_requests(MAX_BATCH)
             if framed:
                 requests = [Message(raw, name) for raw, name in framed]
                 if not self._answer(requests, self._run_batch(requests, self.chain.process)):
@@ -278,6 +287,67 @@ class ClientConnection:
             self.close_reason = "client sent QUIT"
             return False
         return True
+
+    # ---- the lane -----------------------------------------------------------------------------
+
+    def _lane_usable(self) -> bool:
+        """Whether the lane can serve this connection from here (see _Lane)."""
+        chain = self._chain
+        if chain is None or self.state is not State.SERVING:
+            return False
+        sink = chain.sink_after_screens
+        return (sink is not None and sink.lane_ready() and self.session.plain
+                and self._hang_up is None and not self.source.config.timeout
+                and not self.framer.pending() and not self._outbox and self._unsent is None
+                and not self._deferred_pushes and not self._output_first)
+
+    def _serve_on_lane(self, readable: Readable, order) -> tuple:
+        """Let the lane serve until it hands the connection back: why it did."""
+        lane = _Lane(self, readable, order)
+        readable.lane = lane.readable_now
+        readable.watch()
+        self._idle = True
+        try:
+            return gevent.get_hub().switch()
+        finally:
+            lane.stopped = True
+            readable.lane = None
+            self._idle = False
+
+    def _after_lane(self, why: tuple) -> bool:
+        """Take over from the lane where it stopped (see _Lane.give_back). False: the
+        connection ends."""
+        kind = why[0] if isinstance(why, tuple) else "check"
+        if kind == "eof":
+            self.close_reason = self.close_reason or "client closed"
+            return False
+        if kind == "error":
+            raise why[1]
+        if kind == "end":
+            return False
+        if kind == "crash":
+            self.close_reason = "internal error"
+            return False
+        if kind == "run":
+            requests, started, entered = why[1:]
+            chain = self.chain
+            replies = self._run_batch(
+                requests, lambda batch: chain.run_rest(batch, started, entered))
+            if not self._answer(requests, replies):
+                return False
+            return self._serve_buffered()
+        if kind == "framed":
+            return self._serve_buffered(why[1])
+        if kind == "flush":
+            self._write(b"", batch_done=True)
+            if self._hang_up is not None:
+                self.close_reason = self._hang_up
+                return False
+            return self._serve_buffered()
+        # "check": the state changed (a pause, an upgrade)
+        if self.state is State.PAUSED and not self._park():
+            return False
+        return self._serve_buffered()
 
     @property
     def chain(self) -> Chain:
@@ -511,3 +581,156 @@ class ClientConnection:
         close_for_good(self.sock)
         self.source.connection_closed(self)
 
+
+
+class _Lane:
+    """Serves a connection's plain batches from the event loop's callbacks while its greenlet
+    waits: the read, the screens, the batch handed to the sink (its shared connection), and
+    the replies written, with no greenlet switch and no system call beyond the read and the
+    write. Anything else (a request the sink does not take this way, a protocol error, a
+    reply that does not fit the socket, a pause, the client gone) hands the connection back to
+    its greenlet, which goes on from there as if it had done all of it itself."""
+
+    __slots__ = ("connection", "readable", "order", "busy", "stopped", "batch")
+
+    def __init__(self, connection: ClientConnection, readable: Readable, order) -> None:
+        self.connection = connection
+        self.readable = readable
+        self.order = order
+        #: Bytes read and not answered yet: the next are read once they are.
+        self.busy = False
+        self.stopped = False
+        #: The batch whose replies are owed: (its size, when it entered the chain, how many
+        #: screens passed it on).
+        self.batch: Optional[tuple] = None
+
+    def give_back(self, why: tuple) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.readable.lane = None
+        greenlet = self.connection.greenlet
+        if greenlet is not None and not greenlet.dead:
+            greenlet.switch(why)
+
+    def readable_now(self) -> None:
+        """The client's socket is readable."""
+        connection = self.connection
+        if self.busy or connection.state is not State.SERVING:
+            self.readable.pause()  # read once this batch is answered, or by the greenlet
+            if not self.busy:
+                self.give_back(("check",))
+            return
+        order = self.order
+        raw = connection.sock._sock
+        # Others may have sent before this client: the arrival time settles it.
+        ordered = order.waiting or order.loop.pendingcnt
+        try:
+            if ordered:
+                data, stamp = read_stamped(raw, RECV_SIZE)
+            else:
+                data, stamp = raw.recv(RECV_SIZE), 0
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self.give_back(("error", error))
+            return
+        if not data:
+            self.give_back(("eof",))
+            return
+        connection.framer.feed(data)
+        connection._idle = False
+        self.busy = True
+        if not ordered or order.turn_now(stamp, self.serve):
+            self.serve()
+
+    def serve(self) -> None:
+        """Frame what the client sent and hand it to the sink (its turn has come)."""
+        connection = self.connection
+        if self.stopped or connection.state in (State.CLOSED, State.HANDED_OVER):
+            return
+        try:
+            framed, error = connection.framer.pop_requests(MAX_BATCH)
+            if error is not None:
+                self.give_back(("framed", (framed, error)))
+                return
+            if not framed:  # the rest of a request is still to come
+                if connection.framer.pending() > MAX_BUFFERED_BYTES:
+                    self.give_back(("framed", (framed, error)))
+                    return
+                self._wait_next()
+                return
+            chain = connection._chain
+            started = perf_counter()
+            # No Message objects unless the greenlet has to take over: the screens see the
+            # command names only.
+            entered = chain.screen(batch_commands(framed), started) if chain.screens else 0
+            if entered == len(chain.transforms) - 1:
+                connection._batch = framed  # an upgrade only asks whether one is under way
+                connection._in_batch = True
+                self.batch = (len(framed), started, entered)
+                if chain.transforms[-1].submit(framed, self):
+                    return
+                self.batch = None
+                connection._in_batch = False
+                connection._batch = None
+            requests = [Message(raw, name) for raw, name in framed]
+            self.give_back(("run", requests, started, entered))
+        except Exception:
+            log.exception("connection from %s failed", connection.peer)
+            self.give_back(("crash",))
+
+    def switch(self, result) -> None:
+        """The sink's answer to the batch submitted (called from the event loop)."""
+        batch, self.batch = self.batch, None
+        connection = self.connection
+        if self.stopped or batch is None or \
+                connection.state in (State.CLOSED, State.HANDED_OVER):
+            return
+        count, started, entered = batch
+        try:
+            chain = connection._chain
+            frames, failure = result
+            payload = chain.transforms[-1].shared_payload(count, frames, failure)
+            chain.record(started, entered, False)
+            connection._in_batch = False
+            if len(payload) > LARGE_OUTPUT and connection._over_output_limit(len(payload)):
+                self.give_back(("end",))
+                return
+            if connection._deferred_pushes or connection._outbox:
+                outbox = connection._outbox = connection._outbox or []
+                outbox.append(payload)
+                self.give_back(("flush",))
+                return
+            connection._batch = None
+            try:
+                sent = connection.sock._sock.send(payload)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self.give_back(("error", error))
+                return
+            if sent < len(payload):
+                connection._outbox = [payload[sent:]]
+                self.give_back(("flush",))
+                return
+            if connection._hang_up is not None:
+                self.give_back(("flush",))
+                return
+            if connection.framer.pending():
+                self.serve()
+                return
+            self._wait_next()
+        except Exception:
+            log.exception("connection from %s failed", connection.peer)
+            self.give_back(("crash",))
+
+    def _wait_next(self) -> None:
+        """Every request read is answered: wait for the next (or stop, if asked to)."""
+        self.busy = False
+        connection = self.connection
+        connection._idle = True
+        if connection.state is not State.SERVING:
+            self.give_back(("check",))
+            return
+        self.readable.watch()

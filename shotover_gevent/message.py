@@ -16,6 +16,25 @@ _COMMAND_NAMES: dict = {}
 _MAX_COMMAND_NAMES = 4096
 
 
+def command_name(name: bytes) -> str:
+    """The upper-cased command name a client spelled `name`."""
+    command = _COMMAND_NAMES.get(name)
+    if command is None:
+        command = name.decode("latin-1").upper()
+        if len(_COMMAND_NAMES) < _MAX_COMMAND_NAMES:
+            _COMMAND_NAMES[name] = command
+    return command
+
+
+def batch_commands(framed) -> List[str]:
+    """The upper-cased command names of framed requests, (bytes, name or None) pairs."""
+    names = _COMMAND_NAMES
+    try:
+        return [names[name] for _raw, name in framed]
+    except KeyError:  # a name not seen before, or a request that is not a plain array
+        return [Message(raw, name).command for raw, name in framed]
+
+
 class Message:
     """One RESP frame (or, for replies that span several frames, their concatenation)."""
 
@@ -48,9 +67,7 @@ class Message:
                 name = args[0] if args else b""
             command = _COMMAND_NAMES.get(name)
             if command is None:
-                command = name.decode("latin-1").upper()
-                if len(_COMMAND_NAMES) < _MAX_COMMAND_NAMES:
-                    _COMMAND_NAMES[name] = command
+                command = command_name(name)
             self._command = command
         return self._command
 

@@ -6,6 +6,7 @@ import struct
 from time import time_ns
 
 from gevent import Timeout, getcurrent, socket
+from greenlet import greenlet as greenlet_type
 
 
 def send_all(sock, payload: bytes) -> None:
@@ -133,6 +134,15 @@ class ArrivalOrder:
             self._spin.start(_nothing)
         self.hub.switch()
 
+    def turn_now(self, stamp: int, resume) -> bool:
+        """my_turn() for bytes read in an event loop callback (woken by this turn's poll):
+        True when they may be acted on now, else False and `resume()` is called, from the
+        loop, when their turn comes."""
+        if not self.waiting and not self.loop.pendingcnt:
+            return True
+        self.waiting.append((stamp, next(self._sequence), resume, self.loop.iteration))
+        return False
+
     def _take_turns(self) -> None:
         if not self.waiting:
             return
@@ -144,13 +154,22 @@ class ArrivalOrder:
         if not self.waiting and self._spin.active:
             self._spin.stop()
         due.sort()
-        for _stamp, _sequence, greenlet, _start in due:
-            if not greenlet.dead:
-                greenlet.switch()
+        for _stamp, _sequence, waiter, _start in due:
+            if not isinstance(waiter, greenlet_type):
+                waiter()  # a callback's turn (turn_now)
+            elif not waiter.dead:
+                waiter.switch()
 
 
 def _nothing() -> None:
     pass
+
+
+def read_stamped(raw, size: int):
+    """(bytes, arrival time in ns or 0) from a plain non-blocking socket (BlockingIOError when
+    there is nothing to read)."""
+    data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
+    return data, _arrival(ancillary)
 
 
 def _gevent_wait(sock):
@@ -180,11 +199,14 @@ class Readable:
     starts it again. Only this connection's greenlet waits here, never on the socket itself
     while the watcher is ours."""
 
-    __slots__ = ("sock", "greenlet")
+    __slots__ = ("sock", "greenlet", "lane")
 
     def __init__(self, sock) -> None:
         self.sock = sock
         self.greenlet = None
+        #: Called when the socket is readable and no greenlet waits (None: nothing, the
+        #: watcher stops).
+        self.lane = None
 
     def wait(self) -> None:
         """Until the socket is readable, or its timeout (socket.timeout) passes."""
@@ -206,10 +228,23 @@ class Readable:
     def _fired(self) -> None:
         greenlet = self.greenlet
         if greenlet is None:
-            self.sock._read_event.stop()
+            if self.lane is not None:
+                self.lane()
+            else:
+                self.sock._read_event.stop()
             return
         self.greenlet = None
         greenlet.switch()
+
+    def watch(self) -> None:
+        """Start the watcher (for the lane) if it is not."""
+        watcher = self.sock._read_event
+        if not watcher.active:
+            watcher.start(self._fired)
+
+    def pause(self) -> None:
+        """Stop the watcher for now (bytes the lane is not ready for)."""
+        self.sock._read_event.stop()
 
     def throw(self, *args) -> None:
         """gevent closing the socket cancels a wait on its watcher through this."""

@@ -158,12 +158,12 @@ class HistogramCell:
             self.fold()
 
     def fold(self) -> None:
-        """Take the pending observations into the buckets."""
-        pending = self.pending
-        if not pending:
+        """Take the pending observations into the buckets (the list stays the same object:
+        recorders append to it directly)."""
+        if not self.pending:
             return
-        self.pending = []
-        pending.sort()
+        pending = sorted(self.pending)
+        self.pending.clear()
         counts = self._counts
         # Bucket i counts values v with bounds[i-1] < v <= bounds[i].
         start = 0
@@ -376,13 +376,15 @@ _GENERATION = _GaugeFamily(
 class ChainMetrics:
     """Pre-resolved series for one chain; obtain through `chain_metrics`."""
 
-    __slots__ = ("_failures", "_latency", "_requests", "_responses", "_total", "name")
+    __slots__ = ("_failures", "_latency", "_pending", "_requests", "_responses", "_total",
+                 "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._total = _CHAIN_TOTAL.labels(name)
         self._failures = _CHAIN_FAILURES.labels(name)
         self._latency = _CHAIN_LATENCY.labels(name)
+        self._pending = self._latency.pending
         self._requests = _CHAIN_REQUESTS_BATCH.labels(name)
         self._responses = _CHAIN_RESPONSES_BATCH.labels(name)
 
@@ -397,7 +399,10 @@ class ChainMetrics:
         self._total.value += 1
         if failed:
             self._failures.value += 1
-        self._latency.observe(seconds)
+        pending = self._pending
+        pending.append(seconds)  # HistogramCell.observe, without a call
+        if len(pending) >= HistogramCell.FOLD_AT:
+            self._latency.fold()
         if requests is not None:
             self._requests.observe(requests)
         if responses is not None:
@@ -407,20 +412,24 @@ class ChainMetrics:
 class TransformMetrics:
     """Pre-resolved series for one transform; obtain through `transform_metrics`."""
 
-    __slots__ = ("_failures", "_latency", "_total", "name")
+    __slots__ = ("_failures", "_latency", "_pending", "_total", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._total = _TRANSFORM_TOTAL.labels(name)
         self._failures = _TRANSFORM_FAILURES.labels(name)
         self._latency = _TRANSFORM_LATENCY.labels(name)
+        self._pending = self._latency.pending
 
     def record(self, seconds: float, failed: bool) -> None:
         """Account for one batch passing through the transform."""
         self._total.value += 1
         if failed:
             self._failures.value += 1
-        self._latency.observe(seconds)
+        pending = self._pending
+        pending.append(seconds)  # HistogramCell.observe, without a call
+        if len(pending) >= HistogramCell.FOLD_AT:
+            self._latency.fold()
 
 
 _chain_cache: dict[str, ChainMetrics] = {}

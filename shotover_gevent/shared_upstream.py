@@ -64,7 +64,7 @@ class _Waiting:
 
     __slots__ = ("waiter", "count", "frames", "budget")
 
-    def __init__(self, waiter: Waiter, count: int, budget: Optional[int]) -> None:
+    def __init__(self, waiter, count: int, budget: Optional[int]) -> None:
         self.waiter = waiter
         self.count = count
         self.frames: List[bytes] = []
@@ -121,15 +121,7 @@ class SharedConnection:
         OVER_OUTPUT_LIMIT, and the rest of its replies are read and dropped."""
         if self.closed:
             return [], self.failure
-        waiting = self._waiting
-        if not waiting:
-            self._progress = self._loop.now()
-        entry = _Waiting(Waiter(self._hub), count, budget)
-        waiting.append(entry)
-        self._out.append(payload)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.run_callback(self._flush)
+        entry = self.submit(payload, count, budget, Waiter(self._hub))
         try:
             return entry.waiter.get()
         except BaseException:
@@ -139,6 +131,21 @@ class SharedConnection:
             entry.count -= len(entry.frames)
             entry.frames = []
             raise
+
+    def submit(self, payload: bytes, count: int, budget: Optional[int], waiter) -> _Waiting:
+        """Queue a batch (see call) without waiting: `waiter.switch((frames, failure))` is
+        called from the event loop once its replies are read, or the connection is given up.
+        The connection must be open."""
+        waiting = self._waiting
+        if not waiting:
+            self._progress = self._loop.now()
+        entry = _Waiting(waiter, count, budget)
+        waiting.append(entry)
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._flush)
+        return entry
 
     # ---- the event loop's side --------------------------------------------------------------
 
@@ -300,6 +307,11 @@ class SharedConnections:
         index = self._next
         self._next = (index + 1) % len(self._slots)
         return index
+
+    def ready(self, index: int) -> Optional[SharedConnection]:
+        """The slot's connection if it is open (None: it would have to be opened first)."""
+        connection = self._slots[index]
+        return connection if connection is not None and not connection.closed else None
 
     def get(self, index: int) -> SharedConnection:
         """The slot's connection, opened if need be (UpstreamError if it cannot be)."""

@@ -421,7 +421,7 @@ class UpstreamConnection:
         """Read frames into `replies` until it holds `total`, many per call: for requests that
         are each answered by one frame, on a connection where no push can come between."""
         framer = self.framer
-        while True:
+        while len(replies) < total:  # a handed-over batch may have every reply read already
             try:
                 frames = framer.take(total - len(replies))
             except resp.ProtocolError as error:

@@ -332,6 +332,17 @@ def passthrough_topology(redis_port: int, listen_port: Optional[int] = None,
     return {"sources": [source_entry(name, listen_port, chain, **source_options)]}
 
 
+def shared_topology(redis_port: int, count: int = 1, chain_prefix: Sequence[Any] = (),
+                    name: str = "redis", **sink_options: Any) -> Dict[str, Any]:
+    """passthrough_topology with the sink's `shared_connections: count` (and `sink_options`)."""
+    topology = passthrough_topology(redis_port, free_port(), chain_prefix=chain_prefix,
+                                    name=name)
+    settings = topology["sources"][0]["Redis"]["chain"][-1]["RedisSinkSingle"]
+    settings["shared_connections"] = count
+    settings.update(sink_options)
+    return topology
+
+
 def terminal_topology(terminal: Any, listen_port: Optional[int] = None,
                       chain_prefix: Sequence[Any] = (), name: str = "redis") -> Dict[str, Any]:
     """One source whose chain ends in `terminal` (NullSink, DebugReturner, ...) with no server."""

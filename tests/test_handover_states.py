@@ -401,3 +401,54 @@ def test_connection_that_cannot_be_handed_over_is_closed_and_counted(proxy_facto
         wait_for(lambda: closed_count() == 1, 15, "the closed-connections counter")
         upgrade_ok(proxy)
         wait_for(lambda: closed_count() == 1, 15, "the counter after another upgrade")
+
+
+def test_a_subscriber_leaving_its_channels_during_the_switch_gets_every_reply(proxy, redis_server):
+    """UNSUBSCRIBE in flight (a slow script holds the server) when the snapshot is taken: the
+    new version reads its reply, and the client, out of pub/sub, gets its next replies too."""
+    busy = encode("EVAL", "local t = redis.call('TIME') local s = t[1] + t[2] / 1e6 "
+                  "repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 > s + 0.3 "
+                  "return 1", 0)
+    with RawClient(proxy.port, timeout=30) as sub, RawClient(proxy.port, timeout=30) as slow:
+        assert sub.call("SET", "after", "value") == b"OK"
+        for round_number in range(3):
+            channel = f"leaving{round_number}"
+            assert sub.call("SUBSCRIBE", channel) == [b"subscribe", channel.encode(), 1]
+            slow.send(busy)
+            sub.send(encode("UNSUBSCRIBE", channel) + encode("GET", "after"))
+            result = upgrade_ok(proxy)
+            assert "closed 0" in result.stdout, result
+            assert slow.read_reply() == 1
+            assert sub.read_replies(2) == [[b"unsubscribe", channel.encode(), 0], b"value"]
+
+
+@pytest.mark.parametrize("push", [False, True])
+def test_a_batch_handed_over_with_every_reply_read_is_answered_at_once(push, redis_server):
+    """The snapshot can come after the last reply of a batch was read (by the reader of a
+    connection that had subscriptions, in the same turn as the snapshot) and before the
+    client's greenlet took it: the next image must answer from the record, not wait for a
+    reply that came already (it waited forever, and so did the client)."""
+    import gevent
+    from gevent import socket as gevent_socket
+
+    from shotover_gevent.handover.checkpoint import InflightRecord, UpstreamRecord
+    from shotover_gevent.message import Message
+    from shotover_gevent.session import Session
+    from shotover_gevent.upstream import UpstreamConnection
+
+    redis_server.client().set("handed", "over")
+    sock = gevent_socket.create_connection((HOST, redis_server.port))
+    request = encode("GET", "handed")
+    record = UpstreamRecord(fd=sock.fileno(), sink="RedisSinkSingle",
+                            address=f"{HOST}:{redis_server.port}", push=push,
+                            inflight=InflightRecord([request], [b"$4\r\nover\r\n"]))
+    upstream = UpstreamConnection.adopt(sock, (HOST, redis_server.port), record, Session(),
+                                        lambda frame: None)
+    try:
+        with gevent.Timeout(5, AssertionError("the reply read before the switch never came")):
+            replies = upstream.resume([Message(request)])
+            assert [reply.raw for reply in replies] == [b"$4\r\nover\r\n"]
+            # The connection goes on as one in step with the server.
+            assert [r.raw for r in upstream.call([Message(encode("PING"))])] == [b"+PONG\r\n"]
+    finally:
+        upstream.close()

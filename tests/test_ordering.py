@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 
-from helpers import HOST, RawClient, encode, wait_for
+import pytest
+
+from helpers import HOST, RawClient, encode, shared_topology, wait_for
 
 
 def _first_sent_lands_first(port: int, direct, rounds: int) -> int:
@@ -32,7 +34,11 @@ def _first_sent_lands_first(port: int, direct, rounds: int) -> int:
         second.close()
 
 
-def test_order_across_connections_is_kept(proxy, redis_server):
+@pytest.mark.parametrize("upstream", ["own", "shared"])
+def test_order_across_connections_is_kept(upstream, proxy_factory, redis_server):
+    # Shared: from their second request on, the clients are served by the event loop's
+    # callbacks (connection.py, _Lane), which must keep the same order.
+    proxy = proxy_factory(shared_topology(redis_server.port) if upstream == "shared" else None)
     direct = redis_server.client()
     rounds = 300
     through_redis = _first_sent_lands_first(redis_server.port, direct, rounds)

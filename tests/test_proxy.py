@@ -27,6 +27,7 @@ from helpers import (
     metric_value,
     passthrough_topology,
     redis_client,
+    shared_topology,
     sink,
     source_entry,
     terminal_topology,
@@ -406,14 +407,18 @@ def test_redis_cli_ping(proxy):
 
 # ---- observability -----------------------------------------------------------------------------
 
-def test_metrics_match_the_traffic(proxy_factory, redis_server):
+@pytest.mark.parametrize("upstream", ["own", "shared"])
+def test_metrics_match_the_traffic(upstream, proxy_factory, redis_server):
     # The counter and the filter run as screens of the chain (not nested calls): each still
     # gets its count and its latency per batch, and a refused request never reaches the sink.
-    topology = passthrough_topology(redis_server.port, free_port(),
-                                    chain_prefix=[{"QueryCounter": {"name": "main"}},
-                                                  {"QueryTypeFilter":
-                                                   {"DenyList": ["SchemaChange"]}}],
-                                    name="metered")
+    # Shared: batches after the first are served by the event loop's callbacks.
+    prefix = [{"QueryCounter": {"name": "main"}},
+              {"QueryTypeFilter": {"DenyList": ["SchemaChange"]}}]
+    if upstream == "shared":
+        topology = shared_topology(redis_server.port, chain_prefix=prefix, name="metered")
+    else:
+        topology = passthrough_topology(redis_server.port, free_port(), chain_prefix=prefix,
+                                        name="metered")
     proxy = proxy_factory(topology, observability=True)
     gets, sets = 7, 3
     with RawClient(proxy.port) as raw:

@@ -11,16 +11,8 @@ import time
 import hiredis
 import pytest
 
-from helpers import RawClient, encode, free_port, passthrough_topology, wait_for
+from helpers import HOST, RawClient, encode, shared_topology, wait_for
 from upgrade_support import CounterLoad, status, upgrade_ok
-
-
-def shared_topology(redis_port: int, count: int = 1, **sink_options):
-    topology = passthrough_topology(redis_port, free_port())
-    settings = topology["sources"][0]["Redis"]["chain"][-1]["RedisSinkSingle"]
-    settings["shared_connections"] = count
-    settings.update(sink_options)
-    return topology
 
 
 def proxy_connections(server) -> int:
@@ -294,3 +286,55 @@ def test_a_batch_of_large_replies_is_not_held_past_the_output_buffer_limit(proxy
     text = http_request(proxy.metrics_url)[1]
     assert metric_value(text, "shotover_g_connections_closed_total", source="redis",
                         reason="output buffer limit") == 1
+
+
+# ---- served from the event loop's callbacks ---------------------------------------------------
+#
+# From its second batch on, a client on a shared connection is served by the event loop's
+# callbacks (connection.py, _Lane); whatever they do not handle goes back to its greenlet.
+
+
+def test_replies_that_do_not_fit_the_client_socket_are_all_written(shared_proxy, redis_server):
+    value = b"v" * 60_000  # under the size that moves a client to its own connection
+    redis_server.client().set("big", value)
+    with RawClient(shared_proxy.port, timeout=30) as client:
+        # A bounded receive window: the replies to one batch (128 of them, 7.7 MB) cannot be
+        # written at once (the proxy's send buffer grows to 4 MiB at most); the rest goes out
+        # as the client reads.
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        assert client.call("PING") == b"PONG"
+        count = 300
+        client.send(encode("GET", "big") * count + encode("INCR", "after"))
+        replies = client.read_replies(count + 1)
+        assert replies[:count] == [value] * count
+        assert replies[count] == 1
+        assert client.call("INCR", "after") == 2
+    wait_for_connections(redis_server, 1)  # still on the shared connection
+
+
+def test_clients_that_leave_with_replies_owed_disturb_nobody(shared_proxy, redis_server):
+    with RawClient(shared_proxy.port) as other:
+        assert other.call("PING") == b"PONG"
+        for index in range(30):
+            leaving = socket.create_connection((HOST, shared_proxy.port))
+            leaving.sendall(encode("PING"))
+            assert leaving.recv(64) == b"+PONG\r\n"
+            leaving.sendall(encode("SET", f"gone{index}", "x") + encode("GET", "gone0"))
+            leaving.close()
+            assert other.call("INCR", "n") == index + 1
+        wait_for(lambda: redis_server.client().exists(*[f"gone{i}" for i in range(30)]) == 30,
+                 10, "every request sent before its client left to have run")
+    wait_for(lambda: status(shared_proxy.control_socket)["sources"]["redis"]["connections"] == 0, 10,
+             "the proxy to have closed every client connection")
+
+
+def test_a_protocol_error_after_plain_batches_is_answered_then_closed(shared_proxy):
+    with RawClient(shared_proxy.port) as client:
+        assert client.call("SET", "k", "v") == b"OK"
+        assert client.call("GET", "k") == b"v"
+        client.send(encode("GET", "k") + b"*1\r\n$abc\r\n")
+        assert client.read_reply() == b"v"
+        error = client.read_reply()
+        assert str(error) == "ERR Protocol error: invalid bulk length", error
+        with pytest.raises(EOFError):
+            client.read_reply()

@@ -2,8 +2,9 @@
 """Throughput and memory benchmarks of the proxy, next to Redis itself and HAProxy.
 
 Throughput (the default): starts its own redis-server, the proxy (passthrough: RedisSinkSingle
-only; filtered: QueryCounter + QueryTypeFilter + RedisSinkSingle) and, when installed, HAProxy
-in TCP mode with one thread, then runs
+only; shared: RedisSinkSingle with shared_connections: 1; filtered: QueryCounter +
+QueryTypeFilter + RedisSinkSingle; shared-filtered: the same with the shared sink) and, when
+installed, HAProxy in TCP mode with one thread, then runs
 
     redis-benchmark -h 127.0.0.1 -p PORT -t set,get -n N -c C [-P 16] --csv
 
@@ -11,12 +12,13 @@ against each of them in the same run, for every -c of --clients (50 and 500), wi
 pipelining and with -P 16, and prints one table: requests per second and the CPU time per
 request (user and system) of the process redis-benchmark talks to, read from /proc/PID/stat
 before and after each run; for the proxy, of its process tree (the proxy and any child
-process). Ratio rows give proxy/HAProxy and filtered/passthrough for both figures. CPU time
-per request is the figure to compare on a shared machine: waiting for a CPU lowers requests
-per second but not CPU time. A last, small run per target (redis-benchmark -k 0) gives the CPU
-cost of one connection (connect, PING, close), which is inside every run's figure too. With
---repeat K every cell is the median of K runs; the runs of different targets are interleaved,
-in an order rotated each time, so that a noisy neighbour hurts all of them alike.
+process). Ratio rows give proxy/HAProxy and filtered/passthrough (and the shared pairs) for
+both figures. CPU time per request is the figure to compare on a shared machine: waiting for a
+CPU lowers requests per second but not CPU time. A last, small run per target (redis-benchmark
+-k 0) gives the CPU cost of one connection (connect, PING, close), which is inside every run's
+figure too. With --repeat K every cell is the median of K runs; the runs of different targets
+are interleaved, in an order rotated each time, so that a noisy neighbour hurts all of them
+alike.
 
 Cluster (--topology cluster): builds a Redis Cluster instead (six cluster-enabled
 redis-servers, three masters with a replica each, made by `redis-cli --cluster create`) and
@@ -411,7 +413,7 @@ def topology_kinds(topology: str) -> List[str]:
     if topology == "both":
         return ["passthrough", "filtered"]
     if topology == "all":
-        return ["passthrough", "shared", "filtered"]
+        return ["passthrough", "shared", "filtered", "shared-filtered"]
     return [topology]
 
 
@@ -429,6 +431,8 @@ def ratio_pairs(names: List[str], topologies: List[str]) -> List[Tuple[str, str,
             pairs.append((f"proxy[{topology}]", "haproxy", label, True))
     if "passthrough" in topologies and "filtered" in topologies:
         pairs.append(("proxy[filtered]", "proxy[passthrough]", "filtered/passthrough", True))
+    if "shared" in topologies and "shared-filtered" in topologies:
+        pairs.append(("proxy[shared-filtered]", "proxy[shared]", "shared-filtered/shared", True))
     if "passthrough" in topologies and "shared" in topologies:
         pairs.append(("proxy[shared]", "proxy[passthrough]", "shared/passthrough", True))
     for topology in topologies:
@@ -848,13 +852,15 @@ def parse_args(argv: Optional[List[str]] = None):
                         metavar="TEST[,TEST...]",
                         help="redis-benchmark tests; CPU time covers them all (default set,get)")
     parser.add_argument("--topology",
-                        choices=["passthrough", "shared", "filtered", "both", "all", "cluster"],
+                        choices=["passthrough", "shared", "filtered", "shared-filtered",
+                                 "both", "all", "cluster"],
                         default=None,
                         help="proxy chain: RedisSinkSingle only (passthrough), RedisSinkSingle "
                              "with shared_connections: 1 (shared), QueryCounter + "
-                             "QueryTypeFilter + RedisSinkSingle (filtered), passthrough and "
-                             "filtered (both), or the three (all: the default; passthrough "
-                             "with --idle-connections); "
+                             "QueryTypeFilter + RedisSinkSingle (filtered), the same with the "
+                             "shared sink (shared-filtered), passthrough and filtered (both), "
+                             "or the four (all: the default; passthrough with "
+                             "--idle-connections); "
                              "cluster: a 3-master/3-replica Redis Cluster, direct "
                              "(redis-benchmark --cluster) and behind RedisSinkCluster")
     parser.add_argument("--repeat", type=int, default=1,

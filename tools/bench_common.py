@@ -314,7 +314,7 @@ def tool_version(argv: List[str]) -> str:
 def topology_yaml(kind: str, listen_port: int, redis_port: Optional[int], connection_limit: int,
                   contact_points: Sequence[str] = ()) -> str:
     """`passthrough`: RedisSinkSingle only. `shared`: the same with `shared_connections: 1`.
-    `filtered`: QueryCounter + QueryTypeFilter + sink.
+    `filtered`: QueryCounter + QueryTypeFilter + sink; `shared-filtered`: with the shared sink.
     `cluster`: RedisSinkCluster over `contact_points` ("host:port"), the cluster hidden."""
     chain = []
     if kind == "cluster":
@@ -326,7 +326,7 @@ def topology_yaml(kind: str, listen_port: int, redis_port: Optional[int], connec
                   "            connect_timeout_ms: 3000",
                   f"            connection_count: {CLUSTER_SINK_CONNECTIONS}"]
     else:
-        if kind == "filtered":
+        if kind in ("filtered", "shared-filtered"):
             chain += ["        - QueryCounter:", "            name: bench",
                       "        - QueryTypeFilter:", "            DenyList: [SchemaChange]"]
         elif kind not in ("passthrough", "shared"):
@@ -334,7 +334,7 @@ def topology_yaml(kind: str, listen_port: int, redis_port: Optional[int], connec
         chain += ["        - RedisSinkSingle:",
                   f'            remote_address: "{HOST}:{redis_port}"',
                   "            connect_timeout_ms: 3000"]
-        if kind == "shared":
+        if kind in ("shared", "shared-filtered"):
             chain.append("            shared_connections: 1")
     return "\n".join([
         "---",

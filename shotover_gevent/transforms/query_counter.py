@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -50,22 +51,20 @@ class QueryCounter(Transform):
     def __init__(self, count) -> None:
         self.count = count
 
-    def screen(self, requests: List[Message]) -> bool:
-        if len(requests) == 1:
-            self.count(requests[0].command)
+    def screen(self, commands: List[str]) -> bool:
+        first = commands[0]
+        size = len(commands)
+        if size == 1 or commands.count(first) == size:
+            # One command, or a pipeline of one command: one count.
+            self.count(first, size)
             return True
-        # Counted once per distinct command of the batch (a pipeline mostly repeats one).
-        seen: dict = {}
-        for request in requests:
-            command = request.command
-            seen[command] = seen.get(command, 0) + 1
         count = self.count
-        for command, times in seen.items():
+        for command, times in Counter(commands).items():
             count(command, times)
         return True
 
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
-        self.screen(requests)
+        self.screen([request.command for request in requests])
         return call_next(requests)
 
 

@@ -89,6 +89,8 @@ class QueryTypeFilterBuilder(TransformBuilder):
         self.name = name
         self.config = config
         self.blocked_commands: dict = {}
+        #: The commands of blocked_commands that pass.
+        self.allowed_commands: set = set()
 
     def build(self, context: ConnectionContext) -> Transform:
         return QueryTypeFilter(self)
@@ -99,6 +101,8 @@ class QueryTypeFilterBuilder(TransformBuilder):
             blocked = query_type(command) in self.config.blocked
             if len(self.blocked_commands) < 4096:
                 self.blocked_commands[command] = blocked
+                if not blocked:
+                    self.allowed_commands.add(command)
         return blocked
 
 
@@ -109,13 +113,10 @@ class QueryTypeFilter(Transform):
     def __init__(self, builder: QueryTypeFilterBuilder) -> None:
         self.builder = builder
 
-    def screen(self, requests: List[Message]) -> bool:
-        """True when the builder's memo says no request of the batch is to be refused."""
-        known = self.builder.blocked_commands
-        for request in requests:
-            if known.get(request.command, True):  # refused, or not judged yet
-                return False
-        return True
+    def screen(self, commands: List[str]) -> bool:
+        """True when the builder's memo says no request of the batch is to be refused (a
+        command refused or not judged yet: transform() judges the batch)."""
+        return self.builder.allowed_commands.issuperset(commands)
 
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         is_blocked = self.builder.is_blocked

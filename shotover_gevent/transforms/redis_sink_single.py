@@ -20,7 +20,7 @@ from gevent.lock import Semaphore
 from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, format_address, parse_address, take_mapping
-from ..message import NO_REPLY, Message
+from ..message import NO_REPLY, Message, command_name
 from ..shared_upstream import LARGE_MESSAGE, UNSHAREABLE, SharedConnections
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import OVER_OUTPUT_LIMIT, UpstreamConnection, UpstreamError
@@ -265,6 +265,43 @@ class RedisSinkSingle(Transform):
             self.builder.failed_requests(sum(1 for r in replies if r.is_error))
         return replies
 
+    def lane_ready(self) -> bool:
+        return self._shared_slot is not None
+
+    def submit(self, framed: List[tuple], waiter) -> bool:
+        """Send a batch on this client's shared connection without waiting, if it can go there
+        and the connection is open. `framed`: the requests as (bytes, name or None) pairs, as
+        the request framer gives them. `waiter.switch((frames, failure))` is called from the
+        event loop with what came back, for `shared_payload`. False: it must go through
+        transform() (a command a shared connection does not carry, or a connection to open
+        first)."""
+        slot = self._shared_slot
+        if slot is None:
+            return False
+        shared = self.builder.shared.ready(slot)
+        if shared is None:
+            return False
+        for raw, name in framed:
+            if not _SHAREABLE_NAMES.get(name, False) and not _shareable_name(name):
+                return False
+            if len(raw) > LARGE_MESSAGE:
+                return False
+        payload = framed[0][0] if len(framed) == 1 else b"".join([raw for raw, _ in framed])
+        self._shared_busy = True
+        shared.submit(payload, len(framed), self._output_limit, waiter)
+        return True
+
+    def shared_payload(self, count: int, frames: List[bytes], failure: Optional[str]) -> bytes:
+        """What a submitted batch of `count` requests answers the client, from what came
+        back (see submit)."""
+        if failure is None:
+            self._shared_busy = False
+            payload = frames[0] if len(frames) == 1 else b"".join(frames)
+            if len(payload) > LARGE_MESSAGE and max(map(len, frames)) > LARGE_MESSAGE:
+                self._shared_slot = None  # large values: its own connection from now on
+            return payload
+        return b"".join([reply.raw for reply in self.shared_replies(count, frames, failure)])
+
     def _call_shared(self, slot: int, requests: List[Message]) -> List[Message]:
         try:
             shared = self.builder.shared.get(slot)
@@ -277,6 +314,13 @@ class RedisSinkSingle(Transform):
             frames, failure = shared.call(payload, len(requests), self._output_limit)
         finally:
             self._shared_busy = False
+        return self.shared_replies(len(requests), frames, failure)
+
+    def shared_replies(self, count: int, frames: List[bytes],
+                       failure: Optional[str]) -> List[Message]:
+        """The replies to a batch of `count` requests sent on a shared connection, from what
+        came back."""
+        self._shared_busy = False
         replies = [Message(frame) for frame in frames]
         if frames and max(map(len, frames)) > LARGE_MESSAGE:
             self._shared_slot = None  # large values: its own connection from now on
@@ -284,9 +328,9 @@ class RedisSinkSingle(Transform):
             # As Redis closes a client over its output buffer limit: what came within the
             # limit, then the end of the connection.
             self._hang_up_over_limit()
-            return replies + [NO_REPLY] * (len(requests) - len(replies))
+            return replies + [NO_REPLY] * (count - len(replies))
         if failure is not None:
-            missing = len(requests) - len(replies)
+            missing = count - len(replies)
             self.builder.failed_requests(missing)
             replies.extend([Message.error(f"ERR {failure}")] * missing)
         return replies
@@ -306,6 +350,19 @@ class RedisSinkSingle(Transform):
             upstream.abandon()
         elif upstream is not None:
             upstream.close()
+
+
+#: Whether a command name, as a client spelled it, may go on a shared connection (bounded).
+_SHAREABLE_NAMES: dict = {}
+
+
+def _shareable_name(name: Optional[bytes]) -> bool:
+    if name is None:
+        return False  # not a plain array of bulk strings: judged the usual way
+    shareable = command_name(name) not in UNSHAREABLE
+    if len(_SHAREABLE_NAMES) < 4096:
+        _SHAREABLE_NAMES[name] = shareable
+    return shareable
 
 
 def _socket_from_fd(fd: int, address):
