@@ -688,10 +688,11 @@ def stage_timings(output: str, last_upgrade: Optional[Dict[str, Any]]) -> Dict[s
             # say nothing there; the proxy's own figures do.
             if reported.get("settle_ms") is not None:
                 timings["drain_ms"] = reported["settle_ms"]
-                if reported.get("drain_and_checkpoint_ms") is not None:
-                    timings["checkpoint_ms"] = round(
-                        reported["drain_and_checkpoint_ms"] - reported["settle_ms"]
-                        + (reported.get("handover_ms") or 0), 1)
+            if reported.get("drain_and_checkpoint_ms") is not None:
+                # From the snapshot's start until the new image has the checkpoint: describing
+                # every connection, writing, handing it over.
+                timings["checkpoint_ms"] = round(
+                    reported["drain_and_checkpoint_ms"] + (reported.get("handover_ms") or 0), 1)
         timings["kept"] = last_upgrade.get("kept")
         timings["closed"] = last_upgrade.get("closed")
         timings["closed_reasons"] = last_upgrade.get("closed_reasons")
@@ -885,11 +886,13 @@ def print_report(report: Dict[str, Any], show_timeline: bool = False) -> None:
                         "in MULTI"],
                        stage_rows, right=[True] * 11))
     print("(milliseconds, from the proxy's own clock. start+imports: the new image starting "
-          "while the old version\n still serves from its bridge process; blackout: from the "
-          "start of the drain to the new image serving\n = drain + checkpoint (with its "
-          "handover) + restore. in flight, in MULTI: connections handed over with\n a request "
-          "in flight (a waiting BLPOP/BRPOP is one) or inside a transaction, as the checkpoint "
-          "stage reports)")
+          "while the old version\n still serves from its bridge process; drain: until the "
+          "snapshot is taken (the connections that cannot\n be handed over at once reaching a "
+          "point where they can, the others served meanwhile, then the\n snapshot itself); "
+          "blackout: from the snapshot's start to the new image serving = checkpoint\n (the "
+          "snapshot, writing it, handing it over) + restore. in flight, in MULTI: connections "
+          "handed\n over with a request in flight (a waiting BLPOP/BRPOP is one) or inside a "
+          "transaction, as the\n checkpoint stage reports)")
     for u in report["upgrades"]:
         print(f"upgrade {u['number']}: {u['summary']}")
     if show_timeline:
