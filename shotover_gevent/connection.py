@@ -22,6 +22,7 @@ from .netio import Readable, arrival_order, close_for_good, let_go, read_stamped
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
 from .session import Session
+from .upstream import OVER_OUTPUT_LIMIT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .source import Source
@@ -417,6 +418,10 @@ class ClientConnection:
             owed += sum(len(part) for part in self._outbox)
         if owed <= limit:
             return False
+        if self._hang_up == OVER_OUTPUT_LIMIT:
+            # The sink stopped taking this batch's replies at the limit and said so already.
+            self.close_reason = "output buffer limit"
+            return True
         log.warning("closing connection from %s: %d bytes owed to it, over the source's "
                     "output_buffer_limit of %d (it does not read its replies)", self.peer,
                     owed, limit)

@@ -275,6 +275,7 @@ def test_a_batch_of_large_replies_is_not_held_past_the_output_buffer_limit(proxy
     with RawClient(proxy.port) as client, RawClient(proxy.port) as other:
         assert client.call("PING") == b"PONG"
         assert other.call("PING") == b"PONG"
+        peer = "%s:%d" % client.sock.getsockname()
         before = peak_rss_kib(worker)
         client.send(b"*2\r\n$3\r\nGET\r\n$5\r\nlarge\r\n" * 32)
         replies = client.wait_eof(30)
@@ -286,6 +287,10 @@ def test_a_batch_of_large_replies_is_not_held_past_the_output_buffer_limit(proxy
     text = http_request(proxy.metrics_url)[1]
     assert metric_value(text, "shotover_g_connections_closed_total", source="redis",
                         reason="output buffer limit") == 1
+    # Said once (the sink judged the replies; the connection does not say it again).
+    said = [line for line in proxy.log_text().splitlines()
+            if f"closing connection from {peer}:" in line]
+    assert len(said) == 1, said
 
 
 # ---- served from the event loop's callbacks ---------------------------------------------------
