@@ -64,11 +64,19 @@ class Transform:
         """Whether this sink's `submit` may take the client's next batches (see submit)."""
         return False
 
-    def submit(self, requests: List[Message], waiter) -> bool:
+    def submit(self, framed: List[tuple], waiter):
         """A sink that can send a batch without waiting for its replies does so and returns
-        True; `waiter.switch(result)` is then called from the event loop with what its own
-        way of answering the batch needs. False: the batch goes through `transform`."""
-        return False
+        what the client's connection records as the batch in flight; `waiter.switch(result)`
+        is then called from the event loop with what `lane_payload` needs, or
+        `waiter.trouble()` when the client's greenlet is to finish the batch
+        (`resume_submitted`). None: the batch goes through `transform`."""
+        return None
+
+    def lane_payload(self, count: int, result) -> bytes:
+        raise NotImplementedError
+
+    def resume_submitted(self, requests: List[Message]) -> List[Message]:
+        raise NotImplementedError
 
     def close(self) -> None:
         """Release upstream resources (called when the client leaves or is handed over)."""
@@ -199,6 +207,21 @@ class Chain:
             failed = False
         finally:
             self.record(started, entered, failed)
+        return self._one_each(requests, replies)
+
+    def finish_submitted(self, requests: List[Message], started: float,
+                         entered: int) -> List[Message]:
+        """The replies to a batch the sink took without waiting (submit) and then handed to
+        the client's greenlet to finish (resume_submitted)."""
+        failed = True
+        try:
+            replies = self.transforms[-1].resume_submitted(requests)
+            failed = False
+        finally:
+            self.record(started, entered, failed)
+        return self._one_each(requests, replies)
+
+    def _one_each(self, requests: List[Message], replies: List[Message]) -> List[Message]:
         if len(replies) != len(requests):
             log.error("chain %s returned %d replies for %d requests", self.name,
                       len(replies), len(requests))

@@ -339,6 +339,15 @@ class ClientConnection:
             return self._serve_buffered()
         if kind == "framed":
             return self._serve_buffered(why[1])
+        if kind == "resume":
+            started, entered = why[1:]
+            chain = self.chain
+            requests = self._batch
+            replies = self._run_batch(
+                requests, lambda batch: chain.finish_submitted(batch, started, entered))
+            if not self._answer(requests, replies):
+                return False
+            return self._serve_buffered()
         if kind == "flush":
             self._write(b"", batch_done=True)
             if self._hang_up is not None:
@@ -671,14 +680,14 @@ class _Lane:
             # command names only.
             entered = chain.screen(batch_commands(framed), started) if chain.screens else 0
             if entered == len(chain.transforms) - 1:
-                connection._batch = framed  # an upgrade only asks whether one is under way
-                connection._in_batch = True
                 self.batch = (len(framed), started, entered)
-                if chain.transforms[-1].submit(framed, self):
+                batch = chain.transforms[-1].submit(framed, self)
+                if batch is not None:
+                    # Where an upgrade finds it (the sink's own record of it says more).
+                    connection._batch = batch
+                    connection._in_batch = True
                     return
                 self.batch = None
-                connection._in_batch = False
-                connection._batch = None
             requests = [Message(raw, name) for raw, name in framed]
             self.give_back(("run", requests, started, entered))
         except Exception:
@@ -695,8 +704,7 @@ class _Lane:
         count, started, entered = batch
         try:
             chain = connection._chain
-            frames, failure = result
-            payload = chain.transforms[-1].shared_payload(count, frames, failure)
+            payload = chain.transforms[-1].lane_payload(count, result)
             chain.record(started, entered, False)
             connection._in_batch = False
             if len(payload) > LARGE_OUTPUT and connection._over_output_limit(len(payload)):
@@ -729,6 +737,15 @@ class _Lane:
         except Exception:
             log.exception("connection from %s failed", connection.peer)
             self.give_back(("crash",))
+
+    def trouble(self) -> None:
+        """The sink gives the batch submitted to the client's greenlet to finish."""
+        batch, self.batch = self.batch, None
+        if self.stopped or batch is None or \
+                self.connection.state in (State.CLOSED, State.HANDED_OVER):
+            return
+        _count, started, entered = batch
+        self.give_back(("resume", started, entered))
 
     def _wait_next(self) -> None:
         """Every request read is answered: wait for the next (or stop, if asked to)."""

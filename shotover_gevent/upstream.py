@@ -609,6 +609,9 @@ class UpstreamConnection:
 
     def _idle_readable(self) -> None:
         # Run by the event loop itself: nothing here may wait.
+        if self._lane is not None:
+            self._lane_readable()
+            return
         self._unwatch_idle()
         if self._batch is None and not self.closed:
             gevent.spawn(self._check_idle)
@@ -643,10 +646,110 @@ class UpstreamConnection:
             return
         self.closed = True
         self._unwatch_idle(for_good=True)
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            # A batch served from the event loop (request timeout, the client left): its
+            # client's greenlet finds the connection closed and answers with the failure.
+            get_hub().loop.run_callback(lane.trouble)
         reader = self._reader
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=False)
         release(self.sock)
+
+    # ---- batches from the event loop (connection.py, _Lane) ------------------------------------
+
+    #: The waiter of the batch served from the event loop, while its replies are read.
+    _lane = None
+
+    def lane_ready(self) -> bool:
+        """Whether a batch of plain requests can be served from the event loop: a plain
+        RESP2 connection where every request gets one frame and nothing else comes."""
+        return (self._plain and not self.closed and not self.tls and not self.push_mode
+                and self._batch is None and self._adopted_inflight is None and not self._held
+                and self.state.resp_version == 2 and not self.state.pushes_expected
+                and not self.framer.pending())
+
+    def lane_call(self, requests: List[Message], payload: bytes, waiter) -> None:
+        """Write a batch of plain requests (lane_ready) without waiting: `waiter.switch(replies)`
+        is called from the event loop once every reply is read; `waiter.trouble()` when the
+        rest is for the client's greenlet (resume_lane): a write that did not go at once, a
+        read that failed or ended, the connection given up (request timeout)."""
+        watcher = self._idle_watcher
+        if watcher is None:
+            watcher = self._idle_watcher = get_hub().loop.io(self.sock.fileno(), 1)
+        if not watcher.active:
+            watcher.start(self._idle_readable)
+        if self._tick is not None:
+            self._quiet_since = None
+            _WAITS.add(self)
+        self._batch = requests
+        self._replies = []
+        self._reply_budget = self.reply_limit if self.client_follows else None
+        self._lane = waiter
+        try:
+            sent = self.sock._sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = -1
+        if sent != len(payload):
+            self._lane = None
+            if sent >= 0:
+                self._unsent = memoryview(payload)[sent:]
+            else:  # the greenlet writes it again and meets the error
+                self._unsent = memoryview(payload)
+            get_hub().loop.run_callback(waiter.trouble)
+
+    def _lane_readable(self) -> None:
+        lane = self._lane
+        try:
+            received = self.sock._sock.recv_into(_RECV_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            received = 0
+        if not received:  # the greenlet reads the end (or the error) again, and settles it
+            self._lane = None
+            lane.trouble()
+            return
+        self._quiet_since = None
+        self.framer.feed(_RECV_VIEW[:received])
+        budget = self._reply_budget
+        if budget is not None:
+            budget = self._reply_budget = budget - received
+            if budget < 0:
+                self._lane = None
+                self._broken(OVER_OUTPUT_LIMIT, by_server=True)
+                lane.trouble()
+                return
+        replies = self._replies
+        total = len(self._batch)
+        try:
+            frames = self.framer.take(total - len(replies))
+        except resp.ProtocolError:
+            self._lane = None  # the greenlet frames it again and gives the connection up
+            lane.trouble()
+            return
+        if frames:
+            replies += map(Message, frames)
+        if len(replies) < total:
+            return
+        requests = self._batch
+        self._lane = None
+        self._batch = self._replies = None
+        self._reply_budget = None
+        self._answered = requests
+        if self._tick is not None:
+            _WAITS.discard(self)
+        lane.switch(replies)
+
+    def resume_lane(self) -> List[Message]:
+        """The replies of the batch lane_call began, read (and written) from where it stands,
+        in the calling greenlet."""
+        requests, replies = self._batch, self._replies
+        unsent, self._unsent = self._unsent, None
+        return self._call_direct(requests, replies if replies is not None else [],
+                                 bytes(unsent) if unsent is not None else None)
 
     # ---- batches ------------------------------------------------------------------------------
 

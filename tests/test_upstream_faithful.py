@@ -432,3 +432,70 @@ def test_redis_py_client_times_out_cleanly(silent_server, proxy_factory):
         for _ in range(2):
             with pytest.raises(redis.ResponseError, match="did not answer within 200 ms"):
                 client.get("k")
+
+
+# ---- own connections served from the event loop's callbacks -----------------------------------
+#
+# From its second batch on, a client whose own upstream connection is in the plain state has its
+# batches written and their replies read by callbacks of the event loop (connection.py, _Lane;
+# UpstreamConnection.lane_call); its greenlet finishes whatever they cannot.
+
+
+def test_a_batch_the_server_does_not_take_at_once_is_written_whole(redis_factory):
+    """A batch written from the event loop that the socket does not take at once (the server
+    has stopped reading): the client's greenlet writes the rest, then reads every reply."""
+    import gevent
+
+    from shotover_gevent.message import Message
+    from shotover_gevent.session import Session
+    from shotover_gevent.upstream import UpstreamConnection
+
+    server = redis_factory()
+    value = b"w" * 150_000
+    requests = [Message(encode("SET", f"w{index}", value)) for index in range(200)]
+
+    class Waiter:
+        outcome = None
+
+        def switch(self, replies):
+            self.outcome = ("replies", replies)
+
+        def trouble(self):
+            self.outcome = ("trouble", None)
+
+    upstream = UpstreamConnection((HOST, server.port), 3.0, Session(), lambda frame: None)
+    waiter = Waiter()
+    try:
+        assert upstream.lane_ready()
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            # 30 MB: more than the socket and the stopped server's take (4 + 6 MiB at most).
+            upstream.lane_call(requests, b"".join(r.raw for r in requests), waiter)
+            with gevent.Timeout(10, AssertionError("no word from the batch")):
+                while waiter.outcome is None:
+                    gevent.sleep(0.01)
+            assert waiter.outcome[0] == "trouble"
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        with gevent.Timeout(30, AssertionError("the rest of the batch was not written")):
+            replies = upstream.resume_lane()
+        assert [reply.raw for reply in replies] == [b"+OK\r\n"] * 200
+    finally:
+        upstream.close()
+    assert server.client().get("w199") == value
+
+
+def test_a_request_timeout_during_a_batch_served_by_callbacks(redis_factory, proxy_factory):
+    server = redis_factory()
+    proxy = proxy_factory(single_topology(server.port, request_timeout_ms=300))
+    with ByteClient(proxy.port) as client:
+        assert client.call("SET", "k", "v") == b"+OK\r\n"
+        assert client.call("GET", "k") == b"$1\r\nv\r\n"
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            reply = client.call("GET", "k", frames=1)
+            assert reply == (f"-ERR upstream {HOST}:{server.port} did not answer within 300 "
+                             "ms\r\n").encode()
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert client.call("GET", "k") == b"$1\r\nv\r\n"  # on a new upstream connection

@@ -266,34 +266,62 @@ class RedisSinkSingle(Transform):
         return replies
 
     def lane_ready(self) -> bool:
-        return self._shared_slot is not None
+        if self._shared_slot is not None:
+            return True
+        upstream = self.upstream
+        return upstream is not None and upstream.lane_ready()
 
-    def submit(self, framed: List[tuple], waiter) -> bool:
-        """Send a batch on this client's shared connection without waiting, if it can go there
-        and the connection is open. `framed`: the requests as (bytes, name or None) pairs, as
-        the request framer gives them. `waiter.switch((frames, failure))` is called from the
-        event loop with what came back, for `shared_payload`. False: it must go through
-        transform() (a command a shared connection does not carry, or a connection to open
-        first)."""
+    def submit(self, framed: List[tuple], waiter):
+        """Send a batch without waiting, if it can go that way: on the client's shared
+        connection (open), or on its own connection in the plain state (lane_ready), and if
+        every command is one that neither changes nor depends on the connection nor blocks.
+        `framed`: the requests as (bytes, name or None) pairs, as the request framer gives
+        them. Returns what the client's connection records as its batch in flight (None: the
+        batch must go through transform()). What came back reaches `waiter.switch(result)`
+        from the event loop, for `lane_payload`; on its own connection, `waiter.trouble()` may
+        come instead, and the client's greenlet then gets the replies from resume_submitted."""
+        for _raw, name in framed:
+            if not _SHAREABLE_NAMES.get(name, False) and not _shareable_name(name):
+                return None
         slot = self._shared_slot
         if slot is None:
-            return False
+            upstream = self.upstream
+            if upstream is None or not upstream.lane_ready():
+                return None
+            requests = [Message(raw, name) for raw, name in framed]
+            upstream.lane_call(requests, requests[0].raw if len(requests) == 1 else
+                               b"".join([request.raw for request in requests]), waiter)
+            return requests
         shared = self.builder.shared.ready(slot)
         if shared is None:
-            return False
-        for raw, name in framed:
-            if not _SHAREABLE_NAMES.get(name, False) and not _shareable_name(name):
-                return False
+            return None
+        for raw, _name in framed:
             if len(raw) > LARGE_MESSAGE:
-                return False
+                return None
         payload = framed[0][0] if len(framed) == 1 else b"".join([raw for raw, _ in framed])
         self._shared_busy = True
         shared.submit(payload, len(framed), self._output_limit, waiter)
-        return True
+        return framed
+
+    def lane_payload(self, count: int, result) -> bytes:
+        """What a submitted batch of `count` requests answers the client, from what came back
+        (see submit)."""
+        if isinstance(result, tuple):  # from the shared connection: (frames, failure)
+            return self.shared_payload(count, *result)
+        return result[0].raw if len(result) == 1 else b"".join([reply.raw for reply in result])
+
+    def resume_submitted(self, requests: List[Message]) -> List[Message]:
+        """The replies of a batch submitted on the client's own connection, read from where
+        its callbacks stopped (waiter.trouble)."""
+        upstream = self.upstream
+        replies = upstream.resume_lane()
+        if upstream.closed:
+            self.builder.failed_requests(sum(1 for r in replies if r.is_error))
+        return replies
 
     def shared_payload(self, count: int, frames: List[bytes], failure: Optional[str]) -> bytes:
-        """What a submitted batch of `count` requests answers the client, from what came
-        back (see submit)."""
+        """What a batch of `count` requests sent on the shared connection answers the client,
+        from what came back."""
         if failure is None:
             self._shared_busy = False
             payload = frames[0] if len(frames) == 1 else b"".join(frames)
