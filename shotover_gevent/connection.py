@@ -343,6 +343,8 @@ class ClientConnection:
             started, entered = why[1:]
             chain = self.chain
             requests = self._batch
+            if requests and isinstance(requests[0], tuple):  # as framed: (bytes, name)
+                requests = [Message(raw, name) for raw, name in requests]
             replies = self._run_batch(
                 requests, lambda batch: chain.finish_submitted(batch, started, entered))
             if not self._answer(requests, replies):

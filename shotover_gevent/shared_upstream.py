@@ -74,15 +74,18 @@ class _Waiting:
 class SharedConnection:
     """One connection to the server carrying the batches of many clients, in order."""
 
-    def __init__(self, address, connect_timeout: float, request_timeout: Optional[float]) -> None:
+    def __init__(self, address, connect_timeout: float, request_timeout: Optional[float],
+                 label: str = "upstream", greeting: bytes = b"") -> None:
         self.address = address
+        #: How errors name the server ("upstream", "cluster node").
+        self.label = label
         self.request_timeout = request_timeout
         self.closed = False
         self.failure = ""
         try:
             sock = connect(address, connect_timeout)
         except (OSError, stdlib_socket.timeout) as error:
-            raise UpstreamError(f"upstream {_fmt(address)} unavailable: {_reason(error)}") \
+            raise UpstreamError(f"{label} {_fmt(address)} unavailable: {_reason(error)}") \
                 from None
         sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
         sock.settimeout(None)
@@ -105,6 +108,9 @@ class SharedConnection:
         self._reader.start(self._readable)
         self._writer = loop.io(fd, _WRITE)
         self._timer = None
+        if greeting:
+            # Sent before anything else, its one reply dropped (HELLO 3, say).
+            self.submit(greeting, 1, None, None)
         if request_timeout:
             interval = min(1.0, request_timeout / 2)
             self._timer = loop.timer(interval, interval)
@@ -164,7 +170,7 @@ class SharedConnection:
         except BlockingIOError:
             sent = 0
         except OSError as error:
-            self._fail(f"upstream {_fmt(self.address)} write failed: {_reason(error)}")
+            self._fail(f"{self.label} {_fmt(self.address)} write failed: {_reason(error)}")
             return
         if sent < len(data):
             self._unsent = memoryview(data)[sent:]
@@ -196,10 +202,10 @@ class SharedConnection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:
-            self._fail(f"upstream {_fmt(self.address)} read failed: {_reason(error)}")
+            self._fail(f"{self.label} {_fmt(self.address)} read failed: {_reason(error)}")
             return
         if not received:
-            self._fail(f"upstream {_fmt(self.address)} closed the connection")
+            self._fail(f"{self.label} {_fmt(self.address)} closed the connection")
             return
         self._progress = self._loop.now()
         framer = self._framer
@@ -236,7 +242,7 @@ class SharedConnection:
             if not waiting and framer.pending():
                 raise resp.ProtocolError("a frame that answers no request")
         except resp.ProtocolError as error:
-            self._fail(f"upstream {_fmt(self.address)} sent invalid RESP: {error}", settled)
+            self._fail(f"{self.label} {_fmt(self.address)} sent invalid RESP: {error}", settled)
             return
         for waiter, frames, failure in settled:
             waiter.switch((frames, failure))
@@ -249,7 +255,7 @@ class SharedConnection:
             self._readable()
         if self._waiting and not self.closed and \
                 self._loop.now() - self._progress > self.request_timeout:
-            self._fail(f"upstream {_fmt(self.address)} did not answer within "
+            self._fail(f"{self.label} {_fmt(self.address)} did not answer within "
                        f"{self.request_timeout * 1000:.0f} ms (request_timeout_ms)")
 
     def _fail(self, reason: str, settled: Sequence[tuple] = ()) -> None:
@@ -292,8 +298,10 @@ class SharedConnections:
     each is opened when first needed and again after it was lost."""
 
     def __init__(self, address, connect_timeout: float, request_timeout: Optional[float],
-                 count: int) -> None:
+                 count: int, label: str = "upstream", greeting: bytes = b"") -> None:
         self.address = address
+        self.label = label
+        self.greeting = greeting
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self._slots: List[Optional[SharedConnection]] = [None] * count
@@ -330,7 +338,8 @@ class SharedConnections:
                     raise failed[1]
                 try:
                     connection = SharedConnection(self.address, self.connect_timeout,
-                                                  self.request_timeout)
+                                                  self.request_timeout, self.label,
+                                                  self.greeting)
                 except UpstreamError as error:
                     log.warning("shared connection %d to %s could not be opened: %s",
                                 index + 1, _fmt(self.address), error)

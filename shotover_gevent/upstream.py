@@ -663,11 +663,12 @@ class UpstreamConnection:
 
     def lane_ready(self) -> bool:
         """Whether a batch of plain requests can be served from the event loop: a plain
-        RESP2 connection where every request gets one frame and nothing else comes."""
+        connection where every request gets one frame and nothing else is expected (in RESP3
+        a push may still come, an invalidation another client redirects here: see
+        _lane_frames)."""
         return (self._plain and not self.closed and not self.tls and not self.push_mode
                 and self._batch is None and self._adopted_inflight is None and not self._held
-                and self.state.resp_version == 2 and not self.state.pushes_expected
-                and not self.framer.pending())
+                and not self.state.pushes_expected and not self.framer.pending())
 
     def lane_call(self, requests: List[Message], payload: bytes, waiter) -> None:
         """Write a batch of plain requests (lane_ready) without waiting: `waiter.switch(replies)`
@@ -724,16 +725,25 @@ class UpstreamConnection:
                 return
         replies = self._replies
         total = len(self._batch)
-        try:
-            frames = self.framer.take(total - len(replies))
-        except resp.ProtocolError:
-            self._lane = None  # the greenlet frames it again and gives the connection up
-            lane.trouble()
-            return
-        if frames:
+        resp3 = self.state.resp_version != 2
+        while True:
+            try:
+                frames = self.framer.take(total - len(replies))
+            except resp.ProtocolError:
+                self._lane = None  # the greenlet frames it again and gives the connection up
+                lane.trouble()
+                return
+            if not frames:
+                break
+            if resp3:
+                frames = self._lane_frames(frames)
             replies += map(Message, frames)
+            if len(replies) >= total or not resp3:
+                break
         if len(replies) < total:
             return
+        if self._held:
+            self._release_held()  # pushes after the last reply: they follow it
         requests = self._batch
         self._lane = None
         self._batch = self._replies = None
@@ -742,6 +752,21 @@ class UpstreamConnection:
         if self._tick is not None:
             _WAITS.discard(self)
         lane.switch(replies)
+
+    def _lane_frames(self, frames: List[bytes]) -> List[bytes]:
+        """RESP3 frames read for a batch served by callbacks, as replies: a push among them
+        answers no request and is written just before the next reply (as _collect does)."""
+        replies = []
+        held = self._held
+        for frame in frames:
+            if frame[:1] == b">" and self._is_push(frame):
+                held.append(frame)
+            elif held:
+                replies.append(b"".join(held) + frame)
+                held.clear()
+            else:
+                replies.append(frame)
+        return replies
 
     def resume_lane(self) -> List[Message]:
         """The replies of the batch lane_call began, read (and written) from where it stands,

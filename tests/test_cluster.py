@@ -18,7 +18,9 @@ import redis.cluster
 from cluster_support import Cluster, cluster_sink, start_cluster
 from helpers import (HOST, ProxyProcess, RawClient, free_port, redis_client, source_entry,
                      stop_proxies, wait_for)
+from shotover_gevent.cluster import slots
 from shotover_gevent.cluster.slots import key_slot
+from shotover_gevent.protocol.resp import encode_command
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +197,85 @@ def test_pipeline_of_a_thousand_commands(make_proxy, clean_cluster):
     assert clean_cluster.dbsize() == 334
 
 
+def test_key_slots_are_the_clusters(clean_cluster, monkeypatch):
+    """The proxy routes by its own key-to-slot function: it must agree with the nodes'."""
+    keys = [b"", b"a", b"key:1", b"{user:42}.name", b"x{user:42}", b"{}", b"{}abc", b"{{a}}",
+            b"a{b}c{d}", b"{a", b"a}b{", bytes(range(256)), b"\xff" * 3000, "ключ".encode()]
+    keys += [f"key:{i}".encode() for i in range(200)]
+    node = clean_cluster.masters()[0]
+    with node.client() as direct:
+        expected = [direct.execute_command("CLUSTER", "KEYSLOT", key) for key in keys]
+    assert [key_slot(key) for key in keys] == expected
+    # Taken from requests as they were framed: in C where it is built, and in Python.
+    framed = [(encode_command([b"GET", key, b"more"][: 2 + n % 2]), b"GET")
+              for n, key in enumerate(keys)]
+    compiled = slots.request_key_slots(framed)
+    monkeypatch.setattr(slots, "_key_slots", None)
+    assert slots.request_key_slots(framed) == expected
+    assert compiled == expected
+    assert slots.request_key_slots([(b"*1\r\n$4\r\nPING\r\n", b"PING"), (b"PING\r\n", None),
+                                    (b"*2\r\n$3\r\nGET\r\n:1\r\n", b"GET")]) == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_clients_pipelining_across_nodes_each_get_their_own_replies(make_proxy, clean_cluster,
+                                                                    protocol):
+    """Many clients' batches in flight at once on the nodes' shared connections, each batch
+    cut across the three masters and put back together (from the event loop's callbacks for
+    RESP2 clients): every reply is the client's own, in its order."""
+    proxy = make_proxy()
+    failures: List[str] = []
+
+    def traffic(n: int) -> None:
+        try:
+            with redis_client(proxy.port, protocol=protocol) as client:
+                for round_ in range(40):
+                    pipe = client.pipeline(transaction=False)
+                    for i in range(5):
+                        pipe.set(f"lane:{n}:{i}", f"{n}.{round_}.{i}")
+                        pipe.get(f"lane:{n}:{(i + 1) % 5}")
+                        pipe.incr(f"lane:{n}:count:{i}")
+                    replies = pipe.execute()
+                    for i in range(5):
+                        assert replies[3 * i] is True
+                        previous = round_ - 1 if i < 4 else round_
+                        expected = None if previous < 0 else f"{n}.{previous}.{(i + 1) % 5}"
+                        assert replies[3 * i + 1] == (expected and expected.encode()), \
+                            (n, round_, i, replies)
+                        assert replies[3 * i + 2] == round_ + 1
+                    assert client.get(f"lane:{n}:{round_ % 5}") == \
+                        f"{n}.{round_}.{round_ % 5}".encode()
+        except Exception as error:  # reported below, in the test's thread
+            failures.append(repr(error))
+
+    threads = [threading.Thread(target=traffic, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    assert len(keys_per_master(clean_cluster, [f"lane:{n}:{i}" for n in range(12)
+                                               for i in range(5)])) == 3
+
+
+def test_large_values_beside_small_ones(make_proxy, clean_cluster):
+    """A request or reply over 64 KiB goes through the pool, a connection per batch; the
+    small ones of other clients go on at the same time."""
+    proxy = make_proxy()
+    big = b"v" * 300_000
+    small = redis_client(proxy.port, protocol=2)
+    large = redis_client(proxy.port, protocol=2)
+    for round_ in range(5):
+        pipe = large.pipeline(transaction=False)
+        pipe.set(f"big:{round_}", big + str(round_).encode())
+        pipe.set(f"small:{round_}", round_)
+        pipe.get(f"big:{round_}")
+        assert pipe.execute() == [True, True, big + str(round_).encode()]
+        assert small.set(f"other:{round_}", round_) is True
+        assert small.get(f"big:{round_}") == big + str(round_).encode()
+        assert small.get(f"small:{round_}") == str(round_).encode()
+
+
 def test_upstream_connections_are_pooled_across_clients(make_proxy, clean_cluster):
     before: Dict[str, set] = {}
     for master in clean_cluster.masters():
@@ -305,9 +386,11 @@ def test_auth_uses_connections_with_the_clients_credentials(make_proxy, clean_cl
 class Writer(threading.Thread):
     """Writes keys through the proxy until stopped; remembers what was acknowledged."""
 
-    def __init__(self, port: int, prefix: str, keys_per_round: int = 1) -> None:
+    def __init__(self, port: int, prefix: str, keys_per_round: int = 1,
+                 protocol: int = 3) -> None:
         super().__init__(daemon=True)
         self.port = port
+        self.protocol = protocol
         self.prefix = prefix
         self.acknowledged: List[str] = []
         self.errors: List[tuple] = []
@@ -315,7 +398,7 @@ class Writer(threading.Thread):
         self.keys_per_round = keys_per_round
 
     def run(self) -> None:
-        client = redis_client(self.port, socket_timeout=30)
+        client = redis_client(self.port, socket_timeout=30, protocol=self.protocol)
         i = 0
         deadline = time.monotonic() + 120
         while not self.stop_event.is_set() and time.monotonic() < deadline:
@@ -326,7 +409,7 @@ class Writer(threading.Thread):
             except redis.RedisError as error:
                 self.errors.append((time.monotonic(), key, repr(error)))
                 if isinstance(error, redis.ConnectionError):
-                    client = redis_client(self.port, socket_timeout=30)
+                    client = redis_client(self.port, socket_timeout=30, protocol=self.protocol)
             i += 1
 
     def stop(self) -> None:
@@ -335,7 +418,8 @@ class Writer(threading.Thread):
         assert not self.is_alive()
 
 
-def test_moved_and_ask_during_resharding(make_proxy, clean_cluster):
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_moved_and_ask_during_resharding(make_proxy, clean_cluster, protocol):
     proxy = make_proxy()
     client = proxy.client()
     prefix = "{migrating}:"
@@ -344,7 +428,7 @@ def test_moved_and_ask_during_resharding(make_proxy, clean_cluster):
     target = next(m for m in clean_cluster.masters() if m.address != source.address)
     for i in range(300):
         client.set(f"{prefix}seed{i}", i)
-    writer = Writer(proxy.port, prefix)
+    writer = Writer(proxy.port, prefix, protocol=protocol)
     writer.start()
     try:
         wait_for(lambda: len(writer.acknowledged) > 50, 10, "writes before the migration")
@@ -444,7 +528,7 @@ def test_ports_rewrite_with_a_cluster_aware_client(make_proxy, clean_cluster):
 def test_upgrade_while_cluster_traffic_runs(make_proxy, clean_cluster):
     proxy = make_proxy()
     pid = proxy.pid
-    writers = [Writer(proxy.port, f"upgrade:{n}:") for n in range(4)]
+    writers = [Writer(proxy.port, f"upgrade:{n}:", protocol=2 + n % 2) for n in range(4)]
     for writer in writers:
         writer.start()
     try:
@@ -478,7 +562,9 @@ def test_upgrade_while_cluster_traffic_runs(make_proxy, clean_cluster):
 
 def test_failover_after_a_master_dies(make_proxy, clean_cluster):
     proxy = make_proxy()
-    client = redis_client(proxy.port, socket_timeout=30)
+    # Through the callbacks and the pipelined connections (RESP2) and through the pool (RESP3).
+    clients = [redis_client(proxy.port, socket_timeout=30, protocol=2 + n) for n in range(2)]
+    client = clients[1]
     victim_key = "failover:victim"
     slot = key_slot(victim_key.encode())
     victim = clean_cluster.master_for_slot(slot)
@@ -493,7 +579,8 @@ def test_failover_after_a_master_dies(make_proxy, clean_cluster):
     successes_in_a_row = 0
     deadline = killed_at + 40
     while time.monotonic() < deadline and successes_in_a_row < 3 * len(keys):
-        for key in keys:
+        for index, key in enumerate(keys):
+            client = clients[index % 2]
             try:
                 client.set(key, "after")
                 assert client.get(key) == b"after"
@@ -503,7 +590,8 @@ def test_failover_after_a_master_dies(make_proxy, clean_cluster):
                 outcomes.append((time.monotonic(), False, str(error)))
                 successes_in_a_row = 0
                 if isinstance(error, redis.ConnectionError):
-                    client = redis_client(proxy.port, socket_timeout=30)
+                    clients[index % 2] = redis_client(proxy.port, socket_timeout=30,
+                                                      protocol=2 + index % 2)
     assert successes_in_a_row >= 3 * len(keys), outcomes[-5:]
     errors = [(t - killed_at, text) for t, ok, text in outcomes if not ok]
     print("failover: errors", len(errors), errors[:3], "first success at",

@@ -430,6 +430,33 @@ def test_tracking_invalidations_arrive_while_idle(redis_server, proxy):
                                          b"*1\r\n$1\r\nk\r\n")
 
 
+def test_invalidations_redirected_to_a_resp3_client_come_between_its_replies(redis_server,
+                                                                             proxy):
+    """A RESP3 client whose upstream connection gets invalidations another connection
+    redirects there, while its plain requests are served from the event loop's callbacks:
+    each push comes whole, before the next reply, and every reply is its request's."""
+    with ByteClient(proxy.port) as listener, redis_server.client() as tracker, \
+            redis_server.client() as writer:
+        assert listener.call("HELLO", "3")[:1] == b"%"
+        upstream_id = int(listener.call("CLIENT", "ID")[1:-2])
+        tracker.execute_command("CLIENT", "TRACKING", "ON", "REDIRECT", upstream_id)
+        for round_ in range(3):  # plain batches: the callbacks serve it from here
+            assert listener.call("SET", "mine", f"v{round_}") == b"+OK\r\n"
+        for round_ in range(20):
+            tracker.get(f"tracked:{round_}")
+            writer.set(f"tracked:{round_}", round_)  # an invalidation for the listener, now
+            listener.send("GET", "mine")
+            expected = [b"$2\r\nv2\r\n"]
+            if round_ % 2:
+                listener.send("INCR", "count")
+                expected.append(b":%d\r\n" % (round_ // 2 + 1))
+            # As directly: the invalidation came before the replies.
+            key = f"tracked:{round_}".encode()
+            assert listener.read_frame() == (b">2\r\n$10\r\ninvalidate\r\n*1\r\n$%d\r\n%s\r\n"
+                                             % (len(key), key))
+            assert [listener.read_frame() for _ in expected] == expected, round_
+
+
 def test_scripts_and_functions(redis_server, proxy):
     library = ("#!lua name=features\n"
                "redis.register_function{function_name='hello', callback=function(keys, args) "

@@ -3,31 +3,21 @@ the first non-empty `{...}` hash tag in it, modulo 16384."""
 
 from __future__ import annotations
 
-from typing import List
+from binascii import crc_hqx
+from typing import List, Optional
+
+try:
+    from ..protocol._scan import key_slots as _key_slots
+except ImportError:  # the compiled part could not be built: the same in Python
+    _key_slots = None
 
 SLOT_COUNT = 16384
 
 
-def _make_table() -> List[int]:
-    table = []
-    for byte in range(256):
-        value = byte << 8
-        for _ in range(8):
-            value = ((value << 1) ^ 0x1021) if value & 0x8000 else (value << 1)
-        table.append(value & 0xFFFF)
-    return table
-
-
-_TABLE = _make_table()
-
-
 def crc16(data: bytes) -> int:
-    """CRC16/XMODEM: polynomial 0x1021, initial value 0, no reflection, no final xor."""
-    crc = 0
-    table = _TABLE
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFF) ^ table[((crc >> 8) ^ byte) & 0xFF]
-    return crc
+    """CRC16/XMODEM: polynomial 0x1021, initial value 0, no reflection, no final xor (the
+    standard library's CRC-CCITT in C, binascii.crc_hqx, with 0 to start from)."""
+    return crc_hqx(data, 0)
 
 
 def hash_tag(key: bytes) -> bytes:
@@ -44,4 +34,38 @@ def hash_tag(key: bytes) -> bytes:
 def key_slot(key: bytes) -> int:
     if isinstance(key, str):
         key = key.encode()
-    return crc16(hash_tag(key)) & (SLOT_COUNT - 1)
+    if b"{" in key:
+        key = hash_tag(key)
+    return crc_hqx(key, 0) & (SLOT_COUNT - 1)
+
+
+def request_key_slots(framed: List[tuple]) -> List[int]:
+    """For requests as the framer gives them, (raw bytes, name) pairs, the hash slot of each
+    one's argument 1 (-1: it has none, or is not an array of bulk strings)."""
+    if _key_slots is not None:
+        return _key_slots(framed)
+    slots = []
+    for raw, _name in framed:
+        key = _first_key(raw)
+        slots.append(-1 if key is None else key_slot(key))
+    return slots
+
+
+def _first_key(raw: bytes) -> Optional[bytes]:
+    """Argument 1 of a request framed as an array of bulk strings (None: it has none)."""
+    try:
+        if raw[:1] != b"*":
+            return None
+        end = raw.index(b"\r\n")
+        if int(raw[1:end]) < 2 or raw[end + 2 : end + 3] != b"$":
+            return None
+        end_name = raw.index(b"\r\n", end + 2)
+        start = end_name + 2 + int(raw[end + 3 : end_name]) + 2
+        if raw[start : start + 1] != b"$":
+            return None
+        end_length = raw.index(b"\r\n", start)
+        length = int(raw[start + 1 : end_length])
+    except ValueError:
+        return None
+    key = raw[end_length + 2 : end_length + 2 + length]
+    return key if len(key) == length and length >= 0 else None

@@ -272,7 +272,111 @@ done:
     return result;
 }
 
+/* CRC16/XMODEM (polynomial 0x1021, start 0), the checksum Redis Cluster hashes keys with. */
+static unsigned short crc_table[256];
+
+static void
+make_crc_table(void)
+{
+    int byte, bit;
+    for (byte = 0; byte < 256; byte++) {
+        unsigned int value = (unsigned int)byte << 8;
+        for (bit = 0; bit < 8; bit++)
+            value = (value & 0x8000) ? (value << 1) ^ 0x1021 : value << 1;
+        crc_table[byte] = (unsigned short)(value & 0xFFFF);
+    }
+}
+
+static long
+slot_of(const char *key, Py_ssize_t length)
+{
+    Py_ssize_t i, open = -1, close = -1;
+    unsigned int crc = 0;
+    for (i = 0; i < length; i++) {
+        if (key[i] == '{') {
+            open = i;
+            break;
+        }
+    }
+    if (open >= 0) {
+        for (i = open + 1; i < length; i++) {
+            if (key[i] == '}') {
+                close = i;
+                break;
+            }
+        }
+        if (close > open + 1) {  /* a non-empty hash tag: only it is hashed */
+            key += open + 1;
+            length = close - open - 1;
+        }
+    }
+    for (i = 0; i < length; i++)
+        crc = ((crc << 8) & 0xFFFF) ^ crc_table[((crc >> 8) ^ (unsigned char)key[i]) & 0xFF];
+    return (long)(crc & 16383);
+}
+
+/* The hash slot of argument 1 of one request (a multibulk of bulks), or -1 when it has none
+ * or is not such a request. */
+static long
+request_key_slot(const char *p, const char *end)
+{
+    long long count, length, i;
+    const char *payload;
+    if (p >= end || *p != '*')
+        return -1;
+    p++;
+    if (read_number(&p, end, &count) != 1 || count < 2)
+        return -1;
+    for (i = 0; i < 2; i++) {
+        if (p >= end || *p != '$')
+            return -1;
+        p++;
+        if (read_blob(&p, end, (long long)1 << 60, &payload, &length) != 1)
+            return -1;
+    }
+    return slot_of(payload, (Py_ssize_t)length);
+}
+
+/* key_slots(framed) -> [slot]
+ *
+ * framed: requests as the framer gives them, (raw bytes, name) pairs; for each, the hash slot
+ * of its argument 1, or -1 (no argument 1, or not a multibulk of bulks). */
+static PyObject *
+key_slots(PyObject *self, PyObject *framed)
+{
+    Py_ssize_t i, count;
+    PyObject *out;
+    if (!PyList_Check(framed)) {
+        PyErr_SetString(PyExc_TypeError, "key_slots takes a list of (bytes, name) pairs");
+        return NULL;
+    }
+    count = PyList_GET_SIZE(framed);
+    out = PyList_New(count);
+    if (out == NULL)
+        return NULL;
+    for (i = 0; i < count; i++) {
+        PyObject *pair = PyList_GET_ITEM(framed, i), *raw, *slot;
+        long value = -1;
+        if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) >= 1) {
+            raw = PyTuple_GET_ITEM(pair, 0);
+            if (PyBytes_Check(raw)) {
+                const char *data = PyBytes_AS_STRING(raw);
+                value = request_key_slot(data, data + PyBytes_GET_SIZE(raw));
+            }
+        }
+        slot = PyLong_FromLong(value);
+        if (slot == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, slot);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"key_slots", key_slots, METH_O,
+     "key_slots(framed) -> the hash slot of each request's argument 1 (-1: none)"},
     {"scan_requests", scan_requests, METH_VARARGS,
      "scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)"},
     {"scan_replies", scan_replies, METH_VARARGS,
@@ -287,5 +391,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__scan(void)
 {
+    make_crc_table();
     return PyModule_Create(&module);
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 
@@ -23,12 +23,14 @@ from ..cluster.node import (
     client_ssl_context,
 )
 from ..cluster.slotmap import SlotMap, parse_redirect
-from ..cluster.slots import key_slot
+from ..cluster.slots import key_slot, request_key_slots
 from ..cluster.topology import ClusterState, ClusterUnavailable
 from ..config import Problems, parse_address, take_mapping
-from ..message import REPLICATION_COMMANDS, Message, replication_refused
+from ..message import REPLICATION_COMMANDS, Message, command_name, replication_refused
 from ..protocol import resp
 from ..protocol.state import auth_credentials, hello_options, valid_client_name
+from ..shared_upstream import LARGE_MESSAGE, SharedConnections
+from ..upstream import UpstreamError
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from . import TransformType, register
 
@@ -46,6 +48,8 @@ MOVED_REFRESH_INTERVAL = 1.0
 _ASKING = resp.encode_command([b"ASKING"])
 _OK = b"+OK\r\n"
 _NULLS = (b"$-1\r\n", b"_\r\n", b"*-1\r\n")
+#: Replies that send a request again (redirections, a cluster not ready).
+_RETRIED = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING")
 
 
 @dataclass
@@ -105,12 +109,39 @@ class RedisSinkClusterBuilder(TransformBuilder):
             contacts.insert(0, config.direct_destination)
         self.state = ClusterState(self.pool, contacts)
         self.failed_requests = observability.failed_requests(chain_name, "RedisSinkCluster")
+        #: Per node and protocol, the pipelined connections (connection_count of them) that
+        #: carry the batches of clients with no credentials, many batches in flight at once
+        #: (None with TLS: those go through the pool).
+        self.links: Optional[Dict[Tuple[Address, int], SharedConnections]] = \
+            None if config.tls else {}
+        self._next_link = 0
 
     def build(self, context: ConnectionContext) -> Transform:
         return RedisSinkCluster(self, context)
 
+    def assign_link(self) -> int:
+        """Which of each node's pipelined connections a new client uses."""
+        index = self._next_link
+        self._next_link = (index + 1) % self.config.connection_count
+        return index
+
+    def link(self, address: Address, protocol: int) -> SharedConnections:
+        links = self.links
+        nodes = links.get((address, protocol))
+        if nodes is None:
+            greeting = b"" if protocol == 2 else \
+                resp.encode_command([b"HELLO", str(protocol).encode()])
+            nodes = links[(address, protocol)] = SharedConnections(
+                address, self.config.connect_timeout_ms / 1000.0, None,
+                self.config.connection_count, "cluster node", greeting)
+        return nodes
+
     def close(self) -> None:
         self.pool.close()
+        if self.links:
+            for nodes in self.links.values():
+                nodes.close()
+            self.links.clear()
 
 
 class _Part:
@@ -149,19 +180,28 @@ class _Job:
 
 
 class RedisSinkCluster(Transform):
-    """Routing is described in cluster/routing.py. Upstream connections come from a pool owned by
-    the builder and shared by every client connection of the source: per node and credential set at
-    most `connection_count`, each lent to one batch at a time. A batch is cut per node; each node's
-    share goes out in one write, all nodes at once (one greenlet per node), and the replies are put
-    back in request order. MOVED updates the shared slot map and sends the request again; ASK sends
-    ASKING plus the request to the named node once. When a node cannot be reached (a failover), the
-    slot map is fetched again and the request retried with backoff for up to RETRY_WINDOW seconds.
-    A request that was written to a node that then failed before replying is retried only when it
-    changes no data; otherwise the client gets an error saying it may or may not have run. Blocking
-    commands (BLPOP, ...) run on a connection of the client's own, opened on first use and closed
-    with the client connection, so they never hold a shared one. AUTH (and HELLO ... AUTH) is
-    checked against a node; from then on the client's requests use connections authenticated with
-    those credentials (pooled per credential set). A failed AUTH leaves the previous credentials in
+    """Routing is described in cluster/routing.py. Upstream connections are owned by the builder
+    and shared by every client connection of the source. Clients with no credentials (plain TCP)
+    send over `connection_count` pipelined connections per node and protocol (RESP2, or RESP3 after
+    HELLO 3): the batches of many clients are in flight on one at once, in the order they were
+    queued, each taking as many replies as it has requests (shared_upstream.py); a batch holding a
+    request over LARGE_MESSAGE goes through the pool instead, like everyone else's: per node and
+    credential set at most `connection_count` connections, each lent to one batch at a time. A
+    batch is cut per node; each node's share goes out in one write, all nodes at once (one greenlet
+    per node), and the replies are put back in request order. From its second batch on, a client
+    whose batches hold only single-key commands (GET, SET, INCR, HSET, ...) is served from the
+    event loop's callbacks (submit): each node's share is queued on its pipelined connection and
+    the replies put together as they come, without a greenlet switch; a redirection, a node not
+    ready or a failed connection hands the batch to the client's greenlet, which goes on exactly as
+    below. MOVED updates the shared slot map and sends the request again; ASK sends ASKING plus the
+    request to the named node once. When a node cannot be reached (a failover), the slot map is
+    fetched again and the request retried with backoff for up to RETRY_WINDOW seconds. A request
+    that was written to a node that then failed before replying is retried only when it changes no
+    data; otherwise the client gets an error saying it may or may not have run. Blocking commands
+    (BLPOP, ...) run on a connection of the client's own, opened on first use and closed with the
+    client connection, so they never hold a shared one. AUTH (and HELLO ... AUTH) is checked
+    against a node; from then on the client's requests use connections authenticated with those
+    credentials (pooled per credential set). A failed AUTH leaves the previous credentials in
     force. A client that switched to RESP3 (HELLO 3) is served by connections that did the same
     (the pool is keyed by protocol too)."""
 
@@ -180,6 +220,10 @@ class RedisSinkCluster(Transform):
         self.protocol = session.resp_version
         self._dedicated: Dict[Address, NodeConnection] = {}
         self._failed = 0
+        #: Which of each node's pipelined connections this client uses (None: no TLS-less ones).
+        self._link: Optional[int] = None if builder.links is None else builder.assign_link()
+        #: The batch submitted from the event loop's callbacks whose replies are owed.
+        self._submitted: Optional[_Submitted] = None
 
     # ---- the batch ----------------------------------------------------------------------------
 
@@ -286,30 +330,37 @@ class RedisSinkCluster(Transform):
 
     # ---- sending, redirections and retries ----------------------------------------------------
 
-    def _execute(self, parts: List[_Part]) -> None:
+    def _execute(self, parts: List[_Part], sent_version: Optional[int] = None) -> None:
+        """Send the parts and follow redirections and retries until each has its reply.
+        `sent_version`: the parts were sent already (from the event loop's callbacks, when the
+        slot map had that version) and hold what came back; they are judged first."""
         pending = parts
         deadline: Optional[float] = None
         backoff = BACKOFF_FIRST
         while pending:
-            try:
-                current = self.state.get(self.credentials)
-            except ClusterUnavailable as error:
-                for part in pending:
-                    part.frame = error.reply
-                self._failed += len(pending)
-                return
-            version = self.state.version
-            groups: Dict[Tuple[Address, bool], List[_Part]] = {}
             unroutable = set()
-            for part in pending:
-                address = self._address_for(part, current)
-                if address is None:
-                    unroutable.add(id(part))
-                    part.last_error = resp.error_reply(
-                        f"CLUSTERDOWN RedisSinkCluster knows no node serving slot {part.slot}")
-                else:
-                    groups.setdefault((address, part.dedicated), []).append(part)
-            self._send_all(groups)
+            if sent_version is not None:
+                version, sent_version = sent_version, None
+            else:
+                try:
+                    current = self.state.get(self.credentials)
+                except ClusterUnavailable as error:
+                    for part in pending:
+                        part.frame = error.reply
+                    self._failed += len(pending)
+                    return
+                version = self.state.version
+                groups: Dict[Tuple[Address, bool], List[_Part]] = {}
+                for part in pending:
+                    address = self._address_for(part, current)
+                    if address is None:
+                        unroutable.add(id(part))
+                        part.last_error = resp.error_reply(
+                            f"CLUSTERDOWN RedisSinkCluster knows no node serving slot "
+                            f"{part.slot}")
+                    else:
+                        groups.setdefault((address, part.dedicated), []).append(part)
+                self._send_all(groups)
             retry: List[_Part] = []
             wait = refresh = bool(unroutable)
             moved = False
@@ -401,6 +452,10 @@ class RedisSinkCluster(Transform):
             raws.append(part.raw)
             part.sent_to = address
             part.frame = None
+        if not dedicated and self._link is not None and self.credentials is None and \
+                max(map(len, raws)) <= LARGE_MESSAGE:
+            self._send_pipelined(address, raws, parts)
+            return
         try:
             connection = (self._dedicated_connection(address) if dedicated
                           else self.pool.acquire(address, self.credentials, self.protocol))
@@ -428,15 +483,90 @@ class RedisSinkCluster(Transform):
                 self.pool.release(connection)
             elif connection.closed:
                 self._dedicated.pop(address, None)
-        position = 0
-        for part in parts:
-            if part.ask is not None:
-                position += 1  # ASKING's own +OK
-            if position < len(frames):
-                part.frame = frames[position]
+        _take_frames(parts, frames, failure)
+
+    def _send_pipelined(self, address: Address, raws: List[bytes], parts: List[_Part]) -> None:
+        """Send parts on the client's pipelined connection to `address` and wait for their
+        replies (the connection is opened if need be)."""
+        try:
+            connection = self.builder.link(address, self.protocol).get(self._link)
+        except UpstreamError as error:
+            for part in parts:
+                part.failure = (str(error), False)
+            return
+        frames, failure = connection.call(raws[0] if len(raws) == 1 else b"".join(raws),
+                                          len(raws))
+        # A failed shared connection cannot tell what the node did with what was written.
+        _take_frames(parts, frames, None if failure is None else (failure, True))
+
+    # ---- served from the event loop's callbacks -----------------------------------------------
+
+    def lane_ready(self) -> bool:
+        return self._link is not None and self.credentials is None and \
+            self.state.map is not None
+
+    def submit(self, framed: List[tuple], waiter):
+        """Queue a batch of single-key commands on the pipelined connections of the nodes that
+        own their keys, without waiting, if every one of them is open (see
+        RedisSinkSingle.submit for the protocol). Returns the batch as the client's connection
+        records it, or None: the batch goes through transform()."""
+        current = self.state.map
+        if current is None or self.credentials is not None:
+            return None
+        owners = current.owners
+        groups: Dict[Address, List[int]] = {}
+        slots = request_key_slots(framed)
+        for position, (raw, name) in enumerate(framed):
+            if not _LANE_NAMES.get(name, False) and not _lane_name(name):
+                return None
+            slot = slots[position]
+            if slot < 0 or len(raw) > LARGE_MESSAGE:
+                return None
+            address = owners[slot]
+            if address is None:
+                return None
+            positions = groups.get(address)
+            if positions is None:
+                groups[address] = [position]
             else:
-                part.failure = failure or ("the node sent too few replies", True)
-            position += 1
+                positions.append(position)
+        links = self.builder.links
+        connections = []
+        protocol = self.protocol
+        for address in groups:
+            nodes = links.get((address, protocol))
+            connection = None if nodes is None else nodes.ready(self._link)
+            if connection is None:
+                return None
+            connections.append(connection)
+        submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version)
+        if len(groups) == 1:
+            submitted.single(next(iter(groups)))
+            connections[0].submit(framed[0][0] if len(framed) == 1 else
+                                  b"".join([raw for raw, _name in framed]),
+                                  len(framed), None, submitted)
+            return framed
+        for index, ((address, positions), connection) in enumerate(zip(groups.items(),
+                                                                       connections)):
+            share = submitted.share(index, address, positions)
+            connection.submit(b"".join([framed[position][0] for position in positions]),
+                              len(positions), None, share)
+        return framed
+
+    def lane_payload(self, count: int, result) -> bytes:
+        return result[0] if len(result) == 1 else b"".join(result)
+
+    def resume_submitted(self, requests: List[Message]) -> List[Message]:
+        """The replies of a batch submitted from the callbacks whose replies need more than
+        putting together (a redirection, a node not ready, a failed connection): judged and
+        retried as if transform() had sent it."""
+        submitted, self._submitted = self._submitted, None
+        self._failed = 0
+        parts = submitted.parts()
+        self._execute(parts, submitted.version)
+        if self._failed:
+            self.builder.failed_requests(self._failed)
+        return [Message(part.frame) for part in parts]
 
     def _dedicated_connection(self, address: Address) -> NodeConnection:
         connection = self._dedicated.get(address)
@@ -611,6 +741,140 @@ class RedisSinkCluster(Transform):
         for connection in self._dedicated.values():
             connection.close()
         self._dedicated.clear()
+
+
+def _take_frames(parts: List[_Part], frames: List[bytes],
+                 failure: Optional[Tuple[str, bool]]) -> None:
+    """Give each part its reply from the frames a node sent for them in order (an ASKING
+    before a part has its own); the parts past the last frame get `failure`."""
+    position = 0
+    for part in parts:
+        if part.ask is not None:
+            position += 1  # ASKING's own +OK
+        if position < len(frames):
+            part.frame = frames[position]
+        else:
+            part.failure = failure or ("the node sent too few replies", True)
+        position += 1
+
+
+class _Submitted:
+    """A batch queued from the event loop's callbacks on the nodes' pipelined connections: what
+    each node answered, put back in request order once every node has."""
+
+    __slots__ = ("waiter", "framed", "slots", "version", "addresses", "shares", "results",
+                 "left")
+
+    def __init__(self, waiter, framed: List[tuple], slots: List[int], version: int) -> None:
+        self.waiter = waiter
+        self.framed = framed
+        self.slots = slots
+        #: The slot map's version when the batch was routed.
+        self.version = version
+        self.addresses: List[Address] = []
+        #: Per node, the positions of the requests sent there.
+        self.shares: List[Sequence[int]] = []
+        #: Per node, (frames, failure) once it answered.
+        self.results: List[Optional[tuple]] = []
+        self.left = 0
+
+    def single(self, address: Address) -> None:
+        self.addresses.append(address)
+        self.shares.append(range(len(self.framed)))
+        self.results.append(None)
+        self.left = 1
+
+    def share(self, index: int, address: Address, positions: List[int]) -> "_Share":
+        self.addresses.append(address)
+        self.shares.append(positions)
+        self.results.append(None)
+        self.left += 1
+        return _Share(self, index)
+
+    def switch(self, result: tuple) -> None:
+        """The only node's answer (from the event loop)."""
+        self.results[0] = result
+        self.left = 0
+        frames, failure = result
+        if failure is None:
+            for frame in frames:
+                if frame[:1] == b"-" and frame.startswith(_RETRIED):
+                    break
+            else:
+                self.waiter.switch(frames)
+                return
+        self.waiter.trouble()
+
+    def arrived(self, index: int, result: tuple) -> None:
+        """One node's answer (from the event loop); the batch is answered with the last."""
+        self.results[index] = result
+        self.left -= 1
+        if self.left:
+            return
+        replies: List[Optional[bytes]] = [None] * len(self.framed)
+        for positions, (frames, failure) in zip(self.shares, self.results):
+            if failure is not None:
+                self.waiter.trouble()
+                return
+            for position, frame in zip(positions, frames):
+                if frame[:1] == b"-" and frame.startswith(_RETRIED):
+                    self.waiter.trouble()
+                    return
+                replies[position] = frame
+        self.waiter.switch(replies)
+
+    def parts(self) -> List[_Part]:
+        """The requests as parts sent, with what came back for them (see _execute)."""
+        framed = self.framed
+        parts: List[Optional[_Part]] = [None] * len(framed)
+        for address, positions, result in zip(self.addresses, self.shares, self.results):
+            frames, failure = result if result is not None else ([], "no reply came")
+            share = []
+            for position in positions:
+                raw, name = framed[position]
+                part = _Part(raw, self.slots[position],
+                             retry_safe=command_name(name) in routing.READ_ONLY)
+                part.sent_to = address
+                parts[position] = part
+                share.append(part)
+            _take_frames(share, frames, None if failure is None else (failure, True))
+        return parts
+
+
+class _Share:
+    """What one node answers for its share of a _Submitted batch."""
+
+    __slots__ = ("batch", "index")
+
+    def __init__(self, batch: _Submitted, index: int) -> None:
+        self.batch = batch
+        self.index = index
+
+    def switch(self, result: tuple) -> None:
+        self.batch.arrived(self.index, result)
+
+
+#: Whether a command name, as a client spelled it, is served from the callbacks (bounded).
+_LANE_NAMES: dict = {}
+
+
+def _lane_name(name: Optional[bytes]) -> bool:
+    if name is None:
+        return False  # not a plain array of bulk strings
+    command = command_name(name)
+    lane = command in _LANE_COMMANDS
+    if len(_LANE_NAMES) < 4096:
+        _LANE_NAMES[name] = lane
+    return lane
+
+
+#: Single-key commands (the key is argument 1) routed to the owner of their key, whatever
+#: their other arguments: the ones served from the callbacks.
+_LANE_COMMANDS = frozenset(
+    command for command in routing.FIRST_KEY
+    if command not in REPLICATION_COMMANDS and
+    routing.route([command.encode(), b"k", b"v", b"w"]).kind == routing.KEYED and
+    routing.route([command.encode(), b"k"]).kind == routing.KEYED)
 
 
 def _unexpected(command: str, frame: bytes) -> bytes:
