@@ -17,7 +17,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
-from .message import Message, batch_commands
+from .message import Message, as_messages, batch_commands
 from .netio import Readable, arrival_order, close_for_good, let_go, read_stamped
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
@@ -342,9 +342,7 @@ class ClientConnection:
         if kind == "resume":
             started, entered = why[1:]
             chain = self.chain
-            requests = self._batch
-            if requests and isinstance(requests[0], tuple):  # as framed: (bytes, name)
-                requests = [Message(raw, name) for raw, name in requests]
+            requests = as_messages(self._batch)  # the callbacks may have kept it as framed
             replies = self._run_batch(
                 requests, lambda batch: chain.finish_submitted(batch, started, entered))
             if not self._answer(requests, replies):

@@ -35,6 +35,15 @@ def batch_commands(framed) -> List[str]:
         return [Message(raw, name).command for raw, name in framed]
 
 
+def as_messages(batch: list) -> list:
+    """A batch as Message objects, converted in place (the list stays the same object, which
+    is how an upgrade recognises the batch in flight): requests the event loop's callbacks
+    kept as framed (bytes, name) pairs, replies they kept as bytes."""
+    if batch and type(batch[0]) is not Message:
+        batch[:] = [Message(*item) if type(item) is tuple else Message(item) for item in batch]
+    return batch
+
+
 class Message:
     """One RESP frame (or, for replies that span several frames, their concatenation)."""
 

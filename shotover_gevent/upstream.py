@@ -20,7 +20,7 @@ from gevent.event import Event
 from gevent.socket import wait_read
 
 from .handover.checkpoint import REPLY_EFFECTS
-from .message import NO_REPLY, REPLICATION_COMMANDS, Message, replication_refused
+from .message import NO_REPLY, REPLICATION_COMMANDS, Message, as_messages, replication_refused
 from .netio import close_for_good, let_go
 from .protocol import resp
 from .protocol.state import (
@@ -239,6 +239,7 @@ class UpstreamConnection:
         return record, "inflight"
 
     def _export_inflight(self) -> dict:
+        self._lane_messages()
         requests = self._batch or []
         replies = [reply.raw for reply in self._replies or ()]
         current = None
@@ -552,6 +553,7 @@ class UpstreamConnection:
         if self.push_mode:
             pending = self._pending
             return pending[0].request if pending else None
+        self._lane_messages()
         batch, replies = self._batch, self._replies
         if batch is None or replies is None or len(replies) >= len(batch):
             return None
@@ -624,11 +626,50 @@ class UpstreamConnection:
         if poller.poll(0):
             self._broken(f"upstream {_fmt(self.address)} closed the connection",
                          by_server=True)
+        elif self.state.resp_version != 2 and not self.tls and self._pushes_while_idle():
+            return
         else:
             # Redis sends nothing unasked on such a connection (over TLS it may be a record
             # that ends the session); the next batch reads it, and finds out.
             (log.debug if self.tls else log.warning)(
                 "upstream %s sent bytes while nothing was asked of it", _fmt(self.address))
+
+    def _pushes_while_idle(self) -> bool:
+        """RESP3 pushes that came while nothing is owed (invalidations another connection
+        redirects here with CLIENT TRACKING ... REDIRECT) go to the client at once, as they
+        would directly. False when something else came: it is kept for the next batch, and
+        reported."""
+        try:
+            received = self.sock._sock.recv_into(_RECV_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            received = -1
+        except OSError as error:
+            self._broken(f"upstream {_fmt(self.address)} read failed: {_reason(error)}",
+                         by_server=True)
+            return True
+        if not received:
+            self._broken(f"upstream {_fmt(self.address)} closed the connection", by_server=True)
+            return True
+        frames = []
+        if received > 0:
+            self.framer.feed(_RECV_VIEW[:received])
+            # Every complete frame first, without a switch: a batch that begins meanwhile
+            # reads only what comes after them.
+            frame = self.framer.next_frame()
+            while frame is not None:
+                frames.append(frame)
+                frame = self.framer.next_frame()
+        pushes = []
+        for index, frame in enumerate(frames):
+            if not (frame[:1] == b">" and self._is_push(frame)):
+                self._held.extend(frames[index:])  # written before the next reply
+                break
+            pushes.append(frame)
+        if self._batch is None:
+            self._watch_idle()
+        if pushes:
+            self.on_push(b"".join(pushes))
+        return len(pushes) == len(frames)
 
     def abandon(self) -> None:
         """Let go of a connection another process now owns: stop using it without a word to
@@ -670,11 +711,13 @@ class UpstreamConnection:
                 and self._batch is None and self._adopted_inflight is None and not self._held
                 and not self.state.pushes_expected and not self.framer.pending())
 
-    def lane_call(self, requests: List[Message], payload: bytes, waiter) -> None:
+    def lane_call(self, requests: list, payload: bytes, waiter) -> None:
         """Write a batch of plain requests (lane_ready) without waiting: `waiter.switch(replies)`
         is called from the event loop once every reply is read; `waiter.trouble()` when the
         rest is for the client's greenlet (resume_lane): a write that did not go at once, a
-        read that failed or ended, the connection given up (request timeout)."""
+        read that failed or ended, the connection given up (request timeout).
+        `requests`: as framed, (bytes, name) pairs; they and the replies stay bytes (no
+        Message objects) unless something else needs them (_lane_messages)."""
         watcher = self._idle_watcher
         if watcher is None:
             watcher = self._idle_watcher = get_hub().loop.io(self.sock.fileno(), 1)
@@ -685,6 +728,7 @@ class UpstreamConnection:
             _WAITS.add(self)
         self._batch = requests
         self._replies = []
+        self._lane_raw = True
         self._reply_budget = self.reply_limit if self.client_follows else None
         self._lane = waiter
         try:
@@ -737,13 +781,19 @@ class UpstreamConnection:
                 break
             if resp3:
                 frames = self._lane_frames(frames)
-            replies += map(Message, frames)
+            if self._lane_raw:
+                replies += frames
+            else:
+                replies += map(Message, frames)
             if len(replies) >= total or not resp3:
                 break
         if len(replies) < total:
             return
         if self._held:
             self._release_held()  # pushes after the last reply: they follow it
+        if not self._lane_raw:
+            replies = [reply.raw for reply in replies]
+        self._lane_raw = False
         requests = self._batch
         self._lane = None
         self._batch = self._replies = None
@@ -752,6 +802,17 @@ class UpstreamConnection:
         if self._tick is not None:
             _WAITS.discard(self)
         lane.switch(replies)
+
+    #: The batch served by the callbacks is kept as bytes (see lane_call).
+    _lane_raw = False
+
+    def _lane_messages(self) -> None:
+        """The batch the callbacks serve, as Message objects from now on, converted in place:
+        for the greenlet that takes it over, the handover, the request timeout."""
+        if self._lane_raw:
+            self._lane_raw = False
+            as_messages(self._batch)
+            as_messages(self._replies)
 
     def _lane_frames(self, frames: List[bytes]) -> List[bytes]:
         """RESP3 frames read for a batch served by callbacks, as replies: a push among them
@@ -771,6 +832,7 @@ class UpstreamConnection:
     def resume_lane(self) -> List[Message]:
         """The replies of the batch lane_call began, read (and written) from where it stands,
         in the calling greenlet."""
+        self._lane_messages()
         requests, replies = self._batch, self._replies
         unsent, self._unsent = self._unsent, None
         return self._call_direct(requests, replies if replies is not None else [],

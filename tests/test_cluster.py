@@ -4,6 +4,9 @@ real proxy process: routing, splitting, fan-out, resharding, failover, handling 
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,8 +19,8 @@ import redis
 import redis.cluster
 
 from cluster_support import Cluster, cluster_sink, start_cluster
-from helpers import (HOST, ProxyProcess, RawClient, free_port, redis_client, source_entry,
-                     stop_proxies, wait_for)
+from helpers import (HOST, ProxyProcess, RawClient, encode, free_port, redis_client,
+                     source_entry, stop_proxies, wait_for)
 from shotover_gevent.cluster import slots
 from shotover_gevent.cluster.slots import key_slot
 from shotover_gevent.protocol.resp import encode_command
@@ -256,6 +259,55 @@ def test_clients_pipelining_across_nodes_each_get_their_own_replies(make_proxy, 
     assert failures == []
     assert len(keys_per_master(clean_cluster, [f"lane:{n}:{i}" for n in range(12)
                                                for i in range(5)])) == 3
+
+
+def unread_bytes(port: int, peer: str) -> int:
+    """What the socket of a server listening on `port` has received from `peer` ("host:port")
+    and the server has not read (Recv-Q, from /proc/net/tcp)."""
+    host, peer_port = peer.rsplit(":", 1)
+    local = f"0100007F:{port:04X}"
+    remote = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:" \
+             f"{int(peer_port):04X}"
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_read_is_not_sent_again_after_a_write_pipelined_behind_it(make_proxy, clean_cluster,
+                                                                    protocol):
+    """GET k, SET k new in one pipeline; the node runs both, then the proxy's connection to it
+    breaks before the replies come. Sending the GET again would answer it with the SET's value,
+    which no client of Redis can see: both get an error instead."""
+    proxy = make_proxy()
+    key = b"overtaken"
+    node = clean_cluster.master_for_slot(key_slot(key))
+    with RawClient(proxy.port) as client, node.client() as admin:
+        client.call("HELLO", str(protocol))
+        assert client.call("SET", key, "old") == b"OK"
+        assert client.call("GET", key) == b"old"  # from here served by the callbacks (RESP2)
+        mine = admin.client_id()
+        links = [entry["addr"] for entry in admin.client_list() if int(entry["id"]) != mine]
+        assert links
+        killer = RawClient(node.port)
+        os.kill(node.process.pid, signal.SIGSTOP)
+        try:
+            client.send(encode("GET", key) + encode("SET", key, "new"))
+            wait_for(lambda: any(unread_bytes(node.port, link) for link in links), 10,
+                     "the pipeline to reach the node")
+            killer.send(b"".join(encode("CLIENT", "KILL", "ADDR", link) for link in links))
+            killer_address = "%s:%d" % killer.sock.getsockname()
+            wait_for(lambda: unread_bytes(node.port, killer_address), 10,
+                     "the CLIENT KILL to reach the node")
+        finally:
+            os.kill(node.process.pid, signal.SIGCONT)
+        got = client.read_replies(2, timeout=30)
+        killer.close()
+    assert got[0] == b"old" or "not sent again" in error_text(got[0]), got
+    assert got[1] == b"OK" or "may or may not have run" in error_text(got[1]), got
 
 
 def test_large_values_beside_small_ones(make_proxy, clean_cluster):

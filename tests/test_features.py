@@ -457,6 +457,23 @@ def test_invalidations_redirected_to_a_resp3_client_come_between_its_replies(red
             assert [listener.read_frame() for _ in expected] == expected, round_
 
 
+def test_an_invalidation_redirected_to_an_idle_resp3_client_comes_at_once(redis_server, proxy):
+    """A client-side cache must not keep a stale value while its client sends nothing."""
+    with ByteClient(proxy.port) as listener, redis_server.client() as tracker, \
+            redis_server.client() as writer:
+        assert listener.call("HELLO", "3")[:1] == b"%"
+        upstream_id = int(listener.call("CLIENT", "ID")[1:-2])
+        assert listener.call("GET", "cached") == b"_\r\n"
+        tracker.execute_command("CLIENT", "TRACKING", "ON", "REDIRECT", upstream_id)
+        for round_ in range(3):
+            tracker.get("cached")
+            writer.set("cached", round_)  # the listener is idle
+            assert listener.read_frame(timeout=5) == (
+                b">2\r\n$10\r\ninvalidate\r\n*1\r\n$6\r\ncached\r\n")
+            assert listener.call("GET", "cached") == b"$1\r\n%d\r\n" % round_
+    assert "sent bytes while nothing was asked" not in proxy.log_text()
+
+
 def test_scripts_and_functions(redis_server, proxy):
     library = ("#!lua name=features\n"
                "redis.register_function{function_name='hello', callback=function(keys, args) "

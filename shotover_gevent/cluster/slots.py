@@ -39,14 +39,15 @@ def key_slot(key: bytes) -> int:
     return crc_hqx(key, 0) & (SLOT_COUNT - 1)
 
 
-def request_key_slots(framed: List[tuple]) -> List[int]:
+def request_key_slots(framed: List[tuple], max_length: int = 1 << 62) -> List[int]:
     """For requests as the framer gives them, (raw bytes, name) pairs, the hash slot of each
-    one's argument 1 (-1: it has none, or is not an array of bulk strings)."""
+    one's argument 1 (-1: it has none, is not an array of bulk strings, or is longer than
+    `max_length` bytes)."""
     if _key_slots is not None:
-        return _key_slots(framed)
+        return _key_slots(framed, max_length)
     slots = []
     for raw, _name in framed:
-        key = _first_key(raw)
+        key = _first_key(raw) if len(raw) <= max_length else None
         slots.append(-1 if key is None else key_slot(key))
     return slots
 

@@ -337,19 +337,18 @@ request_key_slot(const char *p, const char *end)
     return slot_of(payload, (Py_ssize_t)length);
 }
 
-/* key_slots(framed) -> [slot]
+/* key_slots(framed, max_length) -> [slot]
  *
  * framed: requests as the framer gives them, (raw bytes, name) pairs; for each, the hash slot
- * of its argument 1, or -1 (no argument 1, or not a multibulk of bulks). */
+ * of its argument 1, or -1 (no argument 1, not a multibulk of bulks, or longer than
+ * max_length bytes). */
 static PyObject *
-key_slots(PyObject *self, PyObject *framed)
+key_slots(PyObject *self, PyObject *args)
 {
-    Py_ssize_t i, count;
-    PyObject *out;
-    if (!PyList_Check(framed)) {
-        PyErr_SetString(PyExc_TypeError, "key_slots takes a list of (bytes, name) pairs");
+    Py_ssize_t i, count, max_length;
+    PyObject *out, *framed;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &framed, &max_length))
         return NULL;
-    }
     count = PyList_GET_SIZE(framed);
     out = PyList_New(count);
     if (out == NULL)
@@ -359,7 +358,7 @@ key_slots(PyObject *self, PyObject *framed)
         long value = -1;
         if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) >= 1) {
             raw = PyTuple_GET_ITEM(pair, 0);
-            if (PyBytes_Check(raw)) {
+            if (PyBytes_Check(raw) && PyBytes_GET_SIZE(raw) <= max_length) {
                 const char *data = PyBytes_AS_STRING(raw);
                 value = request_key_slot(data, data + PyBytes_GET_SIZE(raw));
             }
@@ -375,8 +374,8 @@ key_slots(PyObject *self, PyObject *framed)
 }
 
 static PyMethodDef methods[] = {
-    {"key_slots", key_slots, METH_O,
-     "key_slots(framed) -> the hash slot of each request's argument 1 (-1: none)"},
+    {"key_slots", key_slots, METH_VARARGS,
+     "key_slots(framed, max_length) -> the hash slot of each request's argument 1 (-1: none)"},
     {"scan_requests", scan_requests, METH_VARARGS,
      "scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)"},
     {"scan_replies", scan_replies, METH_VARARGS,

@@ -364,6 +364,7 @@ class RedisSinkCluster(Transform):
             retry: List[_Part] = []
             wait = refresh = bool(unroutable)
             moved = False
+            overtaken = _overtaken(pending)
             for part in pending:
                 if id(part) in unroutable:
                     retry.append(part)
@@ -375,6 +376,12 @@ class RedisSinkCluster(Transform):
                     if sent and not part.retry_safe:
                         part.frame = resp.error_reply(
                             f"ERR RedisSinkCluster: {text}; the command may or may not have run")
+                        self._failed += 1
+                        continue
+                    if sent and id(part) in overtaken:
+                        part.frame = resp.error_reply(
+                            f"ERR RedisSinkCluster: {text}; not sent again: a write after it "
+                            f"in the pipeline may have run")
                         self._failed += 1
                         continue
                     part.last_error = resp.error_reply(f"ERR RedisSinkCluster: {text}")
@@ -513,26 +520,40 @@ class RedisSinkCluster(Transform):
         current = self.state.map
         if current is None or self.credentials is not None:
             return None
-        owners = current.owners
+        lane_names = _LANE_NAMES
+        names = [name for _raw, name in framed]
+        if not all(map(lane_names.get, names)):
+            for name in names:
+                if not lane_names.get(name) and not _lane_name(name):
+                    return None
+        slots = request_key_slots(framed, LARGE_MESSAGE)
+        if -1 in slots:
+            return None
+        addresses = list(map(current.owners.__getitem__, slots))
+        first = addresses[0]
+        links = self.builder.links
+        protocol = self.protocol
+        if addresses.count(first) == len(addresses):  # one node (always without pipelining)
+            nodes = links.get((first, protocol))
+            connection = None if nodes is None else nodes.ready(self._link)
+            if connection is None:
+                return None
+            submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version)
+            submitted.single(first)
+            connection.submit(framed[0][0] if len(framed) == 1 else
+                              b"".join([raw for raw, _name in framed]),
+                              len(framed), None, submitted)
+            return framed
+        if None in addresses:
+            return None
         groups: Dict[Address, List[int]] = {}
-        slots = request_key_slots(framed)
-        for position, (raw, name) in enumerate(framed):
-            if not _LANE_NAMES.get(name, False) and not _lane_name(name):
-                return None
-            slot = slots[position]
-            if slot < 0 or len(raw) > LARGE_MESSAGE:
-                return None
-            address = owners[slot]
-            if address is None:
-                return None
+        for position, address in enumerate(addresses):
             positions = groups.get(address)
             if positions is None:
                 groups[address] = [position]
             else:
                 positions.append(position)
-        links = self.builder.links
         connections = []
-        protocol = self.protocol
         for address in groups:
             nodes = links.get((address, protocol))
             connection = None if nodes is None else nodes.ready(self._link)
@@ -540,12 +561,6 @@ class RedisSinkCluster(Transform):
                 return None
             connections.append(connection)
         submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version)
-        if len(groups) == 1:
-            submitted.single(next(iter(groups)))
-            connections[0].submit(framed[0][0] if len(framed) == 1 else
-                                  b"".join([raw for raw, _name in framed]),
-                                  len(framed), None, submitted)
-            return framed
         for index, ((address, positions), connection) in enumerate(zip(groups.items(),
                                                                        connections)):
             share = submitted.share(index, address, positions)
@@ -554,7 +569,7 @@ class RedisSinkCluster(Transform):
         return framed
 
     def lane_payload(self, count: int, result) -> bytes:
-        return result[0] if len(result) == 1 else b"".join(result)
+        return result  # the replies in one piece (_Submitted)
 
     def resume_submitted(self, requests: List[Message]) -> List[Message]:
         """The replies of a batch submitted from the callbacks whose replies need more than
@@ -743,6 +758,23 @@ class RedisSinkCluster(Transform):
         self._dedicated.clear()
 
 
+def _overtaken(parts: List[_Part]) -> set:
+    """The reads (ids of retry-safe parts) that a node connection failed under after they were
+    written, followed on that connection by a write that may have run: sent again, a read would
+    see what the client pipelined after it (GET, SET: the GET would return the SET's value)."""
+    overtaken = set()
+    written_after = set()  # the nodes where such a write came later in the client's order
+    for part in reversed(parts):
+        failure = part.failure
+        if failure is None or not failure[1]:
+            continue
+        if not part.retry_safe:
+            written_after.add(part.sent_to)
+        elif part.sent_to in written_after:
+            overtaken.add(id(part))
+    return overtaken
+
+
 def _take_frames(parts: List[_Part], frames: List[bytes],
                  failure: Optional[Tuple[str, bool]]) -> None:
     """Give each part its reply from the frames a node sent for them in order (an ASKING
@@ -797,11 +829,9 @@ class _Submitted:
         self.left = 0
         frames, failure = result
         if failure is None:
-            for frame in frames:
-                if frame[:1] == b"-" and frame.startswith(_RETRIED):
-                    break
-            else:
-                self.waiter.switch(frames)
+            payload = frames[0] if len(frames) == 1 else b"".join(frames)
+            if not _retried(payload, frames):
+                self.waiter.switch(payload)
                 return
         self.waiter.trouble()
 
@@ -817,11 +847,12 @@ class _Submitted:
                 self.waiter.trouble()
                 return
             for position, frame in zip(positions, frames):
-                if frame[:1] == b"-" and frame.startswith(_RETRIED):
-                    self.waiter.trouble()
-                    return
                 replies[position] = frame
-        self.waiter.switch(replies)
+        payload = b"".join(replies)
+        if _retried(payload, replies):
+            self.waiter.trouble()
+            return
+        self.waiter.switch(payload)
 
     def parts(self) -> List[_Part]:
         """The requests as parts sent, with what came back for them (see _execute)."""
@@ -831,14 +862,29 @@ class _Submitted:
             frames, failure = result if result is not None else ([], "no reply came")
             share = []
             for position in positions:
-                raw, name = framed[position]
-                part = _Part(raw, self.slots[position],
-                             retry_safe=command_name(name) in routing.READ_ONLY)
+                request = framed[position]  # as framed, or made a Message by the connection
+                if type(request) is tuple:
+                    raw, command = request[0], command_name(request[1])
+                else:
+                    raw, command = request.raw, request.command
+                part = _Part(raw, self.slots[position], retry_safe=command in routing.READ_ONLY)
                 part.sent_to = address
                 parts[position] = part
                 share.append(part)
             _take_frames(share, frames, None if failure is None else (failure, True))
         return parts
+
+
+def _retried(payload: bytes, frames: List[bytes]) -> bool:
+    """Whether one of the frames (`payload`: all of them, in one) is a reply that sends its
+    request again (a redirection, a node not ready). An error frame begins the payload or
+    follows a CRLF: only then are the frames looked at one by one."""
+    if payload[:1] != b"-" and b"\r\n-" not in payload:
+        return False
+    for frame in frames:
+        if frame[:1] == b"-" and frame.startswith(_RETRIED):
+            return True
+    return False
 
 
 class _Share:

@@ -288,10 +288,9 @@ class RedisSinkSingle(Transform):
             upstream = self.upstream
             if upstream is None or not upstream.lane_ready():
                 return None
-            requests = [Message(raw, name) for raw, name in framed]
-            upstream.lane_call(requests, requests[0].raw if len(requests) == 1 else
-                               b"".join([request.raw for request in requests]), waiter)
-            return requests
+            upstream.lane_call(framed, framed[0][0] if len(framed) == 1 else
+                               b"".join([raw for raw, _name in framed]), waiter)
+            return framed
         shared = self.builder.shared.ready(slot)
         if shared is None:
             return None
@@ -308,7 +307,7 @@ class RedisSinkSingle(Transform):
         (see submit)."""
         if isinstance(result, tuple):  # from the shared connection: (frames, failure)
             return self.shared_payload(count, *result)
-        return result[0].raw if len(result) == 1 else b"".join([reply.raw for reply in result])
+        return result[0] if len(result) == 1 else b"".join(result)  # its own: the frames
 
     def resume_submitted(self, requests: List[Message]) -> List[Message]:
         """The replies of a batch submitted on the client's own connection, read from where
