@@ -480,6 +480,16 @@ def query_counter(counter_name: str, query_type: str = "redis") -> Callable[...,
             cell = cache[query] = _QUERY_COUNT.labels(counter_name, query.upper(), query_type)
         cell.value += times
 
+    def cell(query: str) -> CounterCell:
+        """The series `count(query)` adds to (for callers that add to it themselves)."""
+        found = cache.get(query)
+        if found is None:
+            if len(cache) >= MAX_QUERY_LABELS:
+                return unknown
+            found = cache[query] = _QUERY_COUNT.labels(counter_name, query.upper(), query_type)
+        return found
+
+    count.cell = cell  # type: ignore[attr-defined]
     return count
 
 

@@ -431,9 +431,11 @@ def test_metrics_match_the_traffic(upstream, proxy_factory, redis_server):
         replies = raw.read_replies(3)
         assert replies[0] == b"v" and is_error(replies[1], "ERR") and replies[2] == b"v", \
             replies
+        raw.send(encode("GET", "m0") * 3)  # a pipeline of one command: counted by its size
+        assert raw.read_replies(3) == [b"v"] * 3
         assert redis_server.client().dbsize() == sets
-        gets += 2
-        sink_batches = gets - 2 + sets + 1  # one request at a time, then the pipeline
+        gets += 2 + 3
+        sink_batches = gets - 5 + sets + 2  # one request at a time, then the two pipelines
         expected_batches = sink_batches + 1  # and FLUSHDB
 
         def scrape():

@@ -63,6 +63,9 @@ class QueryCounter(Transform):
             count(command, times)
         return True
 
+    def screen_counts(self, command: str) -> tuple:
+        return (self.count.cell(command),)
+
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         self.screen([request.command for request in requests])
         return call_next(requests)

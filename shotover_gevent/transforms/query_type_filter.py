@@ -118,6 +118,10 @@ class QueryTypeFilter(Transform):
         command refused or not judged yet: transform() judges the batch)."""
         return self.builder.allowed_commands.issuperset(commands)
 
+    def screen_counts(self, command: str) -> Optional[tuple]:
+        """Nothing to count; None when the command is refused (transform() answers it)."""
+        return None if self.builder.is_blocked(command) else ()
+
     def transform(self, requests: List[Message], call_next: CallNext) -> List[Message]:
         is_blocked = self.builder.is_blocked
         verdicts = [is_blocked(request.command) for request in requests]
