@@ -26,6 +26,34 @@ def command_name(name: bytes) -> str:
     return command
 
 
+class NameTable:
+    """Whether each command name, as clients spell it, passes a test on its upper-cased form,
+    remembered per spelling (`passes`, bounded like _COMMAND_NAMES): a batch's names are
+    looked up with `all(map(table.passes.get, names))`, and `check` judges a new one."""
+
+    __slots__ = ("passes", "_test")
+
+    def __init__(self, test) -> None:
+        self.passes: dict = {}
+        self._test = test
+
+    def check(self, name: Optional[bytes]) -> bool:
+        if name is None:
+            return False  # not a plain array of bulk strings: judged the usual way
+        passes = self._test(command_name(name))
+        if len(self.passes) < _MAX_COMMAND_NAMES:
+            self.passes[name] = passes
+        return passes
+
+    def all_pass(self, framed) -> bool:
+        """Whether every request of a batch, (bytes, name) pairs, passes."""
+        passes = self.passes
+        for _raw, name in framed:
+            if not passes.get(name, False) and not self.check(name):
+                return False
+        return True
+
+
 def batch_commands(framed) -> List[str]:
     """The upper-cased command names of framed requests, (bytes, name or None) pairs."""
     names = _COMMAND_NAMES

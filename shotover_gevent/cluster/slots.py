@@ -14,12 +14,6 @@ except ImportError:  # the compiled part could not be built: the same in Python
 SLOT_COUNT = 16384
 
 
-def crc16(data: bytes) -> int:
-    """CRC16/XMODEM: polynomial 0x1021, initial value 0, no reflection, no final xor (the
-    standard library's CRC-CCITT in C, binascii.crc_hqx, with 0 to start from)."""
-    return crc_hqx(data, 0)
-
-
 def hash_tag(key: bytes) -> bytes:
     """The part of `key` that is hashed: the text between the first `{` and the next `}` when
     that text is not empty, else the whole key."""
@@ -36,6 +30,7 @@ def key_slot(key: bytes) -> int:
         key = key.encode()
     if b"{" in key:
         key = hash_tag(key)
+    # CRC16/XMODEM (polynomial 0x1021, start 0, no reflection): binascii's CRC-CCITT.
     return crc_hqx(key, 0) & (SLOT_COUNT - 1)
 
 

@@ -26,7 +26,8 @@ from ..cluster.slotmap import SlotMap, parse_redirect
 from ..cluster.slots import key_slot, request_key_slots
 from ..cluster.topology import ClusterState, ClusterUnavailable
 from ..config import Problems, parse_address, take_mapping
-from ..message import REPLICATION_COMMANDS, Message, command_name, replication_refused
+from ..message import (REPLICATION_COMMANDS, Message, NameTable, command_name,
+                       replication_refused)
 from ..protocol import resp
 from ..protocol.state import auth_credentials, hello_options, valid_client_name
 from ..shared_upstream import LARGE_MESSAGE, SharedConnections
@@ -520,22 +521,15 @@ class RedisSinkCluster(Transform):
         current = self.state.map
         if current is None or self.credentials is not None:
             return None
-        lane_names = _LANE_NAMES
-        names = [name for _raw, name in framed]
-        if not all(map(lane_names.get, names)):
-            for name in names:
-                if not lane_names.get(name) and not _lane_name(name):
-                    return None
+        if not _LANE.all_pass(framed):
+            return None
         slots = request_key_slots(framed, LARGE_MESSAGE)
         if -1 in slots:
             return None
         addresses = list(map(current.owners.__getitem__, slots))
         first = addresses[0]
-        links = self.builder.links
-        protocol = self.protocol
         if addresses.count(first) == len(addresses):  # one node (always without pipelining)
-            nodes = links.get((first, protocol))
-            connection = None if nodes is None else nodes.ready(self._link)
+            connection = self._ready_link(first)
             if connection is None:
                 return None
             submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version)
@@ -553,13 +547,9 @@ class RedisSinkCluster(Transform):
                 groups[address] = [position]
             else:
                 positions.append(position)
-        connections = []
-        for address in groups:
-            nodes = links.get((address, protocol))
-            connection = None if nodes is None else nodes.ready(self._link)
-            if connection is None:
-                return None
-            connections.append(connection)
+        connections = [self._ready_link(address) for address in groups]
+        if None in connections:
+            return None
         submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version)
         for index, ((address, positions), connection) in enumerate(zip(groups.items(),
                                                                        connections)):
@@ -567,6 +557,12 @@ class RedisSinkCluster(Transform):
             connection.submit(b"".join([framed[position][0] for position in positions]),
                               len(positions), None, share)
         return framed
+
+    def _ready_link(self, address: Optional[Address]):
+        """The client's pipelined connection to `address` if it is open (None: it is not, or
+        no node serves the slot)."""
+        nodes = self.builder.links.get((address, self.protocol))
+        return None if nodes is None else nodes.ready(self._link)
 
     def lane_payload(self, count: int, result) -> bytes:
         return result  # the replies in one piece (_Submitted)
@@ -900,20 +896,6 @@ class _Share:
         self.batch.arrived(self.index, result)
 
 
-#: Whether a command name, as a client spelled it, is served from the callbacks (bounded).
-_LANE_NAMES: dict = {}
-
-
-def _lane_name(name: Optional[bytes]) -> bool:
-    if name is None:
-        return False  # not a plain array of bulk strings
-    command = command_name(name)
-    lane = command in _LANE_COMMANDS
-    if len(_LANE_NAMES) < 4096:
-        _LANE_NAMES[name] = lane
-    return lane
-
-
 #: Single-key commands (the key is argument 1) routed to the owner of their key, whatever
 #: their other arguments: the ones served from the callbacks.
 _LANE_COMMANDS = frozenset(
@@ -921,6 +903,7 @@ _LANE_COMMANDS = frozenset(
     if command not in REPLICATION_COMMANDS and
     routing.route([command.encode(), b"k", b"v", b"w"]).kind == routing.KEYED and
     routing.route([command.encode(), b"k"]).kind == routing.KEYED)
+_LANE = NameTable(_LANE_COMMANDS.__contains__)
 
 
 def _unexpected(command: str, frame: bytes) -> bytes:

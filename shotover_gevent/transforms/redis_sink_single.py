@@ -20,7 +20,7 @@ from gevent.lock import Semaphore
 from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, format_address, parse_address, take_mapping
-from ..message import NO_REPLY, Message, command_name
+from ..message import NO_REPLY, Message, NameTable
 from ..shared_upstream import LARGE_MESSAGE, UNSHAREABLE, SharedConnections
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import OVER_OUTPUT_LIMIT, UpstreamConnection, UpstreamError
@@ -280,9 +280,8 @@ class RedisSinkSingle(Transform):
         batch must go through transform()). What came back reaches `waiter.switch(result)`
         from the event loop, for `lane_payload`; on its own connection, `waiter.trouble()` may
         come instead, and the client's greenlet then gets the replies from resume_submitted."""
-        for _raw, name in framed:
-            if not _SHAREABLE_NAMES.get(name, False) and not _shareable_name(name):
-                return None
+        if not _SHAREABLE.all_pass(framed):
+            return None
         slot = self._shared_slot
         if slot is None:
             upstream = self.upstream
@@ -379,17 +378,8 @@ class RedisSinkSingle(Transform):
             upstream.close()
 
 
-#: Whether a command name, as a client spelled it, may go on a shared connection (bounded).
-_SHAREABLE_NAMES: dict = {}
-
-
-def _shareable_name(name: Optional[bytes]) -> bool:
-    if name is None:
-        return False  # not a plain array of bulk strings: judged the usual way
-    shareable = command_name(name) not in UNSHAREABLE
-    if len(_SHAREABLE_NAMES) < 4096:
-        _SHAREABLE_NAMES[name] = shareable
-    return shareable
+#: The commands that may go on a shared connection, or be served from the callbacks.
+_SHAREABLE = NameTable(lambda command: command not in UNSHAREABLE)
 
 
 def _socket_from_fd(fd: int, address):
