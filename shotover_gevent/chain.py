@@ -177,8 +177,11 @@ class Chain:
         if not self._runs:
             self._runs = [(_no_transform, _sink_end)]
         self._inflight_handover = all(t.inflight_handover for t in self.transforms)
-        #: Per number of screens passed, the series a successful batch is recorded in.
+        #: Per number of screens passed, the series a successful batch is recorded in: the
+        #: transforms' it entered itself, then the chain's.
+        own = self._metrics
         self._recorders = [tuple((m._total, m._pending, m._latency) for m in metrics[:entered + 1])
+                           + ((own._total, own._pending, own._latency),)
                            for entered in range(len(screens) + 1)]
 
     def process(self, requests: List[Message]) -> List[Message]:
@@ -279,20 +282,21 @@ class Chain:
         """Account for a batch done now: the chain's latency, and the transforms it entered
         itself (the first, and one more per screen that passed the batch on)."""
         seconds = perf_counter() - started
-        if not failed and self._transform_metrics:
-            # TransformMetrics.record for each transform the batch entered, without the calls.
+        if not failed:
+            # TransformMetrics.record for each transform the batch entered and
+            # ChainMetrics.record_batch, without the calls.
             for total, pending, latency in self._recorders[entered]:
                 total.value += 1
                 pending.append(seconds)
                 if len(pending) >= FOLD_AT:
                     latency.fold()
-        else:
-            metrics = self._transform_metrics
-            if entered:
-                for index in range(entered + 1):
-                    metrics[index].record(seconds, failed)
-            elif metrics:
-                metrics[0].record(seconds, failed)
+            return
+        metrics = self._transform_metrics
+        if entered:
+            for index in range(entered + 1):
+                metrics[index].record(seconds, failed)
+        elif metrics:
+            metrics[0].record(seconds, failed)
         self._metrics.record_batch(seconds, failed)
 
     def prepare(self) -> None:

@@ -18,7 +18,7 @@ from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
 from .message import Message, as_messages, batch_commands
-from .netio import Readable, arrival_order, close_for_good, let_go, read_stamped
+from .netio import Readable, arrival_order, close_for_good, let_go, recv_stamped
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
 from .session import Session
@@ -605,10 +605,13 @@ class _Lane:
     reply that does not fit the socket, a pause, the client gone) hands the connection back to
     its greenlet, which goes on from there as if it had done all of it itself."""
 
-    __slots__ = ("connection", "readable", "order", "busy", "stopped", "batch")
+    __slots__ = ("connection", "fd", "readable", "order", "busy", "stopped", "batch")
 
     def __init__(self, connection: ClientConnection, readable: Readable, order) -> None:
         self.connection = connection
+        #: Read only while the connection is SERVING: closing or handing it over changes the
+        #: state before the descriptor goes.
+        self.fd = connection.sock.fileno()
         self.readable = readable
         self.order = order
         #: Bytes read and not answered yet: the next are read once they are.
@@ -635,15 +638,8 @@ class _Lane:
             if not self.busy:
                 self.give_back(("check",))
             return
-        order = self.order
-        raw = connection.sock._sock
-        # Others may have sent before this client: the arrival time settles it.
-        ordered = order.waiting or order.loop.pendingcnt
         try:
-            if ordered:
-                data, stamp = read_stamped(raw, RECV_SIZE)
-            else:
-                data, stamp = raw.recv(RECV_SIZE), 0
+            data, stamp = recv_stamped(self.fd, RECV_SIZE)
         except BlockingIOError:
             return
         except OSError as error:
@@ -655,7 +651,11 @@ class _Lane:
         connection.framer.feed(data)
         connection._idle = False
         self.busy = True
-        if not ordered or order.turn_now(stamp, self.serve):
+        order = self.order
+        if order.waiting or order.loop.pendingcnt:
+            # Others may have sent before this client: the arrival time settles it.
+            order.queue(stamp, self.serve)
+        else:
             self.serve()
 
     def serve(self) -> None:

@@ -83,6 +83,8 @@ class ArrivalOrder:
         self.loop = hub.loop
         # (arrival ns, sequence, greenlet, the loop iteration from which it may go on)
         self.waiting: list = []
+        #: The latest loop iteration from which an entry of `waiting` may go on.
+        self.latest = 0
         self._sequence = itertools.count()
         self._turn = self.loop.check()
         self._turn.priority = self.loop.MINPRI
@@ -130,6 +132,8 @@ class ArrivalOrder:
         # next poll, which reports what arrived meanwhile.
         start = loop.iteration if waited else loop.iteration + 1
         self.waiting.append((stamp, next(self._sequence), getcurrent(), start))
+        if start > self.latest:
+            self.latest = start
         if not waited and not self._spin.active:
             self._spin.start(_nothing)
         self.hub.switch()
@@ -140,17 +144,29 @@ class ArrivalOrder:
         loop, when their turn comes."""
         if not self.waiting and not self.loop.pendingcnt:
             return True
-        self.waiting.append((stamp, next(self._sequence), resume, self.loop.iteration))
+        self.queue(stamp, resume)
         return False
 
+    def queue(self, stamp: int, resume) -> None:
+        """turn_now() once the caller knows the answer is False."""
+        iteration = self.loop.iteration
+        self.waiting.append((stamp, next(self._sequence), resume, iteration))
+        if iteration > self.latest:
+            self.latest = iteration
+
     def _take_turns(self) -> None:
-        if not self.waiting:
+        waiting = self.waiting
+        if not waiting:
             return
         iteration = self.loop.iteration
-        due = [entry for entry in self.waiting if entry[3] <= iteration]
-        if not due:
-            return
-        self.waiting = [entry for entry in self.waiting if entry[3] > iteration]
+        if self.latest <= iteration:  # every one's turn may come now (the usual case)
+            due = waiting
+            self.waiting = []
+        else:
+            due = [entry for entry in waiting if entry[3] <= iteration]
+            if not due:
+                return
+            self.waiting = [entry for entry in waiting if entry[3] > iteration]
         if not self.waiting and self._spin.active:
             self._spin.stop()
         due.sort()
@@ -165,11 +181,22 @@ def _nothing() -> None:
     pass
 
 
-def read_stamped(raw, size: int):
-    """(bytes, arrival time in ns or 0) from a plain non-blocking socket (BlockingIOError when
-    there is nothing to read)."""
-    data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
+def recv_stamped_py(fd: int, size: int):
+    """(bytes, arrival time in ns or 0) from a plain non-blocking socket's descriptor
+    (BlockingIOError when there is nothing to read): `recv_stamped`, in C when the extension
+    is built (one call, no buffer of `size` bytes allocated per read)."""
+    sock = stdlib_socket.socket(fileno=fd)
+    try:
+        data, ancillary, _flags, _address = sock.recvmsg(size, _TIMESTAMP_SPACE)
+    finally:
+        sock.detach()
     return data, _arrival(ancillary)
+
+
+try:
+    from .protocol._scan import recv_stamped
+except ImportError:  # the C extension is not built
+    recv_stamped = recv_stamped_py
 
 
 def _gevent_wait(sock):

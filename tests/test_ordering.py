@@ -4,6 +4,7 @@ as they would reach Redis directly (fair queues depend on it)."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -80,3 +81,45 @@ def test_blocked_clients_are_served_first_come_first_served(proxy, redis_server)
                                                      [key.encode(), b"two"]]
             served_first += got_early == [key.encode(), b"one"]
     assert served_first >= rounds * 0.75, served_first
+
+
+@pytest.mark.parametrize("implementation", ["c", "python"])
+def test_a_stamped_read_gives_the_bytes_and_when_they_arrived(implementation):
+    """The read the arrival order rests on (netio.recv_stamped, in C when built): the bytes
+    as recv() gives them, the kernel's receive time in ns, BlockingIOError when there is
+    nothing, b"" at the end; the descriptor stays open."""
+    from shotover_gevent import netio
+    from shotover_gevent.protocol import _scan
+
+    read = _scan.recv_stamped if implementation == "c" else netio.recv_stamped_py
+    listener = socket.create_server((HOST, 0))
+    sender = socket.create_connection(listener.getsockname())
+    receiver, _ = listener.accept()
+    listener.close()
+    try:
+        receiver.setblocking(False)
+        netio.stamp_arrivals(receiver)
+        with pytest.raises(BlockingIOError):
+            read(receiver.fileno(), 1024)
+
+        def stamped_read():
+            # The kernel turns receive stamps on lazily for the first socket asking: the
+            # first segments may come without one.
+            before = time.time_ns()
+            sender.sendall(b"x" * 3000)
+            data = wait_for(lambda: read(receiver.fileno(), 100_000), 5, "the bytes")
+            return before, data, time.time_ns()
+
+        before, (data, arrived), after = wait_for(lambda: (lambda r: r if r[1][1] else None)(
+            stamped_read()), 5, "a stamped read")
+        assert data == b"x" * 3000 and before <= arrived <= after
+        sender.sendall(b"abc")
+        data, _ = wait_for(lambda: read(receiver.fileno(), 2), 5, "the bytes")
+        assert data == b"ab"  # no more than asked for
+        assert read(receiver.fileno(), 10)[0] == b"c"
+        sender.close()
+        assert wait_for(lambda: read(receiver.fileno(), 10), 5, "the end")[0] == b""
+        receiver.getsockname()  # still open
+    finally:
+        sender.close()
+        receiver.close()

@@ -10,6 +10,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <sys/socket.h>
+#include <time.h>
 
 /* Parse a plain decimal number at *p, followed by CRLF. 1: parsed (*p moved past the CRLF),
  * 0: the buffer ends first, -1: not plain decimal with CRLF. */
@@ -373,11 +376,82 @@ key_slots(PyObject *self, PyObject *args)
     return out;
 }
 
+/* Where recv_stamped() reads: the bytes are then copied into a bytes object of their size, which
+ * costs less than allocating `size` bytes for each read and shrinking them after (the GIL is
+ * held throughout, so one buffer serves every call). */
+#define RECV_ROOM (256 * 1024)
+static char recv_room[RECV_ROOM];
+
+/* recv_stamped(fd, size) -> (data, arrival)
+ *
+ * One recvmsg() of up to `size` bytes from a non-blocking socket: the bytes (b"" at the end of
+ * the stream) and, if the socket has SO_TIMESTAMPNS on, when the kernel received the first of
+ * them, in nanoseconds since the epoch (else 0). Nothing to read raises BlockingIOError, any
+ * other failure OSError, as socket.recvmsg() does. */
+static PyObject *
+recv_stamped(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd;
+    Py_ssize_t size, got;
+    long long arrival = 0;
+    PyObject *data;
+    struct msghdr message;
+    struct iovec vector;
+    struct cmsghdr *header;
+    union {
+        char space[CMSG_SPACE(sizeof(struct timespec))];
+        struct cmsghdr align;
+    } control;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv_stamped(fd, size)");
+        return NULL;
+    }
+    fd = (int)PyLong_AsLong(args[0]);
+    size = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || size < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative fd or size");
+        return NULL;
+    }
+    if (size > RECV_ROOM)
+        size = RECV_ROOM;
+    memset(&message, 0, sizeof(message));
+    vector.iov_base = recv_room;
+    vector.iov_len = (size_t)size;
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    message.msg_control = control.space;
+    message.msg_controllen = sizeof(control.space);
+    do {
+        got = recvmsg(fd, &message, 0);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    for (header = CMSG_FIRSTHDR(&message); header != NULL;
+         header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_TIMESTAMPNS &&
+                header->cmsg_len >= CMSG_LEN(sizeof(struct timespec))) {
+            struct timespec when;
+            memcpy(&when, CMSG_DATA(header), sizeof(when));
+            arrival = (long long)when.tv_sec * 1000000000LL + when.tv_nsec;
+            break;
+        }
+    }
+    data = PyBytes_FromStringAndSize(recv_room, got);
+    if (data == NULL)
+        return NULL;
+    return Py_BuildValue("(NL)", data, arrival);
+}
+
 static PyMethodDef methods[] = {
     {"key_slots", key_slots, METH_VARARGS,
      "key_slots(framed, max_length) -> the hash slot of each request's argument 1 (-1: none)"},
     {"scan_requests", scan_requests, METH_VARARGS,
      "scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)"},
+    {"recv_stamped", (PyCFunction)(void (*)(void))recv_stamped, METH_FASTCALL,
+     "recv_stamped(fd, size) -> (data, arrival in ns or 0): one recvmsg()"},
     {"scan_replies", scan_replies, METH_VARARGS,
      "scan_replies(data, start, count, max_bulk) -> (frames, stop)"},
     {NULL, NULL, 0, NULL},

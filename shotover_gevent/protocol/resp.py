@@ -405,9 +405,10 @@ class RequestFramer:
 
     def pending(self) -> int:
         ready = self._ready
+        buf = self._buf
         if ready:
-            return sum([len(raw) for raw, _ in ready]) + self._buf.pending()
-        return self._buf.pending()
+            return sum([len(raw) for raw, _ in ready]) + len(buf.data) - buf.offset
+        return len(buf.data) - buf.offset
 
     def unread_bytes(self) -> bytes:
         """Every byte received and not yet returned as a request: what a checkpoint must carry."""
@@ -431,8 +432,24 @@ class RequestFramer:
         with the error and closes the connection. The work done is proportional to the bytes
         fed since the last call: an unfinished request or line is resumed, never rescanned.
         """
-        out: List[Tuple[bytes, bytes]] = []
         buf = self._buf
+        if _scan_requests is not None and not self._ready and self._partial is None and \
+                not self._line_mark and not self._line_hidden:
+            # The usual case in one step: everything buffered is a run of well-formed requests.
+            data = buf.data
+            pos = buf.offset
+            if pos < len(data) and data[pos] == 0x2A:
+                ready, stop, _well_formed = _scan_requests(
+                    data, pos, pos + _CANONICAL_WINDOW, self.max_bulk_len,
+                    MAX_REQUEST_MULTIBULK_LEN)
+                if ready:
+                    if stop == len(data) and (not limit or len(ready) <= limit):
+                        data.clear()
+                        buf.offset = 0
+                        return ready, None
+                    self._ready = ready  # the rest of the call takes it from there
+                    buf.offset = stop
+        out: List[Tuple[bytes, bytes]] = []
         # Whether runs of well-formed requests may still be framed in C during this call: not
         # once one attempt stopped at a request that is not, so that a stream of those costs
         # no more than one attempt per call.

@@ -304,8 +304,12 @@ class RedisSinkSingle(Transform):
     def lane_payload(self, count: int, result) -> bytes:
         """What a submitted batch of `count` requests answers the client, from what came back
         (see submit)."""
-        if isinstance(result, tuple):  # from the shared connection: (frames, failure)
-            return self.shared_payload(count, *result)
+        if type(result) is tuple:  # from the shared connection: (frames, failure)
+            frames, failure = result
+            if failure is None and len(frames) == 1 and len(frames[0]) <= LARGE_MESSAGE:
+                self._shared_busy = False  # shared_payload's commonest case
+                return frames[0]
+            return self.shared_payload(count, frames, failure)
         return result[0] if len(result) == 1 else b"".join(result)  # its own: the frames
 
     def resume_submitted(self, requests: List[Message]) -> List[Message]:
