@@ -605,7 +605,7 @@ class _Lane:
     reply that does not fit the socket, a pause, the client gone) hands the connection back to
     its greenlet, which goes on from there as if it had done all of it itself."""
 
-    __slots__ = ("connection", "fd", "readable", "order", "busy", "stopped", "batch")
+    __slots__ = ("connection", "fd", "readable", "watcher", "order", "busy", "stopped", "batch")
 
     def __init__(self, connection: ClientConnection, readable: Readable, order) -> None:
         self.connection = connection
@@ -613,6 +613,7 @@ class _Lane:
         #: state before the descriptor goes.
         self.fd = connection.sock.fileno()
         self.readable = readable
+        self.watcher = connection.sock._read_event
         self.order = order
         #: Bytes read and not answered yet: the next are read once they are.
         self.busy = False
@@ -655,8 +656,8 @@ class _Lane:
         if order.waiting or order.loop.pendingcnt:
             # Others may have sent before this client: the arrival time settles it.
             order.queue(stamp, self.serve)
-        else:
-            self.serve()
+            return
+        self.serve()
 
     def serve(self) -> None:
         """Frame what the client sent and hand it to the sink (its turn has come)."""
@@ -733,7 +734,14 @@ class _Lane:
             if connection.framer.pending():
                 self.serve()
                 return
-            self._wait_next()
+            # _wait_next, without the calls.
+            self.busy = False
+            connection._idle = True
+            if connection.state is not State.SERVING:
+                self.give_back(("check",))
+                return
+            if not self.watcher.active:
+                self.readable.watch()
         except Exception:
             log.exception("connection from %s failed", connection.peer)
             self.give_back(("crash",))

@@ -1,6 +1,8 @@
 """Socket helpers shared by the client side and the server side of the proxy."""
 
+import errno
 import itertools
+import os
 import socket as stdlib_socket
 import struct
 from time import time_ns
@@ -110,17 +112,16 @@ class ArrivalOrder:
         if wait_first:
             began = time_ns()
             wait()
-            data, ancillary = _recvmsg(raw, size, wait)
-            stamp = _arrival(ancillary)
+            data, stamp = _read_after_wait(raw, size, wait)
             return data, stamp, True, stamp > began
         try:
-            data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
+            data, stamp = recv_stamped(raw.fileno(), size)
             waited = False
         except BlockingIOError:
             wait()
-            data, ancillary = _recvmsg(raw, size, wait)
+            data, stamp = _read_after_wait(raw, size, wait)
             waited = True
-        return data, _arrival(ancillary), waited, waited
+        return data, stamp, waited, waited
 
     def my_turn(self, stamp: int, waited: bool) -> None:
         """Wait, if an older arrival may not have been served yet."""
@@ -185,6 +186,8 @@ def recv_stamped_py(fd: int, size: int):
     """(bytes, arrival time in ns or 0) from a plain non-blocking socket's descriptor
     (BlockingIOError when there is nothing to read): `recv_stamped`, in C when the extension
     is built (one call, no buffer of `size` bytes allocated per read)."""
+    if fd < 0:  # a closed socket's fileno()
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
     sock = stdlib_socket.socket(fileno=fd)
     try:
         data, ancillary, _flags, _address = sock.recvmsg(size, _TIMESTAMP_SPACE)
@@ -203,13 +206,12 @@ def _gevent_wait(sock):
     return lambda: sock._wait(sock._read_event)
 
 
-def _recvmsg(raw, size: int, wait):
-    """(data, ancillary) of a read after a wait; should the socket have nothing after all
+def _read_after_wait(raw, size: int, wait):
+    """(data, arrival) of a read after a wait; should the socket have nothing after all
     (another reader, a spurious wake-up), wait again."""
     while True:
         try:
-            data, ancillary, _flags, _address = raw.recvmsg(size, _TIMESTAMP_SPACE)
-            return data, ancillary
+            return recv_stamped(raw.fileno(), size)
         except BlockingIOError:
             wait()
 

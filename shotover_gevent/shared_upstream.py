@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import socket as stdlib_socket
+import sys
 from collections import deque
 from typing import Deque, List, Optional, Sequence, Tuple
 
@@ -52,6 +53,8 @@ LARGE_MESSAGE = 64 * 1024
 RECV_SIZE = 256 * 1024
 _BUFFER = bytearray(RECV_SIZE)
 _VIEW = memoryview(_BUFFER)
+#: take() everything there is.
+_EVERY_FRAME = sys.maxsize
 
 _READ = 1
 _WRITE = 2
@@ -209,16 +212,20 @@ class SharedConnection:
             return
         self._progress = self._loop.now()
         framer = self._framer
-        framer.feed(_VIEW[:received])
         waiting = self._waiting
         # (waiter, frames, failure) of the batches this read settles, answered after it.
         settled: List[tuple] = []
         try:
+            # Every whole frame that came, in one step (more than the batches waiting are owed
+            # is invalid, as below).
+            frames = framer.take_fed(_VIEW[:received], _EVERY_FRAME)
+            first = 0
             while waiting:
                 entry = waiting[0]
                 missing = entry.count - len(entry.frames)
                 if missing:
-                    taken = framer.take(missing)
+                    taken = frames[first:first + missing]
+                    first += len(taken)
                     if entry.waiter is None:
                         entry.count -= len(taken)  # nobody waits for them: dropped
                     else:
@@ -239,8 +246,10 @@ class SharedConnection:
                 waiting.popleft()
                 if entry.waiter is not None:
                     settled.append((entry.waiter, entry.frames, None))
-            if not waiting and framer.pending():
+            if not waiting and (first < len(frames) or framer.pending()):
                 raise resp.ProtocolError("a frame that answers no request")
+            if framer.pending():
+                framer.next_frame()  # what stopped the framing: a frame on its way, or invalid
         except resp.ProtocolError as error:
             self._fail(f"{self.label} {_fmt(self.address)} sent invalid RESP: {error}", settled)
             return

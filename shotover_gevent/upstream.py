@@ -758,11 +758,12 @@ class UpstreamConnection:
             lane.trouble()
             return
         self._quiet_since = None
-        self.framer.feed(_RECV_VIEW[:received])
+        data = _RECV_VIEW[:received]
         budget = self._reply_budget
         if budget is not None:
             budget = self._reply_budget = budget - received
             if budget < 0:
+                self.framer.feed(data)
                 self._lane = None
                 self._broken(OVER_OUTPUT_LIMIT, by_server=True)
                 lane.trouble()
@@ -772,7 +773,11 @@ class UpstreamConnection:
         resp3 = self.state.resp_version != 2
         while True:
             try:
-                frames = self.framer.take(total - len(replies))
+                if data is not None:
+                    frames = self.framer.take_fed(data, total - len(replies))
+                    data = None
+                else:
+                    frames = self.framer.take(total - len(replies))
             except resp.ProtocolError:
                 self._lane = None  # the greenlet frames it again and gives the connection up
                 lane.trouble()

@@ -120,6 +120,8 @@ def test_a_stamped_read_gives_the_bytes_and_when_they_arrived(implementation):
         sender.close()
         assert wait_for(lambda: read(receiver.fileno(), 10), 5, "the end")[0] == b""
         receiver.getsockname()  # still open
+        with pytest.raises(OSError):
+            read(-1, 10)  # what a closed socket's fileno() gives
     finally:
         sender.close()
         receiver.close()

@@ -23,6 +23,9 @@ Address = Tuple[str, int]
 #: Credentials: (username or None, password), or None for connections that never sent AUTH.
 
 RECV_SIZE = 256 * 1024
+#: What every node connection reads into (a bytes object of RECV_SIZE per read costs more).
+_RECV_BUFFER = bytearray(RECV_SIZE)
+_RECV_VIEW = memoryview(_RECV_BUFFER)
 
 
 def format_address(address: Address) -> str:
@@ -144,10 +147,10 @@ class NodeConnection:
                     if frame[:1] != b">":  # RESP3 pushes answer no request: none is asked for
                         replies.append(frame)
                     continue
-                data = self.sock.recv(RECV_SIZE)
-                if not data:
+                received = self.sock.recv_into(_RECV_BUFFER)
+                if not received:
                     raise NodeError(f"cluster node {where} closed the connection", True, replies)
-                framer.feed(data)
+                framer.feed(_RECV_VIEW[:received])  # copied before any other greenlet runs
         except NodeError:
             self.close()
             raise

@@ -411,9 +411,13 @@ recv_stamped(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     size = PyLong_AsSsize_t(args[1]);
     if (PyErr_Occurred())
         return NULL;
-    if (fd < 0 || size < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative fd or size");
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative size");
         return NULL;
+    }
+    if (fd < 0) {  /* a closed socket's fileno(): as reading from it would fail */
+        errno = EBADF;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
     if (size > RECV_ROOM)
         size = RECV_ROOM;

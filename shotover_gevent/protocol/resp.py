@@ -279,6 +279,26 @@ class ReplyFramer:
                 return out
             out.append(frame)
 
+    def take_fed(self, data, count: int) -> List[bytes]:
+        """feed(data), then take(count); when nothing was buffered and `data` is a run of
+        simple frames (what a read usually holds), without copying it into the buffer."""
+        buf = self._buf
+        if _scan_replies is not None and not self._ready and self._state is None and \
+                buf.offset >= len(buf.data):
+            frames, stop = _scan_replies(data, 0, count, self.max_bulk_len)
+            if stop == len(data):
+                return frames
+            buf.feed(data[stop:])
+            if len(frames) < count:
+                try:
+                    frames += self.take(count - len(frames))
+                except ProtocolError:
+                    if not frames:
+                        raise  # else, as take(): the frames before it; the next call raises
+            return frames
+        buf.feed(data)
+        return self.take(count)
+
     def pending(self) -> int:
         ready = self._ready
         if ready:
@@ -401,7 +421,13 @@ class RequestFramer:
 
     def feed(self, data: bytes) -> None:
         # Saved positions are relative to the first unread byte, so compaction is harmless.
-        self._buf.feed(data)
+        # (_Buffer.feed, without the call: once per read of every client.)
+        buf = self._buf
+        offset = buf.offset
+        if offset and (offset > 65536 or offset * 2 > len(buf.data)):
+            del buf.data[:offset]
+            buf.offset = 0
+        buf.data += data
 
     def pending(self) -> int:
         ready = self._ready
