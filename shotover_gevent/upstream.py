@@ -771,29 +771,35 @@ class UpstreamConnection:
         replies = self._replies
         total = len(self._batch)
         resp3 = self.state.resp_version != 2
-        while True:
-            try:
-                if data is not None:
-                    frames = self.framer.take_fed(data, total - len(replies))
-                    data = None
+        # Every reply in this one read, nothing else: the client is sent the read as it is.
+        run = self.framer.whole_run(data, total) if not replies and not resp3 and \
+            self._lane_raw else None
+        if run is not None:
+            replies = [run]
+        else:
+            while True:
+                try:
+                    if data is not None:
+                        frames = self.framer.take_fed(data, total - len(replies))
+                        data = None
+                    else:
+                        frames = self.framer.take(total - len(replies))
+                except resp.ProtocolError:
+                    self._lane = None  # the greenlet frames it again and gives it up
+                    lane.trouble()
+                    return
+                if not frames:
+                    break
+                if resp3:
+                    frames = self._lane_frames(frames)
+                if self._lane_raw:
+                    replies += frames
                 else:
-                    frames = self.framer.take(total - len(replies))
-            except resp.ProtocolError:
-                self._lane = None  # the greenlet frames it again and gives the connection up
-                lane.trouble()
+                    replies += map(Message, frames)
+                if len(replies) >= total or not resp3:
+                    break
+            if len(replies) < total:
                 return
-            if not frames:
-                break
-            if resp3:
-                frames = self._lane_frames(frames)
-            if self._lane_raw:
-                replies += frames
-            else:
-                replies += map(Message, frames)
-            if len(replies) >= total or not resp3:
-                break
-        if len(replies) < total:
-            return
         if self._held:
             self._release_held()  # pushes after the last reply: they follow it
         if not self._lane_raw:

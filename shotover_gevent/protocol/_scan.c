@@ -275,6 +275,39 @@ done:
     return result;
 }
 
+/* count_replies(data, start, count, max_bulk) -> (taken, stop)
+ *
+ * scan_replies() without the frames: how many of the first `count` simple reply frames from
+ * `start` are whole, and where the first one not taken begins. */
+static PyObject *
+count_replies(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, count, taken = 0;
+    long long max_bulk;
+    const char *base, *p, *stop;
+
+    if (!PyArg_ParseTuple(args, "y*nnL", &view, &start, &count, &max_bulk))
+        return NULL;
+    if (start < 0 || start > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "start out of range");
+        return NULL;
+    }
+    base = (const char *)view.buf;
+    p = base + start;
+    stop = base + view.len;
+    while (taken < count) {
+        const char *next = NULL;
+        if (scan_reply(p, stop, max_bulk, &next) != 1)
+            break;
+        p = next;
+        taken++;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nn)", taken, (Py_ssize_t)(p - base));
+}
+
 /* CRC16/XMODEM (polynomial 0x1021, start 0), the checksum Redis Cluster hashes keys with. */
 static unsigned short crc_table[256];
 
@@ -456,6 +489,8 @@ static PyMethodDef methods[] = {
      "scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)"},
     {"recv_stamped", (PyCFunction)(void (*)(void))recv_stamped, METH_FASTCALL,
      "recv_stamped(fd, size) -> (data, arrival in ns or 0): one recvmsg()"},
+    {"count_replies", count_replies, METH_VARARGS,
+     "count_replies(data, start, count, max_bulk) -> (whole simple frames, stop)"},
     {"scan_replies", scan_replies, METH_VARARGS,
      "scan_replies(data, start, count, max_bulk) -> (frames, stop)"},
     {NULL, NULL, 0, NULL},

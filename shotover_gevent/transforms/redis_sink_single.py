@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket as stdlib_socket
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, List, Optional
 
 import gevent
@@ -288,7 +289,7 @@ class RedisSinkSingle(Transform):
             if upstream is None or not upstream.lane_ready():
                 return None
             upstream.lane_call(framed, framed[0][0] if len(framed) == 1 else
-                               b"".join([raw for raw, _name in framed]), waiter)
+                               b"".join(map(itemgetter(0), framed)), waiter)
             return framed
         shared = self.builder.shared.ready(slot)
         if shared is None:
@@ -296,7 +297,7 @@ class RedisSinkSingle(Transform):
         for raw, _name in framed:
             if len(raw) > LARGE_MESSAGE:
                 return None
-        payload = framed[0][0] if len(framed) == 1 else b"".join([raw for raw, _ in framed])
+        payload = framed[0][0] if len(framed) == 1 else b"".join(map(itemgetter(0), framed))
         self._shared_busy = True
         shared.submit(payload, len(framed), self._output_limit, waiter)
         return framed
