@@ -305,14 +305,13 @@ class ClientConnection:
     def _serve_on_lane(self, readable: Readable, order) -> tuple:
         """Let the lane serve until it hands the connection back: why it did."""
         lane = _Lane(self, readable, order)
-        readable.lane = lane.readable_now
-        readable.watch()
+        readable.attach(lane.readable_now)
         self._idle = True
         try:
             return gevent.get_hub().switch()
         finally:
             lane.stopped = True
-            readable.lane = None
+            readable.detach()
             self._idle = False
 
     def _after_lane(self, why: tuple) -> bool:
@@ -626,10 +625,15 @@ class _Lane:
         if self.stopped:
             return
         self.stopped = True
-        self.readable.lane = None
+        self.readable.detach()
         greenlet = self.connection.greenlet
         if greenlet is not None and not greenlet.dead:
             greenlet.switch(why)
+
+    def throw(self, *args) -> None:
+        """gevent closing the socket cancels a wait on its watcher through the callback's
+        owner: the lane's while it is attached (see Readable.attach)."""
+        self.readable.throw(*args)
 
     def readable_now(self) -> None:
         """The client's socket is readable."""

@@ -226,7 +226,8 @@ class Readable:
     for its reply. Should it fire while nobody waits (bytes arrived while the connection
     serves a batch), it stops, so that the loop does not spin on them, and the next wait
     starts it again. Only this connection's greenlet waits here, never on the socket itself
-    while the watcher is ours."""
+    while the watcher is ours. While a lane serves the connection (attach), the watcher calls
+    it directly."""
 
     __slots__ = ("sock", "greenlet", "lane")
 
@@ -265,11 +266,30 @@ class Readable:
         self.greenlet = None
         greenlet.switch()
 
+    def attach(self, lane) -> None:
+        """From now on the watcher calls `lane()` directly (no greenlet waits here meanwhile),
+        until detach()."""
+        self.lane = lane
+        watcher = self.sock._read_event
+        if watcher.active:
+            watcher.callback = lane
+        else:
+            watcher.start(lane)
+
+    def detach(self) -> None:
+        """The watcher wakes the greenlet that waits again (see attach)."""
+        if self.lane is None:
+            return
+        self.lane = None
+        watcher = self.sock._read_event
+        if watcher is not None and watcher.active:
+            watcher.callback = self._fired
+
     def watch(self) -> None:
         """Start the watcher (for the lane) if it is not."""
         watcher = self.sock._read_event
         if not watcher.active:
-            watcher.start(self._fired)
+            watcher.start(self.lane if self.lane is not None else self._fired)
 
     def pause(self) -> None:
         """Stop the watcher for now (bytes the lane is not ready for)."""
@@ -285,7 +305,11 @@ class Readable:
     def stop(self) -> None:
         """Stop the watcher if it is still this one's (before the socket changes hands)."""
         watcher = self.sock._read_event
-        if watcher is not None and getattr(watcher.callback, "__self__", None) is self:
+        if watcher is None:
+            return
+        callback = watcher.callback
+        if getattr(callback, "__self__", None) is self or (
+                self.lane is not None and callback == self.lane):
             watcher.stop()
 
 

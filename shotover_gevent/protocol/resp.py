@@ -314,9 +314,10 @@ class ReplyFramer:
 
     def pending(self) -> int:
         ready = self._ready
+        buf = self._buf
         if ready:
-            return sum([len(frame) for frame in ready]) + self._buf.pending()
-        return self._buf.pending()
+            return sum([len(frame) for frame in ready]) + len(buf.data) - buf.offset
+        return len(buf.data) - buf.offset
 
     def unread_bytes(self) -> bytes:
         ready = self._ready
