@@ -220,9 +220,21 @@ class SharedConnection:
             # is invalid, as below).
             frames = framer.take_fed(_VIEW[:received], _EVERY_FRAME)
             first = 0
+            available = len(frames)
             while waiting:
                 entry = waiting[0]
-                missing = entry.count - len(entry.frames)
+                count = entry.count
+                if not entry.frames and entry.waiter is not None and first + count <= available:
+                    # The usual case: every reply of the batch came in this read, within its
+                    # budget (the same outcome as below, in fewer steps).
+                    taken = frames[first:first + count]
+                    budget = entry.budget
+                    if budget is None or sum(map(len, taken)) <= budget:
+                        first += count
+                        waiting.popleft()
+                        settled.append((entry.waiter, taken, None))
+                        continue
+                missing = count - len(entry.frames)
                 if missing:
                     taken = frames[first:first + missing]
                     first += len(taken)

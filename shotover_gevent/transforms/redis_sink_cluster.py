@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gevent
@@ -532,10 +533,10 @@ class RedisSinkCluster(Transform):
             connection = self._ready_link(first)
             if connection is None:
                 return None
-            submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version)
-            submitted.single(first)
+            submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version,
+                                                     first)
             connection.submit(framed[0][0] if len(framed) == 1 else
-                              b"".join([raw for raw, _name in framed]),
+                              b"".join(map(itemgetter(0), framed)),
                               len(framed), None, submitted)
             return framed
         if None in addresses:
@@ -793,24 +794,26 @@ class _Submitted:
     __slots__ = ("waiter", "framed", "slots", "version", "addresses", "shares", "results",
                  "left")
 
-    def __init__(self, waiter, framed: List[tuple], slots: List[int], version: int) -> None:
+    def __init__(self, waiter, framed: List[tuple], slots: List[int], version: int,
+                 only: Optional[Address] = None) -> None:
+        """`only`: the node the whole batch goes to (else each node's share is added)."""
         self.waiter = waiter
         self.framed = framed
         self.slots = slots
         #: The slot map's version when the batch was routed.
         self.version = version
-        self.addresses: List[Address] = []
-        #: Per node, the positions of the requests sent there.
-        self.shares: List[Sequence[int]] = []
-        #: Per node, (frames, failure) once it answered.
-        self.results: List[Optional[tuple]] = []
-        self.left = 0
-
-    def single(self, address: Address) -> None:
-        self.addresses.append(address)
-        self.shares.append(range(len(self.framed)))
-        self.results.append(None)
-        self.left = 1
+        #: Per node: its address, the positions of the requests sent there, and (frames,
+        #: failure) once it answered.
+        if only is not None:
+            self.addresses: List[Address] = [only]
+            self.shares: List[Sequence[int]] = [range(len(framed))]
+            self.results: List[Optional[tuple]] = [None]
+            self.left = 1
+        else:
+            self.addresses = []
+            self.shares = []
+            self.results = []
+            self.left = 0
 
     def share(self, index: int, address: Address, positions: List[int]) -> "_Share":
         self.addresses.append(address)
@@ -826,7 +829,9 @@ class _Submitted:
         frames, failure = result
         if failure is None:
             payload = frames[0] if len(frames) == 1 else b"".join(frames)
-            if not _retried(payload, frames):
+            # (_retried's first look, without the call.)
+            if (payload[:1] != b"-" and b"\r\n-" not in payload) or \
+                    not _retried(payload, frames):
                 self.waiter.switch(payload)
                 return
         self.waiter.trouble()
