@@ -83,6 +83,8 @@ class ClientConnection:
     #: Why the server ended this client's upstream connection: this one ends after the
     #: replies of the batch under way are written (see hang_up).
     _hang_up: Optional[str] = None
+    #: The plain client socket's read watcher (netio.Readable), once the greenlet runs.
+    _readable: Optional[Readable] = None
 
     def __init__(self, sock, source: "Source", peer: str, session: Optional[Session] = None,
                  unread: bytes = b"", upstream=None, output: bytes = b"",
@@ -147,7 +149,7 @@ class ClientConnection:
             # the others a turn when this client keeps its socket full (see netio); TLS ones
             # through their wrapper.
             order = arrival_order(gevent.get_hub()) if self.source.tls_context is None else None
-            readable = Readable(sock) if order is not None else None
+            readable = self._readable = Readable(sock) if order is not None else None
             wait_first = False
             while True:
                 if self.state is State.PAUSING and self.session.drain_blocker() is None:
@@ -397,14 +399,24 @@ class ClientConnection:
                 data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
                 outbox.clear()
                 self._unsent = data
+                aside = None
                 try:
-                    sent = sock.send(data)
+                    if self._readable is not None:  # a plain socket: try without waiting
+                        try:
+                            sent = sock._sock.send(data)
+                        except BlockingIOError:
+                            sent = 0
+                    else:
+                        sent = sock.send(data)
                     if sent < len(data):
                         view = self._unsent = memoryview(data)[sent:]
+                        aside = _ReadAside.start(self)
                         while view:
                             view = self._unsent = view[sock.send(view):]
                 finally:
                     self._unsent = None
+                    if aside is not None:
+                        aside.stop()
 
     def hang_up(self, reason: str) -> None:
         """The server ended this client's upstream connection: end this one too, as the
@@ -594,6 +606,59 @@ class ClientConnection:
         close_for_good(self.sock)
         self.source.connection_closed(self)
 
+
+
+class _ReadAside:
+    """Reads a client's requests while a write of its replies waits for room in its socket.
+
+    A client may send a whole pipeline before it reads any reply (redis-py's pipelines do):
+    Redis reads on and keeps the replies, while a proxy that stopped reading until its write
+    went through would wait for the client, and the client for it, for ever. What is read
+    here is only buffered (up to the source's output_buffer_limit, else the query buffer
+    limit) and served once the write is done, a batch at a time as ever. Plain sockets and the
+    connection's own greenlet only (another greenlet writing, a push say, leaves the socket's
+    reads to the connection's greenlet)."""
+
+    __slots__ = ("connection", "readable", "fd", "limit")
+
+    @classmethod
+    def start(cls, connection: ClientConnection) -> Optional["_ReadAside"]:
+        readable = connection._readable
+        if readable is None or readable.greenlet is not None or readable.lane is not None or \
+                connection.state is not State.SERVING or \
+                gevent.getcurrent() is not connection.greenlet:
+            return None
+        aside = cls()
+        aside.connection = connection
+        aside.readable = readable
+        aside.fd = connection.sock.fileno()
+        aside.limit = connection.source.config.output_buffer_limit or MAX_BUFFERED_BYTES
+        readable.attach(aside.fired)
+        return aside
+
+    def fired(self) -> None:
+        connection = self.connection
+        framer = connection.framer
+        if connection.state is not State.SERVING or framer.pending() >= self.limit:
+            self.readable.pause()  # read again once the write is done
+            return
+        try:
+            data, _stamp = recv_stamped(self.fd, RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the end, or an error: the greenlet reads it again once it reads
+            self.readable.pause()
+            return
+        framer.feed(data)
+
+    def throw(self, *args) -> None:
+        """gevent closing the socket cancels waits through the callback's owner: nothing
+        waits on this one."""
+
+    def stop(self) -> None:
+        self.readable.detach()
 
 
 class _Lane:

@@ -6,7 +6,9 @@ import socket
 import threading
 import time
 
-from helpers import HOST, RawClient, wait_for
+import pytest
+
+from helpers import HOST, RawClient, encode, shared_topology, wait_for
 
 
 def test_flooding_client_does_not_freeze_the_others(proxy):
@@ -143,3 +145,36 @@ def test_a_batch_of_large_replies_is_not_read_past_the_output_buffer_limit(proxy
     assert metric_value(text, "shotover_g_connections_closed_total", source="redis",
                         reason="output buffer limit") == 1
     assert "over the source's output_buffer_limit" in proxy.log_text()
+
+
+@pytest.mark.parametrize("upstream", ["own", "shared"])
+def test_a_client_that_sends_its_whole_pipeline_before_reading_gets_every_reply(
+        upstream, proxy_factory, redis_server):
+    """redis-py's pipelines write every request before reading any reply. With replies too big
+    for the sockets in between, Redis reads on and keeps the replies; the proxy used to stop
+    reading until the client read, and the client was still writing: both waited for ever."""
+    proxy = proxy_factory(shared_topology(redis_server.port) if upstream == "shared" else None)
+    value = b"v" * 60_000  # under 64 KiB: a shared client stays on its shared connection
+    count = 300
+    pipeline = b"".join(encode("SET", f"pipe:{i}", value) + encode("GET", f"pipe:{i}")
+                        for i in range(count))
+    sock = socket.create_connection((HOST, proxy.port), timeout=30)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        assert sock.sendall(encode("PING")) is None and sock.recv(64) == b"+PONG\r\n"
+        sent = threading.Event()
+        sender = threading.Thread(target=lambda: (_send_quietly(sock, pipeline), sent.set()),
+                                  daemon=True)
+        sender.start()
+        assert sent.wait(20), "the proxy stopped reading a client that had not read yet"
+        expected = (b"+OK\r\n" + b"$60000\r\n" + value + b"\r\n") * count
+        received = bytearray()
+        deadline = time.monotonic() + 30
+        while len(received) < len(expected) and time.monotonic() < deadline:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+        assert bytes(received) == expected
+    finally:
+        sock.close()
