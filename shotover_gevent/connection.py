@@ -832,4 +832,5 @@ class _Lane:
         if connection.state is not State.SERVING:
             self.give_back(("check",))
             return
-        self.readable.watch()
+        if not self.watcher.active:
+            self.readable.watch()

@@ -6,6 +6,7 @@ import os
 import socket as stdlib_socket
 import struct
 from time import time_ns
+from typing import Optional
 
 from gevent import Timeout, getcurrent, socket
 from greenlet import greenlet as greenlet_type
@@ -131,29 +132,22 @@ class ArrivalOrder:
             return
         # Woken by this turn's poll: after this turn's watchers; found at once: after the
         # next poll, which reports what arrived meanwhile.
-        start = loop.iteration if waited else loop.iteration + 1
-        self.waiting.append((stamp, next(self._sequence), getcurrent(), start))
-        if start > self.latest:
-            self.latest = start
+        self.queue(stamp, getcurrent(), loop.iteration if waited else loop.iteration + 1)
         if not waited and not self._spin.active:
             self._spin.start(_nothing)
         self.hub.switch()
 
-    def turn_now(self, stamp: int, resume) -> bool:
-        """my_turn() for bytes read in an event loop callback (woken by this turn's poll):
-        True when they may be acted on now, else False and `resume()` is called, from the
-        loop, when their turn comes."""
-        if not self.waiting and not self.loop.pendingcnt:
-            return True
-        self.queue(stamp, resume)
-        return False
-
-    def queue(self, stamp: int, resume) -> None:
-        """turn_now() once the caller knows the answer is False."""
-        iteration = self.loop.iteration
-        self.waiting.append((stamp, next(self._sequence), resume, iteration))
-        if iteration > self.latest:
-            self.latest = iteration
+    def queue(self, stamp: int, resume, start: Optional[int] = None) -> None:
+        """Wait for the turn of bytes that arrived at `stamp`: `resume` (a greenlet, switched
+        to, or a callable, called) goes on from loop iteration `start` (default: this one,
+        for bytes read in an event loop callback woken by this turn's poll) once every older
+        arrival has gone. For a callback, only when others wait or the loop has callbacks
+        pending (`waiting` or `loop.pendingcnt`); else the bytes may be acted on at once."""
+        if start is None:
+            start = self.loop.iteration
+        self.waiting.append((stamp, next(self._sequence), resume, start))
+        if start > self.latest:
+            self.latest = start
 
     def _take_turns(self) -> None:
         waiting = self.waiting
@@ -173,7 +167,7 @@ class ArrivalOrder:
         due.sort()
         for _stamp, _sequence, waiter, _start in due:
             if not isinstance(waiter, greenlet_type):
-                waiter()  # a callback's turn (turn_now)
+                waiter()  # a callback's turn (queue)
             elif not waiter.dead:
                 waiter.switch()
 
@@ -319,6 +313,15 @@ def _arrival(ancillary) -> int:
             seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
             return seconds * 1_000_000_000 + nanoseconds
     return 0
+
+
+#: Where every read from a server lands before it is copied into its connection's framer,
+#: which happens before anything else runs (a recv() would allocate this many bytes per read,
+#: and since the first read after a batch waits for its replies, glibc would map and unmap
+#: that memory every time).
+SERVER_RECV_SIZE = 256 * 1024
+SERVER_RECV_BUFFER = bytearray(SERVER_RECV_SIZE)
+SERVER_RECV_VIEW = memoryview(SERVER_RECV_BUFFER)
 
 
 _ORDERS: dict = {}

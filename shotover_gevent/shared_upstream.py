@@ -30,7 +30,7 @@ from gevent.hub import Waiter
 from gevent.lock import Semaphore
 
 from .message import REPLICATION_COMMANDS
-from .netio import close_for_good
+from .netio import SERVER_RECV_BUFFER, SERVER_RECV_VIEW, close_for_good
 from .protocol import resp
 from .protocol.state import BLOCKING_COMMANDS, TRACKED_COMMANDS
 from .upstream import OVER_OUTPUT_LIMIT, UpstreamError, _fmt, _reason, connect
@@ -50,9 +50,6 @@ UNSHAREABLE = TRACKED_COMMANDS | BLOCKING_COMMANDS | REPLICATION_COMMANDS | {"AS
 #: make it close the connection under every client on it.
 LARGE_MESSAGE = 64 * 1024
 
-RECV_SIZE = 256 * 1024
-_BUFFER = bytearray(RECV_SIZE)
-_VIEW = memoryview(_BUFFER)
 #: take() everything there is.
 _EVERY_FRAME = sys.maxsize
 
@@ -201,7 +198,7 @@ class SharedConnection:
 
     def _readable(self) -> None:
         try:
-            received = self._raw.recv_into(_BUFFER)
+            received = self._raw.recv_into(SERVER_RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:
@@ -218,7 +215,7 @@ class SharedConnection:
         try:
             # Every whole frame that came, in one step (more than the batches waiting are owed
             # is invalid, as below).
-            frames = framer.take_fed(_VIEW[:received], _EVERY_FRAME)
+            frames = framer.take_fed(SERVER_RECV_VIEW[:received], _EVERY_FRAME)
             first = 0
             available = len(frames)
             while waiting:

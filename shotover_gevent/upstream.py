@@ -21,7 +21,7 @@ from gevent.socket import wait_read
 
 from .handover.checkpoint import REPLY_EFFECTS
 from .message import NO_REPLY, REPLICATION_COMMANDS, Message, as_messages, replication_refused
-from .netio import close_for_good, let_go
+from .netio import SERVER_RECV_BUFFER, SERVER_RECV_VIEW, close_for_good, let_go
 from .protocol import resp
 from .protocol.state import (
     BLOCKING_COMMANDS,
@@ -40,12 +40,6 @@ from .session import Session
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 256 * 1024
-# Every upstream read lands here and is copied into its connection's framer at once (nothing
-# runs in between): a recv() would allocate RECV_SIZE bytes per read, and since the first read
-# after a batch waits for its replies, glibc would map and unmap that memory every time.
-_RECV_BUFFER = bytearray(RECV_SIZE)
-_RECV_VIEW = memoryview(_RECV_BUFFER)
 
 # Requests that call() may not send as they are (see _call_amended).
 _NOT_SENT_AS_IS = REPLICATION_COMMANDS | {"MULTI"}
@@ -446,7 +440,7 @@ class UpstreamConnection:
                 if not self.tls and not self.closed:
                     sock = self.sock
                     sock._wait(sock._read_event)
-            received = self.sock.recv_into(_RECV_BUFFER)
+            received = self.sock.recv_into(SERVER_RECV_BUFFER)
         except OSError as error:
             self._broken(f"upstream {_fmt(self.address)} read failed: {_reason(error)}",
                          by_server=self._ended_by_server(error))
@@ -456,7 +450,7 @@ class UpstreamConnection:
                          by_server=self._ended_by_server(None))
             raise UpstreamError(self._failure)
         self._quiet_since = None
-        framer.feed(_RECV_VIEW[:received])  # copied out before anything else can run
+        framer.feed(SERVER_RECV_VIEW[:received])  # copied out before anything else can run
         budget = self._reply_budget
         if budget is not None:
             budget = self._reply_budget = budget - received
@@ -640,7 +634,7 @@ class UpstreamConnection:
         would directly. False when something else came: it is kept for the next batch, and
         reported."""
         try:
-            received = self.sock._sock.recv_into(_RECV_BUFFER)
+            received = self.sock._sock.recv_into(SERVER_RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
             received = -1
         except OSError as error:
@@ -652,7 +646,7 @@ class UpstreamConnection:
             return True
         frames = []
         if received > 0:
-            self.framer.feed(_RECV_VIEW[:received])
+            self.framer.feed(SERVER_RECV_VIEW[:received])
             # Every complete frame first, without a switch: a batch that begins meanwhile
             # reads only what comes after them.
             frame = self.framer.next_frame()
@@ -754,7 +748,7 @@ class UpstreamConnection:
     def _lane_readable(self) -> None:
         lane = self._lane
         try:
-            received = self.sock._sock.recv_into(_RECV_BUFFER)
+            received = self.sock._sock.recv_into(SERVER_RECV_BUFFER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -764,7 +758,7 @@ class UpstreamConnection:
             lane.trouble()
             return
         self._quiet_since = None
-        data = _RECV_VIEW[:received]
+        data = SERVER_RECV_VIEW[:received]
         budget = self._reply_budget
         if budget is not None:
             budget = self._reply_budget = budget - received

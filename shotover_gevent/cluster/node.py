@@ -13,7 +13,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 from gevent import socket
 from gevent.lock import BoundedSemaphore
 
-from ..netio import send_all
+from ..netio import SERVER_RECV_BUFFER, SERVER_RECV_VIEW, send_all
 from ..protocol import resp
 from ..protocol.state import Credentials
 
@@ -22,10 +22,6 @@ log = logging.getLogger(__name__)
 Address = Tuple[str, int]
 #: Credentials: (username or None, password), or None for connections that never sent AUTH.
 
-RECV_SIZE = 256 * 1024
-#: What every node connection reads into (a bytes object of RECV_SIZE per read costs more).
-_RECV_BUFFER = bytearray(RECV_SIZE)
-_RECV_VIEW = memoryview(_RECV_BUFFER)
 
 
 def format_address(address: Address) -> str:
@@ -147,10 +143,10 @@ class NodeConnection:
                     if frame[:1] != b">":  # RESP3 pushes answer no request: none is asked for
                         replies.append(frame)
                     continue
-                received = self.sock.recv_into(_RECV_BUFFER)
+                received = self.sock.recv_into(SERVER_RECV_BUFFER)
                 if not received:
                     raise NodeError(f"cluster node {where} closed the connection", True, replies)
-                framer.feed(_RECV_VIEW[:received])  # copied before any other greenlet runs
+                framer.feed(SERVER_RECV_VIEW[:received])  # copied before any other greenlet runs
         except NodeError:
             self.close()
             raise

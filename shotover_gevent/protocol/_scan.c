@@ -226,13 +226,12 @@ scan_reply(const char *p, const char *end, long long max_bulk, const char **next
     }
 }
 
-/* scan_replies(data, start, count, max_bulk) -> (frames, stop)
- *
- * frames: up to `count` simple reply frames (bytes each) from `start`, one after the other;
- * stop: where the first one not taken begins (at a frame that is not simple, is incomplete,
- * or the end of the data). */
+/* The run of up to `count` simple reply frames from `start` (args: data, start, count,
+ * max_bulk): (frames, stop) when `keep`, each frame as bytes, else (how many, stop); stop is
+ * where the first one not taken begins (at a frame that is not simple, is incomplete, or the
+ * end of the data). */
 static PyObject *
-scan_replies(PyObject *self, PyObject *args)
+reply_run(PyObject *args, int keep)
 {
     Py_buffer view;
     Py_ssize_t start, count, taken = 0;
@@ -247,65 +246,49 @@ scan_replies(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "start out of range");
         return NULL;
     }
-    out = PyList_New(0);
-    if (out == NULL)
+    if (keep && (out = PyList_New(0)) == NULL)
         goto done;
     base = (const char *)view.buf;
     p = base + start;
     stop = base + view.len;
     while (taken < count) {
         const char *next = NULL;
-        PyObject *frame;
         if (scan_reply(p, stop, max_bulk, &next) != 1)
             break;
-        frame = PyBytes_FromStringAndSize(p, next - p);
-        if (frame == NULL || PyList_Append(out, frame) < 0) {
-            Py_XDECREF(frame);
-            goto fail;
+        if (keep) {
+            PyObject *frame = PyBytes_FromStringAndSize(p, next - p);
+            if (frame == NULL || PyList_Append(out, frame) < 0) {
+                Py_XDECREF(frame);
+                goto done;
+            }
+            Py_DECREF(frame);
         }
-        Py_DECREF(frame);
         p = next;
         taken++;
     }
-    result = Py_BuildValue("(On)", out, (Py_ssize_t)(p - base));
-fail:
-    Py_DECREF(out);
+    if (keep)
+        result = Py_BuildValue("(On)", out, (Py_ssize_t)(p - base));
+    else
+        result = Py_BuildValue("(nn)", taken, (Py_ssize_t)(p - base));
 done:
+    Py_XDECREF(out);
     PyBuffer_Release(&view);
     return result;
 }
 
-/* count_replies(data, start, count, max_bulk) -> (taken, stop)
- *
- * scan_replies() without the frames: how many of the first `count` simple reply frames from
- * `start` are whole, and where the first one not taken begins. */
+/* scan_replies(data, start, count, max_bulk) -> (frames, stop): see reply_run. */
+static PyObject *
+scan_replies(PyObject *self, PyObject *args)
+{
+    return reply_run(args, 1);
+}
+
+/* count_replies(data, start, count, max_bulk) -> (taken, stop): scan_replies() without the
+ * frames, how many of them are whole. */
 static PyObject *
 count_replies(PyObject *self, PyObject *args)
 {
-    Py_buffer view;
-    Py_ssize_t start, count, taken = 0;
-    long long max_bulk;
-    const char *base, *p, *stop;
-
-    if (!PyArg_ParseTuple(args, "y*nnL", &view, &start, &count, &max_bulk))
-        return NULL;
-    if (start < 0 || start > view.len) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "start out of range");
-        return NULL;
-    }
-    base = (const char *)view.buf;
-    p = base + start;
-    stop = base + view.len;
-    while (taken < count) {
-        const char *next = NULL;
-        if (scan_reply(p, stop, max_bulk, &next) != 1)
-            break;
-        p = next;
-        taken++;
-    }
-    PyBuffer_Release(&view);
-    return Py_BuildValue("(nn)", taken, (Py_ssize_t)(p - base));
+    return reply_run(args, 0);
 }
 
 /* CRC16/XMODEM (polynomial 0x1021, start 0), the checksum Redis Cluster hashes keys with. */
