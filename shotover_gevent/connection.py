@@ -18,7 +18,7 @@ from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
 from .message import Message, as_messages, batch_commands
-from .netio import Readable, arrival_order, close_for_good, let_go, recv_stamped
+from .netio import LARGE_OUTPUT, Readable, arrival_order, close_for_good, let_go, recv_stamped
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
 from .session import Session
@@ -38,9 +38,6 @@ MAX_BUFFERED_BYTES = 1024 * 1024 * 1024
 #: this many replies (a client that pipelines thousands of GETs of large values and reads
 #: nothing holds one batch's replies, not all of them).
 MAX_BATCH = 128
-#: Replies this large are checked against the source's output_buffer_limit before they are
-#: queued (smaller ones cannot pass it on their own).
-LARGE_OUTPUT = 64 * 1024
 #: Reads that fill the whole receive buffer in a row before a connection lets others run.
 BUSY_READS_BEFORE_YIELD = 4
 YIELD_SECONDS = 0.0001
@@ -797,23 +794,55 @@ class _Lane:
                 connection._outbox = [payload[sent:]]
                 self.give_back(("flush",))
                 return
-            if connection._hang_up is not None:
-                self.give_back(("flush",))
-                return
-            if connection.framer.pending():
-                self.serve()
-                return
-            # _wait_next, without the calls.
-            self.busy = False
-            connection._idle = True
-            if connection.state is not State.SERVING:
-                self.give_back(("check",))
-                return
-            if not self.watcher.active:
-                self.readable.watch()
+            self._written()
         except Exception:
             log.exception("connection from %s failed", connection.peer)
             self.give_back(("crash",))
+
+    def relay_fd(self) -> int:
+        """The client's descriptor, when the replies of the batch submitted may be written to it
+        as they are read (what switch would do with them), else -1: the server's connection
+        then calls relayed() instead of switch()."""
+        connection = self.connection
+        if self.stopped or self.batch is None or connection._deferred_pushes or \
+                connection._outbox or connection.state in (State.CLOSED, State.HANDED_OVER):
+            return -1
+        return self.fd
+
+    def relayed(self, outcome) -> None:
+        """The replies of the batch submitted were written to the client as they were read
+        (relay_fd): `outcome`, how many bytes, or (how many, the bytes the socket did not take,
+        the errno of a failed write or 0)."""
+        batch, self.batch = self.batch, None
+        connection = self.connection
+        _count, started, entered = batch
+        try:
+            connection._chain.record(started, entered, False)
+            connection._in_batch = False
+            connection._batch = None
+            if type(outcome) is tuple:
+                _read, rest, failure = outcome
+                if failure:
+                    self.give_back(("error", OSError(failure, os.strerror(failure))))
+                    return
+                connection._outbox = [rest]
+                self.give_back(("flush",))
+                return
+            self._written()
+        except Exception:
+            log.exception("connection from %s failed", connection.peer)
+            self.give_back(("crash",))
+
+    def _written(self) -> None:
+        """The replies of the batch are written: serve what came meanwhile, or wait for it."""
+        connection = self.connection
+        if connection._hang_up is not None:
+            self.give_back(("flush",))
+            return
+        if connection.framer.pending():
+            self.serve()
+            return
+        self._wait_next()
 
     def trouble(self) -> None:
         """The sink gives the batch submitted to the client's greenlet to finish."""

@@ -190,10 +190,22 @@ def recv_stamped_py(fd: int, size: int):
     return data, _arrival(ancillary)
 
 
+def relay_py(src: int, _dst: int, _count: int, _max_bulk: int, _most: int):
+    """`relay` without the C extension: one read from the descriptor `src`, never sent on
+    (None: nothing to read; b"": the end of the stream, or a failed read)."""
+    try:
+        return os.read(src, SERVER_RECV_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 try:
-    from .protocol._scan import recv_stamped
+    from .protocol._scan import recv_stamped, relay
 except ImportError:  # the C extension is not built
     recv_stamped = recv_stamped_py
+    relay = relay_py
 
 
 def _gevent_wait(sock):
@@ -319,6 +331,9 @@ def _arrival(ancillary) -> int:
 #: which happens before anything else runs (a recv() would allocate this many bytes per read,
 #: and since the first read after a batch waits for its replies, glibc would map and unmap
 #: that memory every time).
+#: Replies this large are checked against the source's output_buffer_limit before they are
+#: queued or relayed (smaller ones cannot pass it on their own).
+LARGE_OUTPUT = 64 * 1024
 SERVER_RECV_SIZE = 256 * 1024
 SERVER_RECV_BUFFER = bytearray(SERVER_RECV_SIZE)
 SERVER_RECV_VIEW = memoryview(SERVER_RECV_BUFFER)

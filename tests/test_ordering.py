@@ -3,6 +3,7 @@ as they would reach Redis directly (fair queues depend on it)."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 
@@ -125,3 +126,67 @@ def test_a_stamped_read_gives_the_bytes_and_when_they_arrived(implementation):
     finally:
         sender.close()
         receiver.close()
+
+
+@pytest.mark.parametrize("implementation", ["c", "python"])
+def test_a_relayed_read_goes_on_only_when_it_is_exactly_the_replies_owed(implementation):
+    """netio.relay, how the callbacks pass a batch's replies to its client: one read from the
+    server's socket, sent on to the client's only when it is exactly the frames owed and no
+    more than allowed; else (and always in Python) the bytes read, nothing sent."""
+    from shotover_gevent import netio
+    from shotover_gevent.protocol import _scan
+
+    relay = _scan.relay if implementation == "c" else netio.relay_py
+    server, upstream = socket.socketpair()
+    client, proxy_side = socket.socketpair()
+    replies = [b"+OK\r\n", b":12\r\n", b"$3\r\nabc\r\n", b"$-1\r\n", b"-ERR x\r\n"]
+    stream = b"".join(replies)
+    try:
+        for sock in (upstream, proxy_side, client):
+            sock.setblocking(False)
+        up, to = upstream.fileno(), proxy_side.fileno()
+
+        def relayed(data, count, most=1 << 20, dst=to):
+            server.sendall(data)
+            return wait_for(lambda: relay(up, dst, count, 512 * 1024 * 1024, most), 5, "a read")
+
+        def client_got():
+            try:
+                return client.recv(1 << 20)
+            except BlockingIOError:
+                return b""
+
+        assert relay(up, to, 1, 512 * 1024 * 1024, 1 << 20) is None  # nothing to read
+        got = relayed(stream, len(replies))
+        if implementation == "c":
+            assert got == len(stream)
+            assert wait_for(client_got, 5, "the relayed bytes") == stream
+        else:
+            assert got == stream
+        # Not exactly what is owed, too large, an aggregate, or no client: given back, unsent.
+        for data, count, most, dst in [(stream, len(replies) + 1, 1 << 20, to),
+                                       (stream, len(replies) - 1, 1 << 20, to),
+                                       (stream, len(replies), len(stream) - 1, to),
+                                       (b"*2\r\n:1\r\n:2\r\n", 1, 1 << 20, to),
+                                       (stream, len(replies), 1 << 20, -1)]:
+            assert relayed(data, count, most, dst) == data
+            assert client_got() == b""
+        if implementation == "c":
+            # A client socket that takes only part of it: the rest is given back.
+            proxy_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            big = b"$200000\r\n" + b"v" * 200_000 + b"\r\n"
+            read, rest, failure = relayed(big, 1)
+            assert failure == 0 and 0 < len(rest) < len(big) and read == len(big)
+            taken = b""
+            while len(taken) < len(big) - len(rest):
+                taken += wait_for(client_got, 5, "what went")
+            assert taken + rest == big
+            client.close()  # a client gone: the errno of the send
+            read, rest, failure = relayed(b"+OK\r\n", 1)
+            assert (read, rest) == (5, b"+OK\r\n") and failure in (errno.EPIPE, errno.ECONNRESET)
+        server.close()
+        assert wait_for(lambda: (lambda r: None if r is None else [r])(
+            relay(up, to, 1, 512 * 1024 * 1024, 1 << 20)), 5, "the end") == [b""]
+    finally:
+        for sock in (server, upstream, client, proxy_side):
+            sock.close()

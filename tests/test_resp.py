@@ -94,25 +94,23 @@ def test_reply_stream_cut_at_every_offset():
 
 
 def test_replies_read_in_pieces_come_whole_and_in_order():
-    """take_fed() and whole_run(), how the callbacks take a read's replies without copying
-    it first: every cut of the stream gives the same frames as feeding it, and a whole run is
-    given only when the read is exactly the frames asked for, nothing taken otherwise."""
-    simple = [b"+OK\r\n", b":12\r\n", b"$3\r\nabc\r\n", b"$-1\r\n", b"-ERR x\r\n"]
-    stream = b"".join(simple)
-    assert ReplyFramer().whole_run(stream, len(simple)) == stream
-    assert ReplyFramer().whole_run(stream, len(simple) + 1) is None  # one more owed
-    assert ReplyFramer().whole_run(stream, len(simple) - 1) is None  # one too many
-    assert ReplyFramer().whole_run(REPLY_STREAM, len(REPLY_FRAMES)) is None  # aggregates
+    """take_fed(), how the callbacks take a read's replies without copying it first: every cut
+    of the stream gives the same frames as feeding it; idle() only while nothing is buffered or
+    half framed (when a read may be relayed as it is: test_ordering)."""
     framer = ReplyFramer()
+    assert framer.idle()
     framer.feed(b"+O")
-    assert framer.whole_run(b"K\r\n", 1) is None and framer.take(1) == []  # buffered
+    assert not framer.idle() and framer.take(1) == []  # buffered
+    framer.feed(b"K\r\n*2\r\n:1\r\n")
+    assert framer.take(1) == [b"+OK\r\n"] and not framer.idle()  # half an aggregate
+    framer.feed(b":2\r\n")
+    assert framer.take(1) == [b"*2\r\n:1\r\n:2\r\n"] and framer.idle()
     for cut in range(len(REPLY_STREAM) + 1):
         framer = ReplyFramer()
-        assert framer.whole_run(REPLY_STREAM[:cut], 1) in (None, REPLY_STREAM[:cut])
         frames = framer.take_fed(memoryview(REPLY_STREAM[:cut]), 10_000)
         frames += framer.take_fed(REPLY_STREAM[cut:], 10_000)
         assert frames == REPLY_FRAMES, f"cut at {cut}"
-        assert framer.pending() == 0
+        assert framer.pending() == 0 and framer.idle()
 
 
 def test_reply_stream_one_byte_at_a_time():

@@ -226,12 +226,13 @@ scan_reply(const char *p, const char *end, long long max_bulk, const char **next
     }
 }
 
-/* The run of up to `count` simple reply frames from `start` (args: data, start, count,
- * max_bulk): (frames, stop) when `keep`, each frame as bytes, else (how many, stop); stop is
- * where the first one not taken begins (at a frame that is not simple, is incomplete, or the
- * end of the data). */
+/* scan_replies(data, start, count, max_bulk) -> (frames, stop)
+ *
+ * The run of up to `count` simple reply frames from `start`, each as bytes; stop is where the
+ * first one not taken begins (at a frame that is not simple, is incomplete, or the end of the
+ * data). */
 static PyObject *
-reply_run(PyObject *args, int keep)
+scan_replies(PyObject *self, PyObject *args)
 {
     Py_buffer view;
     Py_ssize_t start, count, taken = 0;
@@ -246,49 +247,30 @@ reply_run(PyObject *args, int keep)
         PyErr_SetString(PyExc_ValueError, "start out of range");
         return NULL;
     }
-    if (keep && (out = PyList_New(0)) == NULL)
+    if ((out = PyList_New(0)) == NULL)
         goto done;
     base = (const char *)view.buf;
     p = base + start;
     stop = base + view.len;
     while (taken < count) {
         const char *next = NULL;
+        PyObject *frame;
         if (scan_reply(p, stop, max_bulk, &next) != 1)
             break;
-        if (keep) {
-            PyObject *frame = PyBytes_FromStringAndSize(p, next - p);
-            if (frame == NULL || PyList_Append(out, frame) < 0) {
-                Py_XDECREF(frame);
-                goto done;
-            }
-            Py_DECREF(frame);
+        frame = PyBytes_FromStringAndSize(p, next - p);
+        if (frame == NULL || PyList_Append(out, frame) < 0) {
+            Py_XDECREF(frame);
+            goto done;
         }
+        Py_DECREF(frame);
         p = next;
         taken++;
     }
-    if (keep)
-        result = Py_BuildValue("(On)", out, (Py_ssize_t)(p - base));
-    else
-        result = Py_BuildValue("(nn)", taken, (Py_ssize_t)(p - base));
+    result = Py_BuildValue("(On)", out, (Py_ssize_t)(p - base));
 done:
     Py_XDECREF(out);
     PyBuffer_Release(&view);
     return result;
-}
-
-/* scan_replies(data, start, count, max_bulk) -> (frames, stop): see reply_run. */
-static PyObject *
-scan_replies(PyObject *self, PyObject *args)
-{
-    return reply_run(args, 1);
-}
-
-/* count_replies(data, start, count, max_bulk) -> (taken, stop): scan_replies() without the
- * frames, how many of them are whole. */
-static PyObject *
-count_replies(PyObject *self, PyObject *args)
-{
-    return reply_run(args, 0);
 }
 
 /* CRC16/XMODEM (polynomial 0x1021, start 0), the checksum Redis Cluster hashes keys with. */
@@ -465,6 +447,74 @@ recv_stamped(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(NL)", data, arrival);
 }
 
+/* relay(src, dst, count, max_bulk, most) -> what one recv() from `src` gave
+ *
+ * One recv() from the non-blocking socket `src` into the buffer above. When the bytes are
+ * exactly `count` simple reply frames (see scan_reply), no more than `most`, and `dst` is a
+ * descriptor (>= 0), they are sent to `dst` at once (non-blocking) instead of being copied
+ * out: the result is then how many were read (int) if all went, else (how many were read,
+ * the bytes not sent, the errno of the send or 0 when the socket was full). Otherwise the
+ * bytes read (b"" at the end of the stream or on a failed read, which the caller reads
+ * again to tell apart), or None when there was nothing to read. */
+static PyObject *
+relay(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int src, dst;
+    Py_ssize_t count, most, got, sent, taken = 0;
+    long long max_bulk;
+    const char *p, *end;
+    int error = 0;
+    PyObject *rest;
+
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "relay(src, dst, count, max_bulk, most)");
+        return NULL;
+    }
+    src = (int)PyLong_AsLong(args[0]);
+    dst = (int)PyLong_AsLong(args[1]);
+    count = PyLong_AsSsize_t(args[2]);
+    max_bulk = PyLong_AsLongLong(args[3]);
+    most = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (src < 0)
+        return PyBytes_FromStringAndSize("", 0);
+    do {
+        got = recv(src, recv_room, RECV_ROOM, 0);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        return PyBytes_FromStringAndSize("", 0);
+    }
+    if (dst >= 0 && got > 0 && got <= most && count > 0) {
+        const char *next = NULL;
+        p = recv_room;
+        end = recv_room + got;
+        while (taken < count && scan_reply(p, end, max_bulk, &next) == 1) {
+            p = next;
+            taken++;
+        }
+        if (taken == count && p == end) {
+            do {
+                sent = send(dst, recv_room, (size_t)got, MSG_DONTWAIT | MSG_NOSIGNAL);
+            } while (sent < 0 && errno == EINTR);
+            if (sent == got)
+                return PyLong_FromSsize_t(got);
+            if (sent < 0) {
+                if (errno != EAGAIN && errno != EWOULDBLOCK)
+                    error = errno;
+                sent = 0;
+            }
+            rest = PyBytes_FromStringAndSize(recv_room + sent, got - sent);
+            if (rest == NULL)
+                return NULL;
+            return Py_BuildValue("(nNi)", got, rest, error);
+        }
+    }
+    return PyBytes_FromStringAndSize(recv_room, got);
+}
+
 static PyMethodDef methods[] = {
     {"key_slots", key_slots, METH_VARARGS,
      "key_slots(framed, max_length) -> the hash slot of each request's argument 1 (-1: none)"},
@@ -472,8 +522,9 @@ static PyMethodDef methods[] = {
      "scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)"},
     {"recv_stamped", (PyCFunction)(void (*)(void))recv_stamped, METH_FASTCALL,
      "recv_stamped(fd, size) -> (data, arrival in ns or 0): one recvmsg()"},
-    {"count_replies", count_replies, METH_VARARGS,
-     "count_replies(data, start, count, max_bulk) -> (whole simple frames, stop)"},
+    {"relay", (PyCFunction)(void (*)(void))relay, METH_FASTCALL,
+     "relay(src, dst, count, max_bulk, most) -> one recv() from src, sent on to dst when it "
+     "is exactly count simple reply frames"},
     {"scan_replies", scan_replies, METH_VARARGS,
      "scan_replies(data, start, count, max_bulk) -> (frames, stop)"},
     {NULL, NULL, 0, NULL},

@@ -12,11 +12,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 import hiredis
 
 try:  # built with the package where a C compiler is at hand (setup.py)
-    from ._scan import count_replies as _count_replies
     from ._scan import scan_replies as _scan_replies
     from ._scan import scan_requests as _scan_requests
 except ImportError:  # pragma: no cover - the same framing in Python
-    _scan_requests = _scan_replies = _count_replies = None
+    _scan_requests = _scan_replies = None
 
 #: Redis's proto-max-bulk-len default: a longer bulk string is refused before any allocation.
 DEFAULT_MAX_BULK_LEN = 512 * 1024 * 1024
@@ -280,17 +279,10 @@ class ReplyFramer:
                 return out
             out.append(frame)
 
-    def whole_run(self, data, count: int) -> Optional[bytes]:
-        """`data` as one bytes object when nothing is buffered and it is exactly `count` simple
-        frames (the replies to a batch, read at once); else None, and nothing is taken."""
+    def idle(self) -> bool:
+        """Nothing buffered, nothing half framed: the next bytes read begin a frame."""
         buf = self._buf
-        if _count_replies is None or self._ready or self._state is not None or \
-                buf.offset < len(buf.data):
-            return None
-        taken, stop = _count_replies(data, 0, count, self.max_bulk_len)
-        if taken == count and stop == len(data):
-            return bytes(data)
-        return None
+        return not self._ready and self._state is None and buf.offset >= len(buf.data)
 
     def take_fed(self, data, count: int) -> List[bytes]:
         """feed(data), then take(count); when nothing was buffered and `data` is a run of
