@@ -6,16 +6,20 @@ A chain takes a batch of requests and returns exactly one reply per request, in 
 from __future__ import annotations
 
 import logging
+from operator import itemgetter
 from time import perf_counter
 from typing import Callable, List, Optional, Sequence
 
 from . import observability
-from .message import Message
+from .message import Message, batch_commands, command_name
 from .session import Session
 
 FOLD_AT = observability.HistogramCell.FOLD_AT
 
 log = logging.getLogger(__name__)
+
+#: A framed request's command name, as sent.
+_SPELLING = itemgetter(1)
 
 CallNext = Callable[[List[Message]], List[Message]]
 
@@ -201,14 +205,7 @@ class Chain:
             size = len(commands)
             if size == 1 or commands.count(first) == size:
                 # A batch of one command: what the screens do to it is known (screen_counts).
-                plans = self._plans
-                plan = None if plans is None else plans.get(first)
-                if plan is None:
-                    plan = self._plan(first)
-                entered, counters = plan
-                for counter in counters:
-                    counter.value += size
-                return entered
+                return self._planned(first, size)
         entered = 0
         try:
             for screen in self._screens:
@@ -220,9 +217,33 @@ class Chain:
             raise
         return entered
 
-    def _plan(self, command: str) -> tuple:
-        """(how many screens pass a batch made only of `command`, the counters those that do
-        add its size to); remembered for the connection's life (bounded)."""
+    def screen_framed(self, framed: List[tuple], started: float) -> int:
+        """screen() for a batch as the request framer gives it, (bytes, name as sent) pairs: one
+        command, spelled the same each time, goes by its plan with no list of names made."""
+        if self._plain_screens:
+            name = framed[0][1]
+            size = len(framed)
+            if name is not None and (size == 1 or list(map(_SPELLING, framed)).count(name) == size):
+                return self._planned(name, size)
+        return self.screen(batch_commands(framed), started)
+
+    def _planned(self, key, size: int) -> int:
+        """What the screens do to a batch of `size` requests of one command, `key` (its name as
+        sent, bytes, or upper-cased, str): done, and how many of them passed it on."""
+        plans = self._plans
+        plan = None if plans is None else plans.get(key)
+        if plan is None:
+            plan = self._plan(key)
+        entered, counters = plan
+        for counter in counters:
+            counter.value += size
+        return entered
+
+    def _plan(self, key) -> tuple:
+        """(how many screens pass a batch made only of the command `key` (see _planned), the
+        counters those that do add its size to); remembered for the connection's life
+        (bounded)."""
+        command = command_name(key) if type(key) is bytes else key
         entered = 0
         counters: list = []
         for transform in self.transforms[:len(self._screens)]:
@@ -236,7 +257,7 @@ class Chain:
         if plans is None:
             plans = self._plans = {}
         if len(plans) < 64:
-            plans[command] = plan
+            plans[key] = plan
         return plan
 
     @property

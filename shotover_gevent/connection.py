@@ -17,7 +17,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from .chain import Chain, ConnectionContext
-from .message import Message, as_messages, batch_commands
+from .message import Message, as_messages
 from .netio import LARGE_OUTPUT, Readable, arrival_order, close_for_good, let_go, recv_stamped
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
@@ -745,7 +745,7 @@ class _Lane:
             started = perf_counter()
             # No Message objects unless the greenlet has to take over: the screens see the
             # command names only.
-            entered = chain.screen(batch_commands(framed), started) if chain.screens else 0
+            entered = chain.screen_framed(framed, started) if chain.screens else 0
             if entered == len(chain.transforms) - 1:
                 self.batch = (len(framed), started, entered)
                 batch = chain.transforms[-1].submit(framed, self)

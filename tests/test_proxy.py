@@ -433,10 +433,16 @@ def test_metrics_match_the_traffic(upstream, proxy_factory, redis_server):
             replies
         raw.send(encode("GET", "m0") * 3)  # a pipeline of one command: counted by its size
         assert raw.read_replies(3) == [b"v"] * 3
+        # However a client spells a command, it is counted and screened as that command.
+        raw.send(encode("get", "m0") * 2)
+        assert raw.read_replies(2) == [b"v"] * 2
+        raw.send(encode("get", "m0") + encode("Get", "m1"))
+        assert raw.read_replies(2) == [b"v"] * 2
+        assert is_error(raw.call("flushdb"), "ERR")
         assert redis_server.client().dbsize() == sets
-        gets += 2 + 3
-        sink_batches = gets - 5 + sets + 2  # one request at a time, then the two pipelines
-        expected_batches = sink_batches + 1  # and FLUSHDB
+        gets += 2 + 3 + 4
+        sink_batches = gets - 9 + sets + 4  # one request at a time, then the four pipelines
+        expected_batches = sink_batches + 2  # and the two FLUSHDB
 
         def scrape():
             status, text = http_request(proxy.metrics_url)
@@ -456,7 +462,7 @@ def test_metrics_match_the_traffic(upstream, proxy_factory, redis_server):
         assert metric_value(text, "shotover_query_count", name="main", query="SET",
                             type="redis") == sets
         assert metric_value(text, "shotover_query_count", name="main", query="FLUSHDB",
-                            type="redis") == 1
+                            type="redis") == 2
         for transform, batches in (("QueryCounter", expected_batches),
                                    ("QueryTypeFilter", expected_batches),
                                    ("RedisSinkSingle", sink_batches)):
