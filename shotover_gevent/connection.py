@@ -739,7 +739,7 @@ class _Lane:
                 if connection.framer.pending() > MAX_BUFFERED_BYTES:
                     self.give_back(("framed", (framed, error)))
                     return
-                self._wait_next()
+                self._written(rest_to_come=True)
                 return
             chain = connection._chain
             started = perf_counter()
@@ -833,16 +833,24 @@ class _Lane:
             log.exception("connection from %s failed", connection.peer)
             self.give_back(("crash",))
 
-    def _written(self) -> None:
-        """The replies of the batch are written: serve what came meanwhile, or wait for it."""
+    def _written(self, rest_to_come: bool = False) -> None:
+        """The replies of the batch are written: serve what came meanwhile, or wait for the
+        next request (`rest_to_come`: for the rest of the one begun)."""
         connection = self.connection
-        if connection._hang_up is not None:
-            self.give_back(("flush",))
+        if not rest_to_come:
+            if connection._hang_up is not None:
+                self.give_back(("flush",))
+                return
+            if connection.framer.pending():
+                self.serve()
+                return
+        self.busy = False
+        connection._idle = True
+        if connection.state is not State.SERVING:
+            self.give_back(("check",))
             return
-        if connection.framer.pending():
-            self.serve()
-            return
-        self._wait_next()
+        if not self.watcher.active:
+            self.readable.watch()
 
     def trouble(self) -> None:
         """The sink gives the batch submitted to the client's greenlet to finish."""
@@ -852,14 +860,3 @@ class _Lane:
             return
         _count, started, entered = batch
         self.give_back(("resume", started, entered))
-
-    def _wait_next(self) -> None:
-        """Every request read is answered: wait for the next (or stop, if asked to)."""
-        self.busy = False
-        connection = self.connection
-        connection._idle = True
-        if connection.state is not State.SERVING:
-            self.give_back(("check",))
-            return
-        if not self.watcher.active:
-            self.readable.watch()
