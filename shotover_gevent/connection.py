@@ -62,6 +62,15 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# The states as module globals for the per-request checks: a member looked up on its Enum class
+# goes through EnumType's attribute hook (about 60 ns a time in Python 3.11, 170 ns for a test
+# against two of them), a global is a dict lookup.
+SERVING, PAUSING, PAUSED = State.SERVING, State.PAUSING, State.PAUSED
+HANDED_OVER, CLOSED = State.HANDED_OVER, State.CLOSED
+#: The connection is no longer this process's to serve.
+_GONE = (HANDED_OVER, CLOSED)
+
+
 class ClientConnection:
     # Rarely set, so class-level defaults: an idle connection's footprint is what 10,000 of
     # them cost.
@@ -93,7 +102,7 @@ class ClientConnection:
         self.framer = resp.RequestFramer()
         if unread:
             self.framer.feed(unread)
-        self.state = State.SERVING
+        self.state = SERVING
         self.close_reason: Optional[str] = None
         self._idle = False
         self._in_batch = False
@@ -149,7 +158,7 @@ class ClientConnection:
             readable = self._readable = Readable(sock) if order is not None else None
             wait_first = False
             while True:
-                if self.state is State.PAUSING and self.session.drain_blocker() is None:
+                if self.state is PAUSING and self.session.drain_blocker() is None:
                     if not self._park():
                         return
                 if readable is not None and self._lane_usable():
@@ -172,7 +181,7 @@ class ClientConnection:
                 self.framer.feed(data)
                 if order is not None:
                     order.my_turn(arrived, waited)
-                    if self.state is State.HANDED_OVER:
+                    if self.state is HANDED_OVER:
                         return
                 elif len(data) == RECV_SIZE:
                     # A TLS client keeping its socket full: after a few such reads in a row,
@@ -185,7 +194,7 @@ class ClientConnection:
                         gevent.sleep(YIELD_SECONDS)
                 elif self._busy_reads:
                     self._busy_reads = 0
-                if self.state is State.PAUSED:
+                if self.state is PAUSED:
                     # Paused while it waited in recv(): what arrived stays unread (a successor
                     # gets it from the checkpoint) until the pause ends.
                     if not self._park():
@@ -204,7 +213,7 @@ class ClientConnection:
         finally:
             if readable is not None:
                 readable.stop()
-            if self.state is not State.HANDED_OVER:
+            if self.state is not HANDED_OVER:
                 self._close()
 
     def _finish_handed_over_batch(self, inflight) -> bool:
@@ -236,7 +245,7 @@ class ClientConnection:
         replies is held a batch at a time, not all at once); `first`: what the lane framed
         already, (requests, error). False when the connection must end."""
         while True:
-            if self.state is State.HANDED_OVER:
+            if self.state is HANDED_OVER:
                 return False  # another process serves this client now
             if first is not None:
                 (framed, error), first = first, None
@@ -293,7 +302,7 @@ class ClientConnection:
     def _lane_usable(self) -> bool:
         """Whether the lane can serve this connection from here (see _Lane)."""
         chain = self._chain
-        if chain is None or self.state is not State.SERVING:
+        if chain is None or self.state is not SERVING:
             return False
         sink = chain.sink_after_screens
         return (sink is not None and sink.lane_ready() and self.session.plain
@@ -353,7 +362,7 @@ class ClientConnection:
                 return False
             return self._serve_buffered()
         # "check": the state changed (a pause, an upgrade)
-        if self.state is State.PAUSED and not self._park():
+        if self.state is PAUSED and not self._park():
             return False
         return self._serve_buffered()
 
@@ -420,7 +429,7 @@ class ClientConnection:
         client would have seen directly; at once when it waits for requests, else once the
         replies that did arrive are written (_answer)."""
         self._hang_up = reason
-        if self._idle or self.state is State.PAUSED:
+        if self._idle or self.state is PAUSED:
             self.close(reason)
 
     def _over_output_limit(self, adding: int) -> bool:
@@ -451,7 +460,7 @@ class ClientConnection:
         During a batch it waits until that batch's replies are written, so a client never sees a
         message before the confirmation of the subscription it belongs to.
         """
-        if self.state in (State.HANDED_OVER, State.CLOSED):
+        if self.state in _GONE:
             return
         if self._write_lock.locked() and self._over_output_limit(len(frame)):
             self.close(self.close_reason or "output buffer limit")
@@ -470,7 +479,7 @@ class ClientConnection:
         """Whether this connection can be handed over this very moment: "ok", "tls" (never:
         its encryption state lives in this process), "closed", or "busy" (a batch is at a
         point the next image could not take over; it will not be for long)."""
-        if self.state is State.CLOSED:
+        if self.state is CLOSED:
             return "closed"
         if self.source.tls_context is not None:  # every client of a TLS source is encrypted
             return "tls"
@@ -519,26 +528,26 @@ class ClientConnection:
         tens of milliseconds of blackout). If bytes arrive before the handover, run() keeps
         them unread. A busy one goes on serving and stops at the first boundary.
         """
-        if self.state is not State.SERVING:
+        if self.state is not SERVING:
             return
         if self._idle and self.session.drain_blocker() is None:
-            self.state = State.PAUSED
+            self.state = PAUSED
         else:
-            self.state = State.PAUSING
+            self.state = PAUSING
 
     def _park(self) -> bool:
         """Stay paused until resumed (True) or handed over (False)."""
-        self.state = State.PAUSED
+        self.state = PAUSED
         PAUSE_PROGRESS.set()
         self._resume = Event()
         self._resume.wait()
         self._resume = None
-        return self.state not in (State.HANDED_OVER, State.CLOSED)
+        return self.state not in _GONE
 
     def resume(self) -> None:
         """Carry on serving after an aborted upgrade: nothing was lost, nothing is replayed."""
-        if self.state in (State.PAUSING, State.PAUSED):
-            self.state = State.SERVING
+        if self.state in (PAUSING, PAUSED):
+            self.state = SERVING
             self._wake()
 
     def _wake(self) -> None:
@@ -548,9 +557,9 @@ class ClientConnection:
     def abandon(self) -> None:
         """Let go of a connection the next image has adopted: this process stops serving it
         without touching the sockets (no shutdown, no close_notify, nothing written)."""
-        if self.state is State.CLOSED:
+        if self.state is CLOSED:
             return
-        self.state = State.HANDED_OVER
+        self.state = HANDED_OVER
         greenlet = self.greenlet
         if greenlet is not None and not greenlet.dead and greenlet is not gevent.getcurrent():
             # Killed at the next turn of the loop; should anything wake it first (its turn in
@@ -569,7 +578,7 @@ class ClientConnection:
         this returns (an upgrade's old side runs no greenlet after it has handed over)."""
         self.close_reason = reason
         greenlet = self.greenlet
-        if self.state is State.PAUSED or now:
+        if self.state is PAUSED or now:
             # Close now, before the program image can be replaced; a parked greenlet then
             # wakes up to CLOSED and ends, one still waiting in recv() is killed below.
             self._close()
@@ -584,9 +593,9 @@ class ClientConnection:
     def _close(self) -> None:
         # Once only: a paused connection closed from outside is closed again by its own
         # greenlet on the way out.
-        if self.state is State.HANDED_OVER or self.state is State.CLOSED:
+        if self.state is HANDED_OVER or self.state is CLOSED:
             return
-        self.state = State.CLOSED
+        self.state = CLOSED
         if self._chain is not None:
             self._chain.close()
         if self._upstream_record is not None:
@@ -622,7 +631,7 @@ class _ReadAside:
     def start(cls, connection: ClientConnection) -> Optional["_ReadAside"]:
         readable = connection._readable
         if readable is None or readable.greenlet is not None or readable.lane is not None or \
-                connection.state is not State.SERVING or \
+                connection.state is not SERVING or \
                 gevent.getcurrent() is not connection.greenlet:
             return None
         aside = cls()
@@ -636,7 +645,7 @@ class _ReadAside:
     def fired(self) -> None:
         connection = self.connection
         framer = connection.framer
-        if connection.state is not State.SERVING or framer.pending() >= self.limit:
+        if connection.state is not SERVING or framer.pending() >= self.limit:
             self.readable.pause()  # read again once the write is done
             return
         try:
@@ -700,7 +709,7 @@ class _Lane:
     def readable_now(self) -> None:
         """The client's socket is readable."""
         connection = self.connection
-        if self.busy or connection.state is not State.SERVING:
+        if self.busy or connection.state is not SERVING:
             self.readable.pause()  # read once this batch is answered, or by the greenlet
             if not self.busy:
                 self.give_back(("check",))
@@ -728,7 +737,7 @@ class _Lane:
     def serve(self) -> None:
         """Frame what the client sent and hand it to the sink (its turn has come)."""
         connection = self.connection
-        if self.stopped or connection.state in (State.CLOSED, State.HANDED_OVER):
+        if self.stopped or connection.state in _GONE:
             return
         try:
             framed, error = connection.framer.pop_requests(MAX_BATCH)
@@ -766,7 +775,7 @@ class _Lane:
         batch, self.batch = self.batch, None
         connection = self.connection
         if self.stopped or batch is None or \
-                connection.state in (State.CLOSED, State.HANDED_OVER):
+                connection.state in _GONE:
             return
         count, started, entered = batch
         try:
@@ -805,7 +814,7 @@ class _Lane:
         then calls relayed() instead of switch()."""
         connection = self.connection
         if self.stopped or self.batch is None or connection._deferred_pushes or \
-                connection._outbox or connection.state in (State.CLOSED, State.HANDED_OVER):
+                connection._outbox or connection.state in _GONE:
             return -1
         return self.fd
 
@@ -846,7 +855,7 @@ class _Lane:
                 return
         self.busy = False
         connection._idle = True
-        if connection.state is not State.SERVING:
+        if connection.state is not SERVING:
             self.give_back(("check",))
             return
         if not self.watcher.active:
@@ -856,7 +865,7 @@ class _Lane:
         """The sink gives the batch submitted to the client's greenlet to finish."""
         batch, self.batch = self.batch, None
         if self.stopped or batch is None or \
-                self.connection.state in (State.CLOSED, State.HANDED_OVER):
+                self.connection.state in _GONE:
             return
         _count, started, entered = batch
         self.give_back(("resume", started, entered))
