@@ -251,3 +251,8 @@ def notify_service_manager() -> None:
             sock.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), address)
     except OSError as error:
         logging.getLogger(__name__).warning("service manager notification failed: %s", error)
+
+
+def reasons_text(counts: dict, empty: str = "none") -> str:
+    """Connections closed, by why, as the upgrade reports print them ("why: how many")."""
+    return ", ".join(f"{why}: {count}" for why, count in counts.items()) or empty

@@ -898,7 +898,7 @@ class Supervisor:
         lines = [f"worker {index}/{self.count}: {r.get('summary')}"
                  for index, r in sorted(results.items())]
         ok = finished and all(r.get("ok") for r in results.values())
-        reasons_text = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none"
+        reasons_text = lifecycle.reasons_text(reasons)
         lines.append(f"in all: {kept} connections kept, {closed} closed ({reasons_text}), "
                      f"worst blackout "
                      f"{max(blackouts):.0f} ms" if blackouts else

@@ -394,7 +394,7 @@ def test_connection_that_cannot_be_handed_over_is_closed_and_counted(proxy_facto
         wait_for(lambda: blocked_on(direct, "blpop") == 1, 10, "the BLPOP to block")
         assert idle.call("SET", "k", "v") == b"OK"
         result = upgrade_ok(proxy, "--drain-timeout", "0.5")
-        assert "kept 1 connections, closed 1 (1 busy (command in flight))" in result.stdout, result
+        assert "kept 1 connections, closed 1 (busy (command in flight): 1)" in result.stdout, result
         assert blocked.wait_eof() == []
         wait_for(lambda: blocked_on(direct, "blpop") == 0, 10, "the abandoned BLPOP to go")
         assert idle.call("GET", "k") == b"v"

@@ -468,7 +468,7 @@ def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
     # snapshot), for the waiting CLI.
     drain = cp.drain or {}
     drained = drain.get("closed_reasons") or {}
-    drained_text = ", ".join(f"{n} {why}" for why, n in drained.items()) or "none"
+    drained_text = lifecycle.reasons_text(drained)
     stages = [("drain", f"{len(cp.connections)} connections taken over as they were, after "
                         f"{drain.get('ms', 0)} ms for those that could not be at once; "
                         f"closed: {drained_text}"),
@@ -482,7 +482,7 @@ def _report(proxy, options: RestoreOptions, cp, closed: Dict[str, int], adopted:
     aborted = os.environ.pop(ABORTED_ENV, None) is not None
     os.environ.pop(PREVIOUS_ENV, None)
     closed_total = sum(closed.values())
-    closed_text = ", ".join(f"{n} {why}" for why, n in closed.items()) or "none closed"
+    closed_text = lifecycle.reasons_text(closed, "none closed")
     exec_ns = int(os.environ.pop(EXEC_TIME_ENV, "0") or 0)
     timings = {
         # While the bridge served every client: start, imports, configuration.
