@@ -12,28 +12,34 @@ import pytest
 from helpers import HOST, RawClient, encode, shared_topology, wait_for
 
 
-def _first_sent_lands_first(port: int, direct, rounds: int) -> int:
+def _first_sent_lands_first(port: int, direct, rounds: int, fresh: bool = False) -> int:
     """Two connections each push their own value without waiting, the first one first; how
-    often the first one's value ends up first in the list."""
-    first = socket.create_connection((HOST, port))
-    second = socket.create_connection((HOST, port))
+    often the first one's value ends up first in the list. `fresh`: two new connections each
+    round, the push their very first request (else one pair, used once before, throughout)."""
+    wins = 0
+    pair = ()
     try:
-        for sock in (first, second):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(encode("PING"))
-            assert sock.recv(64) == b"+PONG\r\n"
-        wins = 0
         for index in range(rounds):
+            if not pair or fresh:
+                for sock in pair:
+                    sock.close()
+                pair = (socket.create_connection((HOST, port)),
+                         socket.create_connection((HOST, port)))
+                for sock in pair:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if not fresh:
+                        sock.sendall(encode("PING"))
+                        assert sock.recv(64) == b"+PONG\r\n"
             key = f"order:{index}"
-            first.sendall(encode("RPUSH", key, "first"))
-            second.sendall(encode("RPUSH", key, "second"))
-            for sock in (first, second):
+            pair[0].sendall(encode("RPUSH", key, "first"))
+            pair[1].sendall(encode("RPUSH", key, "second"))
+            for sock in pair:
                 assert sock.recv(64).startswith(b":")
             wins += direct.lindex(key, 0) == b"first"
         return wins
     finally:
-        first.close()
-        second.close()
+        for sock in pair:
+            sock.close()
 
 
 @pytest.mark.parametrize("upstream", ["own", "shared"])
@@ -52,6 +58,57 @@ def test_order_across_connections_is_kept(upstream, proxy_factory, redis_server)
     # one time in five. The margins leave room for a machine that is busy with other work.)
     assert through_redis >= rounds * 0.9, through_redis
     assert through_proxy >= rounds * 0.75, (through_proxy, through_redis)
+
+
+@pytest.mark.parametrize("upstream", ["own", "shared"])
+def test_the_first_requests_of_new_connections_keep_their_order(upstream, proxy_factory,
+                                                                redis_server):
+    """The first requests of two new clients, sent one after the other, reach Redis in that
+    order: on connections of their own, whichever of the two upstream connections opened for
+    them is made first (the batches used to go in that order: the first sent first 1-14 times
+    in 100), and on a shared one."""
+    proxy = proxy_factory(shared_topology(redis_server.port) if upstream == "shared" else None)
+    direct = redis_server.client()
+    rounds = 100
+    through_redis = _first_sent_lands_first(redis_server.port, direct, rounds, fresh=True)
+    direct.flushall()
+    through_proxy = _first_sent_lands_first(proxy.port, direct, rounds, fresh=True)
+    assert through_redis >= rounds * 0.9, through_redis
+    assert through_proxy >= rounds * 0.75, (through_proxy, through_redis)
+
+
+def test_openings_go_in_the_order_they_began_and_a_hung_one_holds_no_one_for_long():
+    """The line test_the_first_requests_of_new_connections_keep_their_order rests on: those
+    made sooner wait for the openings begun before them, each goes once the one before it
+    has; an opening that never ends holds the others for OPENING_STALL, not for good."""
+    import gevent
+
+    from shotover_gevent.transforms.redis_sink_single import (OPENING_STALL, OPENING_WAIT,
+                                                              _OpeningOrder)
+
+    line = _OpeningOrder()
+    tickets = [line.begin() for _ in range(4)]
+    went = []
+
+    def made(ticket):  # its connection is made: its turn, then its write, then the end
+        line.wait_turn(ticket)
+        went.append(ticket)
+        line.end(ticket)
+
+    waiting = [gevent.spawn(made, ticket) for ticket in reversed(tickets[1:])]
+    gevent.sleep(0)
+    assert went == []  # the first one is still being made
+    made(tickets[0])
+    gevent.joinall(waiting, timeout=5)
+    assert went == tickets
+
+    hung, after = line.begin(), line.begin()
+    began = time.monotonic()
+    line.wait_turn(after)  # `hung` never ends
+    waited = time.monotonic() - began
+    assert OPENING_STALL * 0.9 <= waited < OPENING_WAIT, waited
+    line.end(after)
+    line.end(hung)
 
 
 def test_blocked_clients_are_served_first_come_first_served(proxy, redis_server):

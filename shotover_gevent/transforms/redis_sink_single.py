@@ -8,14 +8,17 @@ its first command that changes or depends on the connection on."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket as stdlib_socket
+import time
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import gevent
 from gevent import socket
+from gevent.event import Event
 from gevent.lock import Semaphore
 
 from .. import observability
@@ -36,6 +39,67 @@ log = logging.getLogger(__name__)
 #: clients for good.
 DEFAULT_REQUEST_TIMEOUT_MS = 30000
 MAX_SHARED_CONNECTIONS = 64
+
+
+class _OpeningOrder:
+    """Batches that open an upstream connection are written in the order they began to open
+    it, which is the order their requests arrived in (each took its turn in arrival order,
+    netio.ArrivalOrder, before it began), whatever order the server accepts the connections
+    in: one made sooner waits for those begun before it to be written (or to fail). The line
+    moves as long as one of them ends every OPENING_STALL seconds (a thousand clients
+    connecting at once keep their order), and a batch waits OPENING_WAIT seconds at most: a
+    connection that hangs holds up no other for long."""
+
+    def __init__(self) -> None:
+        self._tickets = itertools.count()
+        #: The openings under way, in the order they began: who waits for each to end (None:
+        #: nobody).
+        self._open: Dict[int, Optional[Event]] = {}
+        #: When one last ended.
+        self._moved = 0.0
+
+    def begin(self) -> int:
+        ticket = next(self._tickets)
+        self._open[ticket] = None
+        return ticket
+
+    def wait_turn(self, ticket: int) -> None:
+        """Wait until every opening begun before `ticket` has ended: for the latest of them,
+        which itself waited for those before it (each waits for one, so that a thousand
+        clients connecting at once wake a thousand times, not a million)."""
+        deadline = None
+        while True:
+            earlier = None
+            for begun in reversed(self._open):  # the latest first: those begun after go by
+                if begun < ticket:
+                    earlier = begun
+                    break
+            if earlier is None:
+                return
+            done = self._open[earlier]
+            if done is None:
+                done = self._open[earlier] = Event()
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + OPENING_WAIT
+            if now >= deadline:
+                return
+            if not done.wait(min(OPENING_STALL, deadline - now)) and \
+                    time.monotonic() - self._moved >= OPENING_STALL:
+                return  # the line has not moved for that long: something hangs before it
+
+    def end(self, ticket: int) -> None:
+        self._moved = time.monotonic()
+        done = self._open.pop(ticket, None)
+        if done is not None:
+            done.set()
+
+
+#: How long the openings before a batch may go without one of them ending, and how long the
+#: batch waits for them at most in all.
+OPENING_STALL = 0.05
+OPENING_WAIT = 1.0
+_OPENING = _OpeningOrder()
 
 
 @dataclass
@@ -256,11 +320,17 @@ class RedisSinkSingle(Transform):
                 # is sent for it (directly, these requests would have met a closed socket).
                 self.context.hang_up(upstream.failure)
                 return [NO_REPLY] * len(requests)
+            ticket = _OPENING.begin()
             try:
-                upstream = self._connect()
-            except UpstreamError as error:
-                self.builder.failed_requests(len(requests))
-                return [Message.error(f"ERR {error}")] * len(requests)
+                try:
+                    upstream = self._connect()
+                except UpstreamError as error:
+                    self.builder.failed_requests(len(requests))
+                    return [Message.error(f"ERR {error}")] * len(requests)
+                _OPENING.wait_turn(ticket)
+            finally:
+                # Those waiting for this one go on once this greenlet has written the batch.
+                _OPENING.end(ticket)
         replies = upstream.call(requests)
         if upstream.closed:
             self.builder.failed_requests(sum(1 for r in replies if r.is_error))
