@@ -6,20 +6,16 @@ A chain takes a batch of requests and returns exactly one reply per request, in 
 from __future__ import annotations
 
 import logging
-from operator import itemgetter
 from time import perf_counter
 from typing import Callable, List, Optional, Sequence
 
 from . import observability
-from .message import Message, batch_commands, command_name
+from .message import Message, batch_commands, command_name, framed_name
 from .session import Session
 
 FOLD_AT = observability.HistogramCell.FOLD_AT
 
 log = logging.getLogger(__name__)
-
-#: A framed request's command name, as sent.
-_SPELLING = itemgetter(1)
 
 CallNext = Callable[[List[Message]], List[Message]]
 
@@ -223,7 +219,8 @@ class Chain:
         if self._plain_screens:
             name = framed[0][1]
             size = len(framed)
-            if name is not None and (size == 1 or list(map(_SPELLING, framed)).count(name) == size):
+            if name is not None and (size == 1 or
+                                     list(map(framed_name, framed)).count(name) == size):
                 return self._planned(name, size)
         return self.screen(batch_commands(framed), started)
 

@@ -797,11 +797,10 @@ class _Lane:
             except BlockingIOError:
                 sent = 0
             except OSError as error:
-                self.give_back(("error", error))
+                self._unwritten(None, error)
                 return
             if sent < len(payload):
-                connection._outbox = [payload[sent:]]
-                self.give_back(("flush",))
+                self._unwritten(payload[sent:], None)
                 return
             self._written()
         except Exception:
@@ -831,16 +830,21 @@ class _Lane:
             connection._batch = None
             if type(outcome) is tuple:
                 _read, rest, failure = outcome
-                if failure:
-                    self.give_back(("error", OSError(failure, os.strerror(failure))))
-                    return
-                connection._outbox = [rest]
-                self.give_back(("flush",))
+                self._unwritten(rest, OSError(failure, os.strerror(failure)) if failure else None)
                 return
             self._written()
         except Exception:
             log.exception("connection from %s failed", connection.peer)
             self.give_back(("crash",))
+
+    def _unwritten(self, rest: Optional[bytes], failure: Optional[OSError]) -> None:
+        """The socket did not take all of the batch's replies: the greenlet writes `rest` once
+        it can, or meets `failure`, the write's error."""
+        if failure is not None:
+            self.give_back(("error", failure))
+            return
+        self.connection._outbox = [rest]
+        self.give_back(("flush",))
 
     def _written(self, rest_to_come: bool = False) -> None:
         """The replies of the batch are written: serve what came meanwhile, or wait for the

@@ -27,7 +27,8 @@ def command_name(name: bytes) -> str:
     return command
 
 
-_NAME = itemgetter(1)
+#: A framed request's (bytes, name as sent) pair: its name.
+framed_name = itemgetter(1)
 
 
 class NameTable:
@@ -52,7 +53,7 @@ class NameTable:
     def all_pass(self, framed) -> bool:
         """Whether every request of a batch, (bytes, name) pairs, passes."""
         passes = self.passes
-        if len(framed) > 2 and all(map(passes.get, map(_NAME, framed))):
+        if len(framed) > 2 and all(map(passes.get, map(framed_name, framed))):
             return True  # a pipeline of names known to pass, looked up without a Python loop
         for _raw, name in framed:
             if not passes.get(name, False) and not self.check(name):

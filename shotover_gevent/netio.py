@@ -327,13 +327,13 @@ def _arrival(ancillary) -> int:
     return 0
 
 
+#: Replies this large are checked against the source's output_buffer_limit before they are
+#: queued or relayed (smaller ones cannot pass it on their own).
+LARGE_OUTPUT = 64 * 1024
 #: Where every read from a server lands before it is copied into its connection's framer,
 #: which happens before anything else runs (a recv() would allocate this many bytes per read,
 #: and since the first read after a batch waits for its replies, glibc would map and unmap
 #: that memory every time).
-#: Replies this large are checked against the source's output_buffer_limit before they are
-#: queued or relayed (smaller ones cannot pass it on their own).
-LARGE_OUTPUT = 64 * 1024
 SERVER_RECV_SIZE = 256 * 1024
 SERVER_RECV_BUFFER = bytearray(SERVER_RECV_SIZE)
 SERVER_RECV_VIEW = memoryview(SERVER_RECV_BUFFER)

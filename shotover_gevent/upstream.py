@@ -702,12 +702,9 @@ class UpstreamConnection:
         connection where every request gets one frame and nothing else is expected (in RESP3
         a push may still come, an invalidation another client redirects here: see
         _lane_frames)."""
-        if not self._plain or self.closed or self.tls or self.push_mode or \
-                self._batch is not None or self._adopted_inflight is not None or self._held:
-            return False
-        state = self.state
-        return not (state.monitor or state.tracking or state.subscribed) and \
-            not self.framer.pending()
+        return (self._plain and not self.closed and not self.tls and not self.push_mode
+                and self._batch is None and self._adopted_inflight is None and not self._held
+                and not self.state.pushes_expected and not self.framer.pending())
 
     def lane_call(self, requests: list, payload: bytes, waiter) -> None:
         """Write a batch of plain requests (lane_ready) without waiting: `waiter.switch(replies)`
@@ -723,10 +720,7 @@ class UpstreamConnection:
             watcher.start(self._idle_readable)
         if self._tick is not None:
             self._quiet_since = None
-            if _WAITS.greenlet is not None:
-                _WAITS.owing.add(self)  # _WAITS.add, without the call
-            else:
-                _WAITS.add(self)
+            _WAITS.add(self)
         self._batch = requests
         self._replies = []
         self._lane_raw = True

@@ -829,9 +829,7 @@ class _Submitted:
         frames, failure = result
         if failure is None:
             payload = frames[0] if len(frames) == 1 else b"".join(frames)
-            # (_retried's first look, without the call.)
-            if (payload[:1] != b"-" and b"\r\n-" not in payload) or \
-                    not _retried(payload, frames):
+            if not _retried(payload, frames):
                 self.waiter.switch(payload)
                 return
         self.waiter.trouble()
