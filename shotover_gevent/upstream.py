@@ -136,6 +136,8 @@ class UpstreamConnection:
         # The server's view of this connection: what decides how its replies are counted.
         self.state = ConnectionState()
         self._plain = True  # state.plain, kept at hand for the batch's fast path
+        #: Plain, and no frame may come unasked (not state.pushes_expected): the lane's state.
+        self._quiet = True
         # A batch was just written and nothing read since (see _read_frame).
         self._just_sent = False
         self.push_mode = False
@@ -371,7 +373,9 @@ class UpstreamConnection:
         self._state_changed()
 
     def _state_changed(self) -> None:
-        self._plain = self.state.plain
+        state = self.state
+        self._plain = plain = state.plain
+        self._quiet = plain and not state.pushes_expected
 
     def _is_push(self, frame: bytes) -> bool:
         return self.state.is_push(frame)
@@ -593,7 +597,7 @@ class UpstreamConnection:
         if watcher is None:
             watcher = self._idle_watcher = get_hub().loop.io(self.sock.fileno(), 1)
         if not watcher.active:
-            watcher.start(self._idle_readable)
+            watcher.start(self._readable)
 
     def _unwatch_idle(self, for_good: bool = False) -> None:
         watcher = self._idle_watcher
@@ -606,9 +610,6 @@ class UpstreamConnection:
 
     def _idle_readable(self) -> None:
         # Run by the event loop itself: nothing here may wait.
-        if self._lane is not None:
-            self._lane_readable()
-            return
         self._unwatch_idle()
         if self._batch is None and not self.closed:
             gevent.spawn(self._check_idle)
@@ -702,9 +703,9 @@ class UpstreamConnection:
         connection where every request gets one frame and nothing else is expected (in RESP3
         a push may still come, an invalidation another client redirects here: see
         _lane_frames)."""
-        return (self._plain and not self.closed and not self.tls and not self.push_mode
+        return (self._quiet and not self.closed and not self.tls and not self.push_mode
                 and self._batch is None and self._adopted_inflight is None and not self._held
-                and not self.state.pushes_expected and not self.framer.pending())
+                and not self.framer.pending())
 
     def lane_call(self, requests: list, payload: bytes, waiter) -> None:
         """Write a batch of plain requests (lane_ready) without waiting: `waiter.switch(replies)`
@@ -717,13 +718,14 @@ class UpstreamConnection:
         if watcher is None:
             watcher = self._idle_watcher = get_hub().loop.io(self.sock.fileno(), 1)
         if not watcher.active:
-            watcher.start(self._idle_readable)
+            watcher.start(self._readable)
         if self._tick is not None:
             self._quiet_since = None
             _WAITS.add(self)
         self._batch = requests
         self._replies = []
         self._lane_raw = True
+        self._lane_fresh = True
         self._reply_budget = self.reply_limit if self.client_follows else None
         self._lane = waiter
         try:
@@ -740,14 +742,19 @@ class UpstreamConnection:
                 self._unsent = memoryview(payload)
             get_hub().loop.run_callback(waiter.trouble)
 
-    def _lane_readable(self) -> None:
+    def _readable(self) -> None:
+        """The server's socket is readable: the replies of the batch lane_call sent, or bytes
+        while nothing is asked (the event loop's callback: nothing here may wait)."""
         lane = self._lane
+        if lane is None:
+            self._idle_readable()
+            return
         total = len(self._batch)
         budget = self._reply_budget
         # The replies of a RESP2 batch that come whole in one read go on to the client as they
         # were read, with no copy and no call of the lane's switch, when it can take them now.
-        to = lane.relay_fd() if not self._replies and self._lane_raw and \
-            self.state.resp_version == 2 and self.framer.idle() else -1
+        to = lane.relay_fd() if self._lane_fresh and self._lane_raw and \
+            self.state.resp_version == 2 else -1
         data = relay(self._idle_watcher.fd, to, total, self.framer.max_bulk_len,
                      LARGE_OUTPUT if budget is None or budget > LARGE_OUTPUT else budget)
         if data is None:
@@ -757,6 +764,7 @@ class UpstreamConnection:
             self._lane_done()
             lane.relayed(data)
             return
+        self._lane_fresh = False
         received = len(data)
         if not received:  # the greenlet reads the end (or the error) again, and settles it
             self._lane = None
@@ -815,6 +823,9 @@ class UpstreamConnection:
 
     #: The batch served by the callbacks is kept as bytes (see lane_call).
     _lane_raw = False
+    #: Nothing of the lane's replies read yet, nor anything buffered (lane_call begins only
+    #: when the framer is idle: lane_ready).
+    _lane_fresh = False
 
     def _lane_messages(self) -> None:
         """The batch the callbacks serve, as Message objects from now on, converted in place:
@@ -988,7 +999,7 @@ class UpstreamConnection:
         if watcher is not None and not self.closed and not watcher.active and \
                 self.on_lost is not None and self.client_follows and not self.push_mode and \
                 not self.state.pushes_expected:
-            watcher.start(self._idle_readable)  # the idle watch again (see _watch_idle)
+            watcher.start(self._readable)  # the idle watch again (see _watch_idle)
         else:
             self._watch_idle()
         return replies
@@ -996,8 +1007,7 @@ class UpstreamConnection:
     def _collect(self, requests: List[Message], replies: List[Message]) -> None:
         """Read the replies of requests[len(replies):] into `replies`."""
         state = self.state
-        if self._plain and self._current is None and state.resp_version == 2 and \
-                not state.pushes_expected:
+        if self._quiet and self._current is None and state.resp_version == 2:
             # Every request outside TRACKED_COMMANDS is answered by one frame, and a RESP2
             # connection without subscriptions, MONITOR or tracking gets no other frame.
             for index in range(len(replies), len(requests)):

@@ -351,7 +351,8 @@ class RedisSinkSingle(Transform):
         batch must go through transform()). What came back reaches `waiter.switch(result)`
         from the event loop, for `lane_payload`; on its own connection, `waiter.trouble()` may
         come instead, and the client's greenlet then gets the replies from resume_submitted."""
-        if not _SHAREABLE.all_pass(framed):
+        if not (len(framed) == 1 and _SHAREABLE.passes.get(framed[0][1])) and \
+                not _SHAREABLE.all_pass(framed):  # (one request known to pass: no call)
             return None
         slot = self._shared_slot
         if slot is None:
