@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket as stdlib_socket
 import ssl
@@ -1222,11 +1223,23 @@ def connect(address, timeout: float):
     sock = socket.socket(family, stdlib_socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
-        sock.connect((host, port))
+        error = sock._sock.connect_ex((host, port))
+        if error in _CONNECT_UNDER_WAY:
+            try:
+                # Over loopback the handshake is done within connect() itself: no wait (a
+                # timer, a watcher, a turn of the loop, two more system calls) then.
+                sock._sock.getpeername()
+            except OSError:
+                sock.connect((host, port))  # waits for the handshake: its error, or timed out
+        elif error and error != errno.EISCONN:
+            raise OSError(error, os.strerror(error))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+_CONNECT_UNDER_WAY = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
 
 
 def _fmt(address) -> str:

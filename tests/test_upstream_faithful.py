@@ -499,3 +499,40 @@ def test_a_request_timeout_during_a_batch_served_by_callbacks(redis_factory, pro
         finally:
             server.process.send_signal(signal.SIGCONT)
         assert client.call("GET", "k") == b"$1\r\nv\r\n"  # on a new upstream connection
+
+
+# ---- opening the upstream connection ------------------------------------------------------------
+
+
+def test_an_upstream_connection_that_is_refused_or_never_accepted_gives_its_error(
+        redis_factory, proxy_factory):
+    """Opening the upstream connection: over loopback the handshake is done within connect()
+    and the proxy goes on without waiting; a refused connection and one the server never
+    completes still give the client their error, the latter after connect_timeout_ms."""
+    import time
+
+    server = redis_factory()
+    refused_port = free_port()
+    # A server whose accept queue is full: the handshake of the next connection never ends.
+    stuck = socket.socket()
+    stuck.bind((HOST, 0))
+    stuck.listen(0)
+    filler = socket.create_connection(stuck.getsockname())
+    try:
+        proxies = {name: proxy_factory(single_topology(port, connect_timeout_ms=400))
+                   for name, port in (("up", server.port), ("refused", refused_port),
+                                      ("stuck", stuck.getsockname()[1]))}
+        with ByteClient(proxies["up"].port) as client:
+            assert client.call("SET", "k", "v") == b"+OK\r\n"
+        with ByteClient(proxies["refused"].port) as client:
+            reply = client.call("GET", "k")
+            assert reply.startswith(b"-ERR") and b"refused" in reply, reply
+        with ByteClient(proxies["stuck"].port) as client:
+            began = time.monotonic()
+            reply = client.call("GET", "k")
+            waited = time.monotonic() - began
+            assert reply.startswith(b"-ERR") and b"timed out" in reply, reply
+            assert waited >= 0.35, waited  # it did wait for the handshake
+    finally:
+        filler.close()
+        stuck.close()
