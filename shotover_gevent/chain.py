@@ -10,7 +10,7 @@ from time import perf_counter
 from typing import Callable, List, Optional, Sequence
 
 from . import observability
-from .message import Message, batch_commands, command_name, framed_name
+from .message import Message, batch_commands, command_name, one_name
 from .session import Session
 
 FOLD_AT = observability.HistogramCell.FOLD_AT
@@ -217,11 +217,9 @@ class Chain:
         """screen() for a batch as the request framer gives it, (bytes, name as sent) pairs: one
         command, spelled the same each time, goes by its plan with no list of names made."""
         if self._plain_screens:
-            name = framed[0][1]
-            size = len(framed)
-            if name is not None and (size == 1 or
-                                     list(map(framed_name, framed)).count(name) == size):
-                return self._planned(name, size)
+            name = framed[0][1] if len(framed) == 1 else one_name(framed)
+            if name is not None:
+                return self._planned(name, len(framed))
         return self.screen(batch_commands(framed), started)
 
     def _planned(self, key, size: int) -> int:

@@ -31,6 +31,23 @@ def command_name(name: bytes) -> str:
 framed_name = itemgetter(1)
 
 
+def one_name_py(framed: list) -> Optional[bytes]:
+    """The name every framed request has, spelled the same each time (None: they differ,
+    there are none, or one has no name): `one_name`, in C when the extension is built."""
+    if not framed:
+        return None
+    name = framed[0][1]
+    if name is None or list(map(framed_name, framed)).count(name) != len(framed):
+        return None
+    return name
+
+
+try:
+    from .protocol._scan import one_name
+except ImportError:  # the C extension is not built
+    one_name = one_name_py
+
+
 class NameTable:
     """Whether each command name, as clients spell it, passes a test on its upper-cased form,
     remembered per spelling (`passes`, bounded like _COMMAND_NAMES): a batch's names are

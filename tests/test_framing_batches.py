@@ -362,3 +362,21 @@ def test_a_huge_element_count_is_never_handed_to_hiredis(kind, run_framing):
         framer.feed(WELL_FORMED[0] + b"*2\r\n$3\r\nGET\r\n" + kind + b"2000000000\r\n")
     requests, error = framer.pop_requests()
     assert requests == [(WELL_FORMED[0], b"SET")] and error is not None
+
+
+def test_one_name_says_whether_a_batch_is_one_command_spelled_one_way(run_framing):
+    """What the chain's screens go by (Chain.screen_framed): the name every request of a batch
+    has, as sent, or None."""
+    from shotover_gevent import message
+
+    one_name = message.one_name if run_framing == "c" else message.one_name_py
+    framer = RequestFramer()
+    framer.feed(multibulk(b"GET", b"a") * 3 + multibulk(b"get", b"a") + multibulk(b"GeT"))
+    framed, error = framer.pop_requests()
+    assert error is None and len(framed) == 5
+    assert one_name(framed[:3]) == b"GET" and one_name(framed[:1]) == b"GET"
+    assert one_name(framed[:4]) is None  # spelled two ways: screened by upper-cased names
+    assert one_name(framed[3:4]) == b"get" and one_name(framed[2:4]) is None
+    assert one_name([(b"x", b"GET"), (b"y", bytes(b"GET"))]) == b"GET"  # equal, not the same
+    assert one_name([]) is None and one_name([(b"PING\r\n", None)]) is None
+    assert one_name([(b"x", b"GET"), (b"PING\r\n", None)]) is None

@@ -103,20 +103,29 @@ scan_request(const char *p, const char *end, long long max_bulk, long long max_c
 /* scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)
  *
  * requests: [(raw bytes, first argument bytes)] of the well-formed requests from `start`, one
- * after the other, up to `end`; stop: where the first one not taken begins; well_formed:
- * False when the run ended at a request that is not well-formed (True: at the end of the
- * data, or at a request not complete before `end`). */
+ * after the other, up to `end` (a name spelled as the one before it is that same object);
+ * stop: where the first one not taken begins; well_formed: False when the run ended at a
+ * request that is not well-formed (True: at the end of the data, or at a request not
+ * complete before `end`). */
 static PyObject *
-scan_requests(PyObject *self, PyObject *args)
+scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     Py_ssize_t start, end;
     long long max_bulk, max_count;
-    PyObject *out = NULL, *result = NULL;
+    PyObject *out = NULL, *result = NULL, *last = NULL;
     const char *base, *p, *stop;
     int status = 0;
 
-    if (!PyArg_ParseTuple(args, "y*nnLL", &view, &start, &end, &max_bulk, &max_count))
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "scan_requests(data, start, end, max_bulk, max_count)");
+        return NULL;
+    }
+    start = PyLong_AsSsize_t(args[1]);
+    end = PyLong_AsSsize_t(args[2]);
+    max_bulk = PyLong_AsLongLong(args[3]);
+    max_count = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred() || PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     if (end > view.len)
         end = view.len;
@@ -141,10 +150,17 @@ scan_requests(PyObject *self, PyObject *args)
         raw = PyBytes_FromStringAndSize(p, next - p);
         if (raw == NULL)
             goto fail;
-        first = PyBytes_FromStringAndSize(name, name_len);
-        if (first == NULL) {
-            Py_DECREF(raw);
-            goto fail;
+        if (last != NULL && PyBytes_GET_SIZE(last) == name_len &&
+                memcmp(PyBytes_AS_STRING(last), name, (size_t)name_len) == 0) {
+            first = last;
+            Py_INCREF(first);
+        } else {
+            first = PyBytes_FromStringAndSize(name, name_len);
+            if (first == NULL) {
+                Py_DECREF(raw);
+                goto fail;
+            }
+            last = first;  /* borrowed: the list holds it */
         }
         pair = PyTuple_Pack(2, raw, first);
         Py_DECREF(raw);
@@ -163,6 +179,41 @@ fail:
 done:
     PyBuffer_Release(&view);
     return result;
+}
+
+/* one_name(framed) -> the name every request of `framed` has, or None
+ *
+ * framed: (raw bytes, name bytes or None) pairs, as scan_requests and the framer give them.
+ * The name of the first when every one is spelled the same, else (or for no request, or a
+ * request without a name) None. */
+static PyObject *
+one_name(PyObject *self, PyObject *framed)
+{
+    Py_ssize_t i, count;
+    PyObject *name = NULL;
+    if (!PyList_Check(framed)) {
+        PyErr_SetString(PyExc_TypeError, "one_name(list of pairs)");
+        return NULL;
+    }
+    count = PyList_GET_SIZE(framed);
+    for (i = 0; i < count; i++) {
+        PyObject *pair = PyList_GET_ITEM(framed, i), *other;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 2)
+            Py_RETURN_NONE;
+        other = PyTuple_GET_ITEM(pair, 1);
+        if (!PyBytes_Check(other))
+            Py_RETURN_NONE;
+        if (name == NULL)
+            name = other;
+        else if (other != name && (PyBytes_GET_SIZE(other) != PyBytes_GET_SIZE(name) ||
+                                   memcmp(PyBytes_AS_STRING(other), PyBytes_AS_STRING(name),
+                                          (size_t)PyBytes_GET_SIZE(name)) != 0))
+            Py_RETURN_NONE;
+    }
+    if (name == NULL)
+        Py_RETURN_NONE;
+    Py_INCREF(name);
+    return name;
 }
 
 /* One simple reply frame at p (what resp.py's run expression takes): a line of type
@@ -518,7 +569,7 @@ relay(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef methods[] = {
     {"key_slots", key_slots, METH_VARARGS,
      "key_slots(framed, max_length) -> the hash slot of each request's argument 1 (-1: none)"},
-    {"scan_requests", scan_requests, METH_VARARGS,
+    {"scan_requests", (PyCFunction)(void (*)(void))scan_requests, METH_FASTCALL,
      "scan_requests(data, start, end, max_bulk, max_count) -> (requests, stop, well_formed)"},
     {"recv_stamped", (PyCFunction)(void (*)(void))recv_stamped, METH_FASTCALL,
      "recv_stamped(fd, size) -> (data, arrival in ns or 0): one recvmsg()"},
@@ -527,6 +578,8 @@ static PyMethodDef methods[] = {
      "is exactly count simple reply frames"},
     {"scan_replies", scan_replies, METH_VARARGS,
      "scan_replies(data, start, count, max_bulk) -> (frames, stop)"},
+    {"one_name", one_name, METH_O,
+     "one_name(framed) -> the name every request has, or None"},
     {NULL, NULL, 0, NULL},
 };
 
