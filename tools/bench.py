@@ -248,7 +248,8 @@ def start_targets(stack: Stack, options, topologies: List[str]
         cluster = stack.start_cluster()
         targets.append(Target("cluster-direct", "cluster", cluster.masters[0].port,
                               cluster.pids, cluster_mode=True))
-        proxy = stack.start_proxy("cluster", None, contact_points=cluster.contact_points)
+        proxy = stack.start_proxy("cluster", None, contact_points=cluster.contact_points,
+                                  workers=options.workers)
         proxies["cluster"] = proxy
         targets.append(Target("proxy[cluster]", "proxy", proxy.port, [proxy.pid]))
         return targets, proxies, None
@@ -262,12 +263,12 @@ def start_targets(stack: Stack, options, topologies: List[str]
         else:
             targets.append(Target("haproxy", "haproxy", haproxy.port, [haproxy.pid]))
     for topology in topologies:
-        proxy = stack.start_proxy(topology, redis.port)
+        proxy = stack.start_proxy(topology, redis.port, workers=options.workers)
         proxies[topology] = proxy
         targets.append(Target(proxy.name, "proxy", proxy.port, [proxy.pid]))
         if options.baseline:
             proxy = stack.start_proxy(topology, redis.port, source_root=options.baseline,
-                                      label="baseline")
+                                      label="baseline", workers=options.workers)
             proxies[f"{topology}@baseline"] = proxy
             targets.append(Target(proxy.name, "proxy", proxy.port, [proxy.pid]))
     return targets, proxies, haproxy
@@ -387,6 +388,7 @@ def throughput(options) -> Dict[str, Any]:
         "redis_benchmark": tool_version([REDIS_BENCHMARK, "--version"]),
         "haproxy": tool_version([HAPROXY, "-v"]) if HAPROXY and haproxy else None,
         "haproxy_threads": options.haproxy_threads if haproxy else None,
+        "proxy_workers": options.workers,
     }
     return {
         "mode": "throughput",
@@ -477,7 +479,8 @@ def print_throughput(report: Dict[str, Any]) -> None:
     print(f"redis-benchmark -t {','.join(s['tests']).lower()}"
           f"{' -r %d' % s['key_range'] if s.get('key_range') else ''} {counts}; "
           f"{'median of %d runs' % s['repeat'] if s['repeat'] > 1 else 'one run'} per cell; "
-          f"{env['cpus']} CPU(s); {haproxy}")
+          f"{env['cpus']} CPU(s); {haproxy}"
+          f"{'; %d workers per proxy' % env['proxy_workers'] if env.get('proxy_workers', 1) > 1 else ''}")
     headers = ["target", "-P"]
     for clients in s["clients"]:
         headers += [f"c{clients} req/s", "CPU us/req", "usr", "sys"]
@@ -876,6 +879,9 @@ def parse_args(argv: Optional[List[str]] = None):
                              "proxy/baseline ratio row")
     parser.add_argument("--pipelined-only", action="store_true",
                         help="only the runs with -P (skip those without pipelining)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes of each proxy (default 1; CPU per request "
+                             "counts the supervisor and every worker)")
     parser.add_argument("--haproxy-threads", type=int, default=1,
                         help="HAProxy nbthread (default 1, like the single-threaded proxy)")
     parser.add_argument("--run-timeout", type=float, default=300.0,
