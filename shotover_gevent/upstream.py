@@ -92,13 +92,14 @@ class UpstreamConnection:
     subscriptions, MULTI, MONITOR. Effects are applied once a request's frames are all read.
     """
 
-    #: Set on the instance when the connection is encrypted (TLS state cannot be handed over).
-    tls = False
-    #: Bytes the replies to one batch may take before the client's connection is closed, as
-    #: its output_buffer_limit would close it once they were written (None: no limit); and
-    #: what is left of it for the batch being read (None: not reading one).
-    reply_limit: Optional[int] = None
-    _reply_budget: Optional[int] = None
+    # Slots: see ClientConnection.
+    __slots__ = ("address", "session", "on_push", "on_lost", "client_follows", "client_socket",
+                 "request_timeout", "tls", "reply_limit", "_reply_budget", "_tick",
+                 "_quiet_since", "lost_by_server", "_idle_watcher", "framer", "state", "_plain",
+                 "_quiet", "_just_sent", "push_mode", "_reader", "_pending", "_held",
+                 "_all_done", "_failure", "closed", "_batch", "_replies", "_current",
+                 "_entries", "_unsent", "_answered", "sock", "_adopted_inflight", "_lane",
+                 "_lane_raw", "_lane_fresh")
 
     def __init__(self, address, connect_timeout: float, session: Session,
                  on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None,
@@ -106,8 +107,13 @@ class UpstreamConnection:
                  client_socket=None, adopted=None, request_timeout: Optional[float] = None,
                  client_follows: bool = False, reply_limit: Optional[int] = None) -> None:
         self.address = address
-        if reply_limit:
-            self.reply_limit = reply_limit
+        #: Set when the connection is encrypted (TLS state cannot be handed over).
+        self.tls = False
+        #: Bytes the replies to one batch may take before the client's connection is closed,
+        #: as its output_buffer_limit would close it once they were written (None: no limit);
+        #: and what is left of it for the batch being read (None: not reading one).
+        self.reply_limit: Optional[int] = reply_limit or None
+        self._reply_budget: Optional[int] = None
         self.session = session
         self.on_push = on_push
         # Called (once, after the session is restored) when the server ends the connection or
@@ -160,6 +166,15 @@ class UpstreamConnection:
         self._unsent: Optional[memoryview] = None
         # The batch answered last: its replies are on their way to the client.
         self._answered: Optional[List[Message]] = None
+        #: A batch handed over in flight, until resume() answers it.
+        self._adopted_inflight = None
+        #: The waiter of the batch served from the event loop, while its replies are read.
+        self._lane = None
+        #: The batch served by the callbacks is kept as bytes (see lane_call).
+        self._lane_raw = False
+        #: Nothing of the lane's replies read yet, nor anything buffered (lane_call begins
+        #: only when the framer is idle: lane_ready).
+        self._lane_fresh = False
         if adopted is not None:
             # Handed over by the previous program image, already in this session's state.
             self.sock = adopted
@@ -300,9 +315,6 @@ class UpstreamConnection:
         else:
             upstream._watch_idle()
         return upstream
-
-    #: A batch handed over in flight, until resume() answers it.
-    _adopted_inflight = None
 
     @property
     def has_inflight(self) -> bool:
@@ -696,9 +708,6 @@ class UpstreamConnection:
 
     # ---- batches from the event loop (connection.py, _Lane) ------------------------------------
 
-    #: The waiter of the batch served from the event loop, while its replies are read.
-    _lane = None
-
     def lane_ready(self) -> bool:
         """Whether a batch of plain requests can be served from the event loop: a plain
         connection where every request gets one frame and nothing else is expected (in RESP3
@@ -821,12 +830,6 @@ class UpstreamConnection:
         self._reply_budget = None
         if self._tick is not None:
             _WAITS.owing.discard(self)
-
-    #: The batch served by the callbacks is kept as bytes (see lane_call).
-    _lane_raw = False
-    #: Nothing of the lane's replies read yet, nor anything buffered (lane_call begins only
-    #: when the framer is idle: lane_ready).
-    _lane_fresh = False
 
     def _lane_messages(self) -> None:
         """The batch the callbacks serve, as Message objects from now on, converted in place:
