@@ -565,11 +565,13 @@ class UpstreamConnection:
         if self.push_mode:
             pending = self._pending
             return pending[0].request if pending else None
-        self._lane_messages()
         batch, replies = self._batch, self._replies
         if batch is None or replies is None or len(replies) >= len(batch):
             return None
-        return batch[len(replies)]
+        request = batch[len(replies)]
+        # A batch the event loop's callbacks serve stays as framed (converted, its replies
+        # could no longer be relayed): only the request owed is looked at.
+        return Message(*request) if type(request) is tuple else request
 
     def _wait_limit(self) -> Optional[float]:
         """How long the server may stay silent on the request it owes a reply to: the request

@@ -485,6 +485,52 @@ def test_a_batch_the_server_does_not_take_at_once_is_written_whole(redis_factory
     assert server.client().get("w199") == value
 
 
+def test_the_request_timeout_tick_leaves_a_batch_served_by_callbacks_as_it_is(redis_factory):
+    """The request timeout's look at a connection that owes replies (every tick, for every such
+    connection) reads the request owed without turning the callbacks' batch into Message
+    objects, which would send its replies down the general path instead of relaying them."""
+    import time
+
+    import gevent
+
+    from shotover_gevent.session import Session
+    from shotover_gevent.upstream import UpstreamConnection
+
+    server = redis_factory()
+    framed = [(encode("GET", "k"), b"GET"), (encode("PING"), b"PING")]
+
+    class Waiter:
+        replies = None
+
+        def relay_fd(self):
+            return -1
+
+        def switch(self, replies):
+            self.replies = replies
+
+        def trouble(self):
+            self.replies = "trouble"
+
+    upstream = UpstreamConnection((HOST, server.port), 3.0, Session(), lambda frame: None,
+                                  request_timeout=5.0)
+    waiter = Waiter()
+    try:
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            assert upstream.lane_ready()
+            upstream.lane_call(framed, b"".join(raw for raw, _name in framed), waiter)
+            upstream._check_wait(time.monotonic())  # what the tick does: replies are owed
+            assert upstream._batch is framed and framed[0] == (encode("GET", "k"), b"GET")
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        with gevent.Timeout(10, AssertionError("no replies")):
+            while waiter.replies is None:
+                gevent.sleep(0.01)
+        assert waiter.replies == [b"$-1\r\n", b"+PONG\r\n"]
+    finally:
+        upstream.close()
+
+
 def test_a_request_timeout_during_a_batch_served_by_callbacks(redis_factory, proxy_factory):
     server = redis_factory()
     proxy = proxy_factory(single_topology(server.port, request_timeout_ms=300))
