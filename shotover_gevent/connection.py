@@ -114,8 +114,8 @@ class ClientConnection:
         self._unsent: Optional[bytes] = None
         #: Handed down by the previous image: bytes owed to the client before anything else,
         #: and messages that follow the replies of the batch that was in flight.
-        self._output_first: bytes = output
-        self._deferred_first: bytes = deferred
+        self._output_first: bytes = output or b""
+        self._deferred_first: bytes = deferred or b""
         #: Consecutive reads served without waiting: bounded, then the hub gets a turn.
         self._busy_reads = 0
         #: Why the server ended this client's upstream connection: this one ends after the

@@ -835,7 +835,7 @@ class UpstreamConnection:
 
     def _lane_messages(self) -> None:
         """The batch the callbacks serve, as Message objects from now on, converted in place:
-        for the greenlet that takes it over, the handover, the request timeout."""
+        for the greenlet that takes it over, and the handover."""
         if self._lane_raw:
             self._lane_raw = False
             as_messages(self._batch)

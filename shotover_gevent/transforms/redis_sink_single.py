@@ -9,6 +9,7 @@ its first command that changes or depends on the connection on."""
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 import logging
 import socket as stdlib_socket
 import time
@@ -52,15 +53,17 @@ class _OpeningOrder:
 
     def __init__(self) -> None:
         self._tickets = itertools.count()
-        #: The openings under way, in the order they began: who waits for each to end (None:
-        #: nobody).
+        #: The openings under way: who waits for each to end (None: nobody).
         self._open: Dict[int, Optional[Event]] = {}
+        #: Their tickets, in the order they began (ascending: found by bisection).
+        self._begun: List[int] = []
         #: When one last ended.
         self._moved = 0.0
 
     def begin(self) -> int:
         ticket = next(self._tickets)
         self._open[ticket] = None
+        self._begun.append(ticket)
         return ticket
 
     def wait_turn(self, ticket: int) -> None:
@@ -68,14 +71,12 @@ class _OpeningOrder:
         which itself waited for those before it (each waits for one, so that a thousand
         clients connecting at once wake a thousand times, not a million)."""
         deadline = None
+        begun = self._begun
         while True:
-            earlier = None
-            for begun in reversed(self._open):  # the latest first: those begun after go by
-                if begun < ticket:
-                    earlier = begun
-                    break
-            if earlier is None:
+            place = bisect_left(begun, ticket)
+            if not place:
                 return
+            earlier = begun[place - 1]
             done = self._open[earlier]
             if done is None:
                 done = self._open[earlier] = Event()
@@ -90,7 +91,11 @@ class _OpeningOrder:
 
     def end(self, ticket: int) -> None:
         self._moved = time.monotonic()
-        done = self._open.pop(ticket, None)
+        if ticket not in self._open:
+            return
+        done = self._open.pop(ticket)
+        begun = self._begun
+        del begun[bisect_left(begun, ticket)]
         if done is not None:
             done.set()
 
@@ -351,8 +356,7 @@ class RedisSinkSingle(Transform):
         batch must go through transform()). What came back reaches `waiter.switch(result)`
         from the event loop, for `lane_payload`; on its own connection, `waiter.trouble()` may
         come instead, and the client's greenlet then gets the replies from resume_submitted."""
-        if not (len(framed) == 1 and _SHAREABLE.passes.get(framed[0][1])) and \
-                not _SHAREABLE.all_pass(framed):  # (one request known to pass: no call)
+        if not _SHAREABLE.all_pass(framed):
             return None
         slot = self._shared_slot
         if slot is None:
