@@ -81,6 +81,12 @@ class Transform:
         (`resume_submitted`). None: the batch goes through `transform`."""
         return None
 
+    def submit_first(self, framed: List[tuple], waiter):
+        """submit() for the first batch of a client's connection, called from the client's
+        greenlet (so it may wait): a sink that connects on the first request may connect now
+        and send the batch the way submit does, rather than have it go through `transform`."""
+        return self.submit(framed, waiter)
+
     def lane_payload(self, count: int, result) -> bytes:
         raise NotImplementedError
 

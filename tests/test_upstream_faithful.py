@@ -573,6 +573,13 @@ def test_an_upstream_connection_that_is_refused_or_never_accepted_gives_its_erro
         with ByteClient(proxies["refused"].port) as client:
             reply = client.call("GET", "k")
             assert reply.startswith(b"-ERR") and b"refused" in reply, reply
+        with ByteClient(proxies["refused"].port) as client:
+            # A first batch of several requests: each gets the error, in one answer, and the
+            # connection carries on (its next request tries the server again).
+            client.send_raw(encode("GET", "k") + encode("PING") + encode("INCR", "n"))
+            replies = [client.read_frame() for _ in range(3)]
+            assert replies == [reply] * 3, replies
+            assert client.call("PING") == reply
         with ByteClient(proxies["stuck"].port) as client:
             began = time.monotonic()
             reply = client.call("GET", "k")

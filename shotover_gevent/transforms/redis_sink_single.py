@@ -26,6 +26,7 @@ from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
 from ..config import Address, Problems, format_address, parse_address, take_mapping
 from ..message import NO_REPLY, Message, NameTable
+from ..protocol.resp import error_reply
 from ..shared_upstream import LARGE_MESSAGE, UNSHAREABLE, SharedConnections
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from ..upstream import OVER_OUTPUT_LIMIT, UpstreamConnection, UpstreamError
@@ -376,6 +377,32 @@ class RedisSinkSingle(Transform):
         self._shared_busy = True
         shared.submit(payload, len(framed), self._output_limit, waiter)
         return framed
+
+    def submit_first(self, framed: List[tuple], waiter):
+        """submit() that first opens the client's own connection (see Transform.submit_first),
+        in the line of openings as transform() opens it. A failure to connect answers every
+        request of the batch with the error, as transform() would (through waiter.switch)."""
+        if self._shared_slot is not None or self.upstream is not None or self._closed or \
+                self.builder.ssl_context is not None or not _SHAREABLE.all_pass(framed):
+            return self.submit(framed, waiter)
+        ticket = _OPENING.begin()
+        try:
+            try:
+                upstream = self._connect()
+            except UpstreamError as error:
+                self.builder.failed_requests(len(framed))
+                gevent.get_hub().loop.run_callback(
+                    waiter.switch, [error_reply(f"ERR {error}")] * len(framed))
+                return framed
+            _OPENING.wait_turn(ticket)
+            if not upstream.lane_ready():
+                return None
+            upstream.lane_call(framed, framed[0][0] if len(framed) == 1 else
+                               b"".join(map(itemgetter(0), framed)), waiter)
+            return framed
+        finally:
+            # Those waiting for this one go on once this greenlet has written the batch.
+            _OPENING.end(ticket)
 
     def lane_payload(self, count: int, result) -> bytes:
         """What a submitted batch of `count` requests answers the client, from what came back
