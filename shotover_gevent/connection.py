@@ -83,7 +83,7 @@ class ClientConnection:
     __slots__ = ("sock", "source", "peer", "session", "framer", "state", "close_reason", "_idle",
                  "_in_batch", "_deferred_pushes", "_write_lock", "_resume", "greenlet", "_chain",
                  "_upstream_record", "_batch", "_outbox", "_unsent", "_output_first",
-                 "_deferred_first", "_busy_reads", "_hang_up", "_readable")
+                 "_deferred_first", "_busy_reads", "_hang_up", "_readable", "_write_failed")
 
     def __init__(self, sock, source: "Source", peer: str, session: Optional[Session] = None,
                  unread: bytes = b"", upstream=None, output: bytes = b"",
@@ -127,6 +127,10 @@ class ClientConnection:
         self._hang_up: Optional[str] = None
         #: The plain client socket's read watcher (netio.Readable), once the greenlet runs.
         self._readable: Optional[Readable] = None
+        #: Why a write to the client failed (it is gone): the requests it sent before are still
+        #: served, as Redis serves what it has read, and what they are owed goes nowhere; then
+        #: the connection ends (see _serve_buffered).
+        self._write_failed: Optional[OSError] = None
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -276,6 +280,10 @@ class ClientConnection:
                     return False
             if error is not None or len(framed) < MAX_BATCH:
                 break
+        if self._write_failed is not None:
+            failure = self._write_failed
+            self.close_reason = f"client socket error: {failure.strerror or failure}"
+            return False
         if error is not None:
             self._write(resp.error_reply(f"ERR Protocol error: {error}"))
             log.info("closing connection from %s: protocol error: %s", self.peer, error)
@@ -435,6 +443,9 @@ class ClientConnection:
         with self._write_lock:
             sock = self.sock
             while outbox:
+                if self._write_failed is not None:
+                    outbox.clear()  # the client is gone: what it is owed goes nowhere
+                    break
                 data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
                 outbox.clear()
                 self._unsent = data
@@ -452,6 +463,10 @@ class ClientConnection:
                         aside = _ReadAside.start(self)
                         while view:
                             view = self._unsent = view[sock.send(view):]
+                except stdlib_socket.timeout:
+                    raise
+                except OSError as error:
+                    self._write_failed = error
                 finally:
                     self._unsent = None
                     if aside is not None:
@@ -898,9 +913,12 @@ class _Lane:
 
     def _unwritten(self, rest: Optional[bytes], failure: Optional[OSError]) -> None:
         """The socket did not take all of the batch's replies: the greenlet writes `rest` once
-        it can, or meets `failure`, the write's error."""
+        it can; or the write failed (`failure`) and the greenlet serves the requests the client
+        sent before it went."""
         if failure is not None:
-            self.give_back(("error", failure))
+            # The client is gone: its greenlet serves what it sent before (see _write_failed).
+            self.connection._write_failed = failure
+            self.give_back(("flush",))
             return
         self.connection._outbox = [rest]
         self.give_back(("flush",))

@@ -142,6 +142,24 @@ def test_replies_before_the_server_closed_are_written_then_the_connection_closes
     assert received[1] == received[0] == b"+OK\r\n:1\r\n"
 
 
+@pytest.mark.parametrize("first", ["plain", "select"])
+def test_a_client_that_pipelines_then_closes_gets_every_request_run(redis_server, proxy, first):
+    """A client that writes a long pipeline (more than one batch of the proxy's) and closes
+    without reading gets every request run, as Redis runs what it has read: the replies that
+    cannot be written any more go nowhere, the rest of what it sent is still served.
+    `select`: the pipeline begins with a command the client's greenlet serves."""
+    count = 600
+    head = encode("SELECT", "0") if first == "select" else b""
+    with redis_server.client() as admin:
+        for port in (redis_server.port, proxy.port):
+            admin.delete("n")
+            for _ in range(3):
+                with socket.create_connection((HOST, port)) as client:
+                    client.sendall(head + encode("INCR", "n") * count)
+            wait_for(lambda: admin.get("n") == str(3 * count).encode(), 10,
+                     f"{3 * count} INCRs run through port {port}: {admin.get('n')}")
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_killed_subscriber_is_disconnected_not_resubscribed(redis_server, proxy, protocol):
     direct, proxied = ByteClient(redis_server.port), ByteClient(proxy.port)
