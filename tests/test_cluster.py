@@ -220,13 +220,16 @@ def test_key_slots_are_the_clusters(clean_cluster, monkeypatch):
                                     (b"*2\r\n$3\r\nGET\r\n:1\r\n", b"GET")]) == [-1, -1, -1]
 
 
+@pytest.mark.parametrize("connection_count", [1, 3])
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_clients_pipelining_across_nodes_each_get_their_own_replies(make_proxy, clean_cluster,
-                                                                    protocol):
+                                                                    protocol, connection_count):
     """Many clients' batches in flight at once on the nodes' shared connections, each batch
     cut across the three masters and put back together (from the event loop's callbacks for
-    RESP2 clients): every reply is the client's own, in its order."""
-    proxy = make_proxy()
+    RESP2 clients): every reply is the client's own, in its order. With several connections
+    per node, the batches of one turn of the event loop share one of them whatever client
+    they are from."""
+    proxy = make_proxy(connection_count=connection_count)
     failures: List[str] = []
 
     def traffic(n: int) -> None:

@@ -10,6 +10,7 @@ from operator import itemgetter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gevent
+from gevent import get_hub
 
 from .. import observability
 from ..chain import CallNext, ConnectionContext, Transform, TransformBuilder
@@ -31,7 +32,7 @@ from ..message import (REPLICATION_COMMANDS, Message, NameTable, command_name,
                        replication_refused)
 from ..protocol import resp
 from ..protocol.state import auth_credentials, hello_options, valid_client_name
-from ..shared_upstream import LARGE_MESSAGE, SharedConnections
+from ..shared_upstream import LARGE_MESSAGE, SharedConnection, SharedConnections
 from ..upstream import UpstreamError
 from ..tls import TlsConnectorConfig, parse_tls_connector
 from . import TransformType, register
@@ -117,6 +118,9 @@ class RedisSinkClusterBuilder(TransformBuilder):
         self.links: Optional[Dict[Tuple[Address, int], SharedConnections]] = \
             None if config.tls else {}
         self._next_link = 0
+        #: Per node and protocol, the pipelined connection that the batches queued from the
+        #: event loop's callbacks go on during this turn of the loop (see turn_link).
+        self._turn: Dict[Tuple[Address, int], SharedConnection] = {}
 
     def build(self, context: ConnectionContext) -> Transform:
         return RedisSinkCluster(self, context)
@@ -138,7 +142,32 @@ class RedisSinkClusterBuilder(TransformBuilder):
                 self.config.connection_count, "cluster node", greeting)
         return nodes
 
+    def turn_link(self, address: Optional[Address], protocol: int,
+                  index: int) -> Optional[SharedConnection]:
+        """The pipelined connection to `address` that a batch queued from the event loop's
+        callbacks goes on: the one this turn of the loop's batches for that node went on, else
+        the client's own (`index`); None when it is not open (or no node serves the slot).
+        The batches of one turn go out in one write per node whatever client they are from:
+        spread over each client's own connection, they would cost one write, one read and one
+        wake-up of the node per connection. A client has one batch in flight at a time, so its
+        requests stay in order whichever connection carries each batch."""
+        key = (address, protocol)
+        turn = self._turn
+        connection = turn.get(key)
+        if connection is None or connection.closed:
+            nodes = self.links.get(key)
+            if nodes is None:
+                return None
+            connection = nodes.ready(index)
+            if connection is None:
+                return None
+            if not turn:
+                get_hub().loop.run_callback(turn.clear)  # once the turn's writes are queued
+            turn[key] = connection
+        return connection
+
     def close(self) -> None:
+        self._turn.clear()
         self.pool.close()
         if self.links:
             for nodes in self.links.values():
@@ -192,8 +221,9 @@ class RedisSinkCluster(Transform):
     batch is cut per node; each node's share goes out in one write, all nodes at once (one greenlet
     per node), and the replies are put back in request order. From its second batch on, a client
     whose batches hold only single-key commands (GET, SET, INCR, HSET, ...) is served from the
-    event loop's callbacks (submit): each node's share is queued on its pipelined connection and
-    the replies put together as they come, without a greenlet switch; a redirection, a node not
+    event loop's callbacks (submit): each node's share is queued on a pipelined connection (the
+    one this turn of the loop's batches for that node go on, see turn_link) and the replies put
+    together as they come, without a greenlet switch; a redirection, a node not
     ready or a failed connection hands the batch to the client's greenlet, which goes on exactly as
     below. MOVED updates the shared slot map and sends the request again; ASK sends ASKING plus the
     request to the named node once. When a node cannot be reached (a failover), the slot map is
@@ -560,10 +590,9 @@ class RedisSinkCluster(Transform):
         return framed
 
     def _ready_link(self, address: Optional[Address]):
-        """The client's pipelined connection to `address` if it is open (None: it is not, or
-        no node serves the slot)."""
-        nodes = self.builder.links.get((address, self.protocol))
-        return None if nodes is None else nodes.ready(self._link)
+        """The pipelined connection to `address` a batch from the callbacks goes on, if it is
+        open (None: it is not, or no node serves the slot)."""
+        return self.builder.turn_link(address, self.protocol, self._link)
 
     def lane_payload(self, count: int, result) -> bytes:
         return result  # the replies in one piece (_Submitted)
