@@ -65,3 +65,8 @@ def _first_key(raw: bytes) -> Optional[bytes]:
         return None
     key = raw[end_length + 2 : end_length + 2 + length]
     return key if len(key) == length and length >= 0 else None
+
+
+#: request_key_slots(framed, max_length), straight to the compiled part where it is there (one
+#: call less on the way of every batch served from the event loop's callbacks).
+batch_key_slots = _key_slots if _key_slots is not None else request_key_slots

@@ -25,7 +25,7 @@ from ..cluster.node import (
     client_ssl_context,
 )
 from ..cluster.slotmap import SlotMap, parse_redirect
-from ..cluster.slots import key_slot, request_key_slots
+from ..cluster.slots import batch_key_slots, key_slot
 from ..cluster.topology import ClusterState, ClusterUnavailable
 from ..config import Problems, parse_address, take_mapping
 from ..message import (REPLICATION_COMMANDS, Message, NameTable, command_name,
@@ -120,7 +120,7 @@ class RedisSinkClusterBuilder(TransformBuilder):
         self._next_link = 0
         #: Per node and protocol, the pipelined connection that the batches queued from the
         #: event loop's callbacks go on during this turn of the loop (see turn_link).
-        self._turn: Dict[Tuple[Address, int], SharedConnection] = {}
+        self.turn: Dict[Tuple[Address, int], SharedConnection] = {}
 
     def build(self, context: ConnectionContext) -> Transform:
         return RedisSinkCluster(self, context)
@@ -152,7 +152,7 @@ class RedisSinkClusterBuilder(TransformBuilder):
         wake-up of the node per connection. A client has one batch in flight at a time, so its
         requests stay in order whichever connection carries each batch."""
         key = (address, protocol)
-        turn = self._turn
+        turn = self.turn
         connection = turn.get(key)
         if connection is None or connection.closed:
             nodes = self.links.get(key)
@@ -167,7 +167,7 @@ class RedisSinkClusterBuilder(TransformBuilder):
         return connection
 
     def close(self) -> None:
-        self._turn.clear()
+        self.turn.clear()
         self.pool.close()
         if self.links:
             for nodes in self.links.values():
@@ -254,8 +254,11 @@ class RedisSinkCluster(Transform):
         self._failed = 0
         #: Which of each node's pipelined connections this client uses (None: no TLS-less ones).
         self._link: Optional[int] = None if builder.links is None else builder.assign_link()
-        #: The batch submitted from the event loop's callbacks whose replies are owed.
-        self._submitted: Optional[_Submitted] = None
+        #: The batch submitted from the event loop's callbacks whose replies are owed: a
+        #: _Submitted, or for a batch sent to one node (framed, slots, slot map version, node).
+        self._submitted: Any = None
+        #: Who waits for the replies of that batch (the client connection's lane).
+        self._lane = None
 
     # ---- the batch ----------------------------------------------------------------------------
 
@@ -548,27 +551,64 @@ class RedisSinkCluster(Transform):
         """Queue a batch of single-key commands on the pipelined connections of the nodes that
         own their keys, without waiting, if every one of them is open (see
         RedisSinkSingle.submit for the protocol). Returns the batch as the client's connection
-        records it, or None: the batch goes through transform()."""
+        records it, or None: the batch goes through transform(). A batch for one node (every
+        batch without pipelining) is answered through switch() with no object of its own."""
         current = self.state.map
-        if current is None or self.credentials is not None:
+        if current is None or self.credentials is not None or not _LANE.all_pass(framed):
             return None
-        if not _LANE.all_pass(framed):
-            return None
-        slots = request_key_slots(framed, LARGE_MESSAGE)
-        if -1 in slots:
-            return None
-        addresses = list(map(current.owners.__getitem__, slots))
-        first = addresses[0]
-        if addresses.count(first) == len(addresses):  # one node (always without pipelining)
-            connection = self._ready_link(first)
+        slots = batch_key_slots(framed, LARGE_MESSAGE)
+        owners = current.owners
+        if len(slots) == 1:
+            slot = slots[0]
+            if slot < 0:
+                return None
+            address = owners[slot]
+        else:
+            if -1 in slots:
+                return None
+            addresses = list(map(owners.__getitem__, slots))
+            address = addresses[0]
+            if addresses.count(address) != len(addresses):
+                return self._submit_spread(framed, waiter, slots, addresses)
+        builder = self.builder
+        connection = builder.turn.get((address, self.protocol))
+        if connection is None or connection.closed:
+            connection = builder.turn_link(address, self.protocol, self._link)
             if connection is None:
                 return None
-            submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version,
-                                                     first)
-            connection.submit(framed[0][0] if len(framed) == 1 else
-                              b"".join(map(itemgetter(0), framed)),
-                              len(framed), None, submitted)
-            return framed
+        self._lane = waiter
+        self._submitted = (framed, slots, self.state.version, address)
+        connection.submit(framed[0][0] if len(framed) == 1 else
+                          b"".join(map(itemgetter(0), framed)), len(framed), None, self)
+        return framed
+
+    def switch(self, result: tuple) -> None:
+        """What the one node of a batch from the callbacks answered (from the event loop):
+        the replies in one piece for the client's connection, unless one of them sends its
+        request again (a redirection, a node not ready) or the node failed: the client's
+        greenlet then finishes the batch (resume_submitted)."""
+        frames, failure = result
+        if failure is None:
+            if len(frames) == 1:
+                payload = frames[0]
+                if payload[:1] != b"-" or not payload.startswith(_RETRIED):
+                    self._lane.switch(payload)
+                    return
+            else:
+                payload = b"".join(frames)
+                if not _retried(payload, frames):
+                    self._lane.switch(payload)
+                    return
+        framed, slots, version, address = self._submitted
+        submitted = self._submitted = _Submitted(self._lane, framed, slots, version, address)
+        submitted.results[0] = result
+        submitted.left = 0
+        self._lane.trouble()
+
+    def _submit_spread(self, framed: List[tuple], waiter, slots: List[int],
+                       addresses: List[Optional[Address]]):
+        """submit() for a batch whose keys are on several nodes: each node's share queued on
+        its connection, the replies put back in request order once every node answered."""
         if None in addresses:
             return None
         groups: Dict[Address, List[int]] = {}
@@ -850,18 +890,6 @@ class _Submitted:
         self.results.append(None)
         self.left += 1
         return _Share(self, index)
-
-    def switch(self, result: tuple) -> None:
-        """The only node's answer (from the event loop)."""
-        self.results[0] = result
-        self.left = 0
-        frames, failure = result
-        if failure is None:
-            payload = frames[0] if len(frames) == 1 else b"".join(frames)
-            if not _retried(payload, frames):
-                self.waiter.switch(payload)
-                return
-        self.waiter.trouble()
 
     def arrived(self, index: int, result: tuple) -> None:
         """One node's answer (from the event loop); the batch is answered with the last."""
