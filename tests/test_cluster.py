@@ -313,6 +313,40 @@ def test_a_read_is_not_sent_again_after_a_write_pipelined_behind_it(make_proxy, 
     assert got[1] == b"OK" or "may or may not have run" in error_text(got[1]), got
 
 
+def test_a_redirection_inside_a_pipeline_cut_across_nodes(make_proxy, clean_cluster):
+    """A pipeline served from the event loop's callbacks, cut across the three masters, with a
+    key whose slot moved since the proxy read the slot map: that key's requests follow the
+    MOVED, and every reply comes back in its place."""
+    proxy = make_proxy()
+    moving = b"{moving}:key"
+    slot = key_slot(moving)
+    source = clean_cluster.master_for_slot(slot)
+    target = next(m for m in clean_cluster.masters() if m.address != source.address)
+    keys: Dict[str, bytes] = {}  # one key per master
+    for i in range(1000):
+        key = f"spread:{i}".encode()
+        keys.setdefault(clean_cluster.master_for_slot(key_slot(key)).address, key)
+        if len(keys) == 3:
+            break
+    with RawClient(proxy.port) as client:
+        assert client.call("SET", moving, "before") == b"OK"
+        for key in keys.values():  # from the second batch on, served by the callbacks
+            assert client.call("SET", key, "old") == b"OK"
+        clean_cluster.migrate_slot(slot, target)
+        requests: List[tuple] = []
+        expected: List[Any] = []
+        for key in keys.values():
+            requests += [("GET", key), ("SET", key, "new"), ("GET", moving)]
+            expected += [b"old", b"OK", b"before"]
+        requests += [("SET", moving, "after"), ("GET", moving)]
+        expected += [b"OK", b"after"]
+        client.send(b"".join(encode(*request) for request in requests))
+        assert client.read_replies(len(requests), timeout=30) == expected
+        assert client.call("GET", moving) == b"after"
+    with target.client() as direct:
+        assert direct.get(moving) == b"after"
+
+
 def test_large_values_beside_small_ones(make_proxy, clean_cluster):
     """A request or reply over 64 KiB goes through the pool, a connection per batch; the
     small ones of other clients go on at the same time."""

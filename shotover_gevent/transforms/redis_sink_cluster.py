@@ -600,7 +600,8 @@ class RedisSinkCluster(Transform):
                     self._lane.switch(payload)
                     return
         framed, slots, version, address = self._submitted
-        submitted = self._submitted = _Submitted(self._lane, framed, slots, version, address)
+        submitted = self._submitted = _Submitted(self._lane, framed, slots, version,
+                                                 {address: range(len(framed))})
         submitted.results[0] = result
         submitted.left = 0
         self._lane.trouble()
@@ -618,21 +619,23 @@ class RedisSinkCluster(Transform):
                 groups[address] = [position]
             else:
                 positions.append(position)
-        connections = [self._ready_link(address) for address in groups]
-        if None in connections:
-            return None
-        submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version)
-        for index, ((address, positions), connection) in enumerate(zip(groups.items(),
-                                                                       connections)):
-            share = submitted.share(index, address, positions)
-            connection.submit(b"".join([framed[position][0] for position in positions]),
-                              len(positions), None, share)
+        builder = self.builder
+        turn = builder.turn
+        protocol = self.protocol
+        connections = []
+        for address in groups:
+            connection = turn.get((address, protocol))
+            if connection is None or connection.closed:
+                connection = builder.turn_link(address, protocol, self._link)
+                if connection is None:
+                    return None
+            connections.append(connection)
+        submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version,
+                                                 groups)
+        for index, positions in enumerate(submitted.shares):
+            connections[index].submit(b"".join([framed[position][0] for position in positions]),
+                                      len(positions), None, _Share(submitted, index))
         return framed
-
-    def _ready_link(self, address: Optional[Address]):
-        """The pipelined connection to `address` a batch from the callbacks goes on, if it is
-        open (None: it is not, or no node serves the slot)."""
-        return self.builder.turn_link(address, self.protocol, self._link)
 
     def lane_payload(self, count: int, result) -> bytes:
         return result  # the replies in one piece (_Submitted)
@@ -864,8 +867,8 @@ class _Submitted:
                  "left")
 
     def __init__(self, waiter, framed: List[tuple], slots: List[int], version: int,
-                 only: Optional[Address] = None) -> None:
-        """`only`: the node the whole batch goes to (else each node's share is added)."""
+                 groups: Dict[Address, Sequence[int]]) -> None:
+        """`groups`: per node, the positions of the requests sent there."""
         self.waiter = waiter
         self.framed = framed
         self.slots = slots
@@ -873,30 +876,14 @@ class _Submitted:
         self.version = version
         #: Per node: its address, the positions of the requests sent there, and (frames,
         #: failure) once it answered.
-        if only is not None:
-            self.addresses: List[Address] = [only]
-            self.shares: List[Sequence[int]] = [range(len(framed))]
-            self.results: List[Optional[tuple]] = [None]
-            self.left = 1
-        else:
-            self.addresses = []
-            self.shares = []
-            self.results = []
-            self.left = 0
+        self.addresses: List[Address] = list(groups)
+        self.shares: List[Sequence[int]] = list(groups.values())
+        self.results: List[Optional[tuple]] = [None] * len(groups)
+        self.left = len(groups)
 
-    def share(self, index: int, address: Address, positions: List[int]) -> "_Share":
-        self.addresses.append(address)
-        self.shares.append(positions)
-        self.results.append(None)
-        self.left += 1
-        return _Share(self, index)
-
-    def arrived(self, index: int, result: tuple) -> None:
-        """One node's answer (from the event loop); the batch is answered with the last."""
-        self.results[index] = result
-        self.left -= 1
-        if self.left:
-            return
+    def answer(self) -> None:
+        """Every node answered (from the event loop): the replies in request order to the
+        client's connection, or the batch to the client's greenlet (see switch)."""
         replies: List[Optional[bytes]] = [None] * len(self.framed)
         for positions, (frames, failure) in zip(self.shares, self.results):
             if failure is not None:
@@ -953,7 +940,12 @@ class _Share:
         self.index = index
 
     def switch(self, result: tuple) -> None:
-        self.batch.arrived(self.index, result)
+        """The node's answer (from the event loop); the batch is answered with the last."""
+        batch = self.batch
+        batch.results[self.index] = result
+        batch.left -= 1
+        if not batch.left:
+            batch.answer()
 
 
 #: Single-key commands (the key is argument 1) routed to the owner of their key, whatever
