@@ -302,8 +302,10 @@ class RedisSinkCluster(Transform):
         self._run(phase, replies)
         if self._failed:
             self.builder.failed_requests(self._failed)
-        lost = Message.error("ERR RedisSinkCluster lost this request's reply")
-        return [Message(reply) if reply is not None else lost for reply in replies]
+        if None in replies:
+            lost = Message.error("ERR RedisSinkCluster lost this request's reply")
+            return [Message(reply) if reply is not None else lost for reply in replies]
+        return list(map(Message, replies))
 
     def _plan(self, index: int, request: Message, where: routing.Route) -> _Job:
         command = request.command
