@@ -885,7 +885,8 @@ class _Submitted:
 
     def answer(self) -> None:
         """Every node answered (from the event loop): the replies in request order to the
-        client's connection, or the batch to the client's greenlet (see switch)."""
+        client's connection, or the batch to the client's greenlet when one of them sends its
+        request again or a node failed (as RedisSinkCluster.switch does for one node)."""
         replies: List[Optional[bytes]] = [None] * len(self.framed)
         for positions, (frames, failure) in zip(self.shares, self.results):
             if failure is not None:
