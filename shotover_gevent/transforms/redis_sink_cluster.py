@@ -28,7 +28,7 @@ from ..cluster.slotmap import SlotMap, parse_redirect
 from ..cluster.slots import batch_key_slots, key_slot
 from ..cluster.topology import ClusterState, ClusterUnavailable
 from ..config import Problems, parse_address, take_mapping
-from ..message import (REPLICATION_COMMANDS, Message, NameTable, command_name,
+from ..message import (REPLICATION_COMMANDS, Message, NameTable, command_name, one_name,
                        replication_refused)
 from ..protocol import resp
 from ..protocol.state import auth_credentials, hello_options, valid_client_name
@@ -556,7 +556,14 @@ class RedisSinkCluster(Transform):
         records it, or None: the batch goes through transform(). A batch for one node (every
         batch without pipelining) is answered through switch() with no object of its own."""
         current = self.state.map
-        if current is None or self.credentials is not None or not _LANE.all_pass(framed):
+        if current is None or self.credentials is not None:
+            return None
+        if len(framed) > 2:
+            # A pipeline of one command, the usual kind, is judged with one lookup.
+            name = one_name(framed)
+            if (name is None or not _LANE.passes.get(name)) and not _LANE.all_pass(framed):
+                return None
+        elif not _LANE.all_pass(framed):
             return None
         slots = batch_key_slots(framed, LARGE_MESSAGE)
         owners = current.owners
