@@ -99,7 +99,7 @@ class UpstreamConnection:
                  "_quiet", "_just_sent", "push_mode", "_reader", "_pending", "_held",
                  "_all_done", "_failure", "closed", "_batch", "_replies", "_current",
                  "_entries", "_unsent", "_answered", "sock", "_adopted_inflight", "_lane",
-                 "_lane_raw", "_lane_fresh", "_raw_sock")
+                 "_lane_raw", "_lane_fresh")
 
     def __init__(self, address, connect_timeout: float, session: Session,
                  on_push: Callable[[bytes], None], ssl_context=None, server_hostname=None,
@@ -178,7 +178,6 @@ class UpstreamConnection:
         if adopted is not None:
             # Handed over by the previous program image, already in this session's state.
             self.sock = adopted
-            self._raw_sock = getattr(adopted, "_sock", None)
             self.on_lost, self.client_follows = on_lost, client_follows
             return
         try:
@@ -197,8 +196,6 @@ class UpstreamConnection:
                     from None
         raw.settimeout(None)
         self.sock = raw
-        #: The socket under gevent's wrapper, for the writes that never wait (lane_call).
-        self._raw_sock = getattr(raw, "_sock", None)
         # A server that closes the connection while the session is restored is a failure to
         # connect, reported as one: the client's requests get errors, its connection stays.
         self._replay_session()
@@ -744,7 +741,7 @@ class UpstreamConnection:
         self._reply_budget = self.reply_limit if self.client_follows else None
         self._lane = waiter
         try:
-            sent = self._raw_sock.send(payload)
+            sent = self.sock._sock.send(payload)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:

@@ -598,16 +598,10 @@ class RedisSinkCluster(Transform):
         greenlet then finishes the batch (resume_submitted)."""
         frames, failure = result
         if failure is None:
-            if len(frames) == 1:
-                payload = frames[0]
-                if payload[:1] != b"-" or not payload.startswith(_RETRIED):
-                    self._lane.switch(payload)
-                    return
-            else:
-                payload = b"".join(frames)
-                if not _retried(payload, frames):
-                    self._lane.switch(payload)
-                    return
+            payload = frames[0] if len(frames) == 1 else b"".join(frames)
+            if not _retried(payload, frames):
+                self._lane.switch(payload)
+                return
         framed, slots, version, address = self._submitted
         submitted = self._submitted = _Submitted(self._lane, framed, slots, version,
                                                  {address: range(len(framed))})
@@ -932,6 +926,8 @@ def _retried(payload: bytes, frames: List[bytes]) -> bool:
     """Whether one of the frames (`payload`: all of them, in one) is a reply that sends its
     request again (a redirection, a node not ready). An error frame begins the payload or
     follows a CRLF: only then are the frames looked at one by one."""
+    if len(frames) == 1:  # the payload is the frame: no need to look inside it
+        return payload[:1] == b"-" and payload.startswith(_RETRIED)
     if payload[:1] != b"-" and b"\r\n-" not in payload:
         return False
     for frame in frames:

@@ -214,6 +214,18 @@ class RedisSinkSingle(Transform):
                 **self._upstream_options())
             return self.upstream
 
+    def _connect_in_line(self) -> UpstreamConnection:
+        """_connect() for a batch that opens the connection, in the line of openings: once the
+        openings begun before it have written their batches (or failed). The caller writes its
+        batch before it next waits: those behind it go on once this greenlet has."""
+        ticket = _OPENING.begin()
+        try:
+            upstream = self._connect()
+            _OPENING.wait_turn(ticket)
+            return upstream
+        finally:
+            _OPENING.end(ticket)
+
     def _upstream_options(self) -> dict:
         return {"on_lost": self._upstream_lost, "client_socket": _client_socket(self.context),
                 "request_timeout": self.builder.request_timeout,
@@ -326,17 +338,11 @@ class RedisSinkSingle(Transform):
                 # is sent for it (directly, these requests would have met a closed socket).
                 self.context.hang_up(upstream.failure)
                 return [NO_REPLY] * len(requests)
-            ticket = _OPENING.begin()
             try:
-                try:
-                    upstream = self._connect()
-                except UpstreamError as error:
-                    self.builder.failed_requests(len(requests))
-                    return [Message.error(f"ERR {error}")] * len(requests)
-                _OPENING.wait_turn(ticket)
-            finally:
-                # Those waiting for this one go on once this greenlet has written the batch.
-                _OPENING.end(ticket)
+                upstream = self._connect_in_line()
+            except UpstreamError as error:
+                self.builder.failed_requests(len(requests))
+                return [Message.error(f"ERR {error}")] * len(requests)
         replies = upstream.call(requests)
         if upstream.closed:
             self.builder.failed_requests(sum(1 for r in replies if r.is_error))
@@ -380,29 +386,18 @@ class RedisSinkSingle(Transform):
 
     def submit_first(self, framed: List[tuple], waiter):
         """submit() that first opens the client's own connection (see Transform.submit_first),
-        in the line of openings as transform() opens it. A failure to connect answers every
-        request of the batch with the error, as transform() would (through waiter.switch)."""
-        if self._shared_slot is not None or self.upstream is not None or self._closed or \
-                self.builder.ssl_context is not None or not _SHAREABLE.all_pass(framed):
-            return self.submit(framed, waiter)
-        ticket = _OPENING.begin()
-        try:
+        as transform() opens it. A failure to connect answers every request of the batch with
+        the error, as transform() would (through waiter.switch)."""
+        if self._shared_slot is None and self.upstream is None and not self._closed and \
+                self.builder.ssl_context is None and _SHAREABLE.all_pass(framed):
             try:
-                upstream = self._connect()
+                self._connect_in_line()
             except UpstreamError as error:
                 self.builder.failed_requests(len(framed))
                 gevent.get_hub().loop.run_callback(
                     waiter.switch, [error_reply(f"ERR {error}")] * len(framed))
                 return framed
-            _OPENING.wait_turn(ticket)
-            if not upstream.lane_ready():
-                return None
-            upstream.lane_call(framed, framed[0][0] if len(framed) == 1 else
-                               b"".join(map(itemgetter(0), framed)), waiter)
-            return framed
-        finally:
-            # Those waiting for this one go on once this greenlet has written the batch.
-            _OPENING.end(ticket)
+        return self.submit(framed, waiter)
 
     def lane_payload(self, count: int, result) -> bytes:
         """What a submitted batch of `count` requests answers the client, from what came back
