@@ -486,6 +486,17 @@ class UpstreamConnection:
             frame = self._read_frame()
         return frame
 
+    def _take_trailing_pushes(self) -> None:
+        """Hold the RESP3 pushes read with a batch's last reply (an invalidation another
+        connection redirects here, sent right after it): they follow that reply now. Left in
+        the framer, no read would bring them out until the client's next request."""
+        framer = self.framer
+        while framer.next_type() == b">":
+            frame = framer.next_frame()
+            if frame is None:
+                return  # the rest of it is still to come: the idle watch reads it
+            self._held.append(frame)
+
     def _take_held(self, request: Message) -> bytes:
         if not self._held or request.command in TRACKED_COMMANDS:
             return b""
@@ -816,6 +827,8 @@ class UpstreamConnection:
                 break
         if len(replies) < total:
             return
+        if resp3 and self.framer.pending():
+            self._take_trailing_pushes()
         if not self._lane_raw:
             replies = [reply.raw for reply in replies]
         self._lane_done()
@@ -999,6 +1012,8 @@ class UpstreamConnection:
             self._answered = requests
             if self._tick is not None:
                 _WAITS.discard(self)
+        if self.state.resp_version != 2 and self.framer.pending():
+            self._take_trailing_pushes()
         if self._held:
             self._release_held()
         watcher = self._idle_watcher

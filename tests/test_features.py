@@ -11,7 +11,7 @@ import pytest
 from differential import harness
 from feature_support import (ByteClient, client_ssl_context, make_certificates,
                              server_clients, topology, upgrade)
-from helpers import redis_client, wait_for
+from helpers import encode, redis_client, wait_for
 
 def reset_server(redis_server) -> None:
     with redis_server.client() as admin:
@@ -472,6 +472,25 @@ def test_an_invalidation_redirected_to_an_idle_resp3_client_comes_at_once(redis_
                 b">2\r\n$10\r\ninvalidate\r\n*1\r\n$6\r\ncached\r\n")
             assert listener.call("GET", "cached") == b"$1\r\n%d\r\n" % round_
     assert "sent bytes while nothing was asked" not in proxy.log_text()
+
+
+@pytest.mark.parametrize("last", [None, ("CLIENT", "GETNAME")], ids=["callbacks", "greenlet"])
+def test_an_invalidation_read_with_the_last_reply_of_a_batch_comes_at_once(redis_server, proxy,
+                                                                            last):
+    """Redis sends a BCAST invalidation right after the replies of the batch that changed the
+    key, in the same write: it must reach the client then, not with its next request's reply."""
+    with ByteClient(proxy.port) as listener, ByteClient(proxy.port) as tracker:
+        assert listener.call("HELLO", "3")[:1] == b"%"
+        upstream_id = listener.call("CLIENT", "ID")[1:-2].decode()
+        assert tracker.call("CLIENT", "TRACKING", "ON", "REDIRECT", upstream_id,
+                            "BCAST") == b"+OK\r\n"
+        assert listener.call("GET", "other") == b"_\r\n"  # plain batches from here
+        batch = [("GET", "other"), ("SET", "cached", "v")] + ([last] if last else [])
+        listener.send_raw(b"".join(encode(*command) for command in batch))
+        expected = [b"_\r\n", b"+OK\r\n", b"_\r\n"][:len(batch)]  # GETNAME: no name
+        assert [listener.read_frame() for _ in batch] == expected
+        assert listener.read_frame(timeout=3) == (
+            b">2\r\n$10\r\ninvalidate\r\n*1\r\n$6\r\ncached\r\n")
 
 
 def test_scripts_and_functions(redis_server, proxy):

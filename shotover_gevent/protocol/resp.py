@@ -279,6 +279,14 @@ class ReplyFramer:
                 return out
             out.append(frame)
 
+    def next_type(self) -> bytes:
+        """The type byte of the next frame (whole or not), b"" when nothing is buffered."""
+        ready = self._ready
+        if ready:
+            return ready[-1][:1]
+        buf = self._buf
+        return bytes(buf.data[buf.offset:buf.offset + 1])
+
     def idle(self) -> bool:
         """Nothing buffered, nothing half framed: the next bytes read begin a frame."""
         buf = self._buf
