@@ -111,6 +111,31 @@ def test_openings_go_in_the_order_they_began_and_a_hung_one_holds_no_one_for_lon
     line.end(hung)
 
 
+def test_an_opening_to_a_hung_server_holds_no_opening_to_another_server():
+    """Only the order in which one server gets the first requests matters: a server that
+    never accepts (behind another source, say) must not hold the new clients of the others
+    (with one line for all, each waited 50 ms, and up to 1 s while that server's connection
+    attempts kept timing out)."""
+    import gevent
+
+    from shotover_gevent.transforms.redis_sink_single import opening_order
+
+    hung_server, other_server = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    assert opening_order(hung_server) is opening_order(hung_server)
+    hung = opening_order(hung_server).begin()  # never ends while the other waits
+    line = opening_order(other_server)
+    ticket = line.begin()
+    ran = []
+    other = gevent.spawn(ran.append, "another greenlet")
+    try:
+        line.wait_turn(ticket)
+        assert ran == []  # its turn came without a wait: nothing else ran meanwhile
+    finally:
+        line.end(ticket)
+        opening_order(hung_server).end(hung)
+        other.kill()
+
+
 def test_blocked_clients_are_served_first_come_first_served(proxy, redis_server):
     """Two clients send BLPOP one right after the other: Redis serves the one that blocked
     first; so must it through the proxy (a worker pool relying on fair queues starves

@@ -105,7 +105,17 @@ class _OpeningOrder:
 #: batch waits for them at most in all.
 OPENING_STALL = 0.05
 OPENING_WAIT = 1.0
-_OPENING = _OpeningOrder()
+#: One line per server: the order that matters is the one in which the server gets the
+#: requests, and a server that hangs must not hold the new clients of another.
+_OPENINGS: Dict[Address, _OpeningOrder] = {}
+
+
+def opening_order(address) -> _OpeningOrder:
+    """The line of openings of connections to `address`."""
+    order = _OPENINGS.get(address)
+    if order is None:
+        order = _OPENINGS[address] = _OpeningOrder()
+    return order
 
 
 @dataclass
@@ -160,6 +170,7 @@ class RedisSinkSingleBuilder(TransformBuilder):
         self.address_text = format_address(config.remote_address)
         self.request_timeout = (config.request_timeout_ms / 1000.0
                                 if config.request_timeout_ms else None)
+        self.openings = opening_order(config.remote_address)
         self.failed_requests = observability.failed_requests(chain_name, "RedisSinkSingle")
         self.shared: Optional[SharedConnections] = None
         if config.shared_connections:
@@ -215,16 +226,18 @@ class RedisSinkSingle(Transform):
             return self.upstream
 
     def _connect_in_line(self) -> UpstreamConnection:
-        """_connect() for a batch that opens the connection, in the line of openings: once the
-        openings begun before it have written their batches (or failed). The caller writes its
-        batch before it next waits: those behind it go on once this greenlet has."""
-        ticket = _OPENING.begin()
+        """_connect() for a batch that opens the connection, in the line of openings to its
+        server: once the openings begun before it have written their batches (or failed). The
+        caller writes its batch before it next waits: those behind it go on once this greenlet
+        has."""
+        openings = self.builder.openings
+        ticket = openings.begin()
         try:
             upstream = self._connect()
-            _OPENING.wait_turn(ticket)
+            openings.wait_turn(ticket)
             return upstream
         finally:
-            _OPENING.end(ticket)
+            openings.end(ticket)
 
     def _upstream_options(self) -> dict:
         return {"on_lost": self._upstream_lost, "client_socket": _client_socket(self.context),
