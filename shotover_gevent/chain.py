@@ -183,11 +183,10 @@ class Chain:
         if not self._runs:
             self._runs = [(_no_transform, _sink_end)]
         self._inflight_handover = all(t.inflight_handover for t in self.transforms)
-        #: Per number of screens passed, the series a successful batch is recorded in: the
-        #: transforms' it entered itself, then the chain's.
+        #: Per number of screens passed, where a successful batch is recorded: the series of
+        #: the transforms it entered itself, then the chain's.
         own = self._metrics
-        self._recorders = [tuple((m._total, m._pending, m._latency) for m in metrics[:entered + 1])
-                           + ((own._total, own._pending, own._latency),)
+        self._recorders = [observability.batch_series(own, metrics[:entered + 1])
                            for entered in range(len(screens) + 1)]
 
     def process(self, requests: List[Message]) -> List[Message]:
@@ -306,12 +305,12 @@ class Chain:
         seconds = perf_counter() - started
         if not failed:
             # TransformMetrics.record for each transform the batch entered and
-            # ChainMetrics.record_batch, without the calls.
-            for total, pending, latency in self._recorders[entered]:
-                total.value += 1
-                pending.append(seconds)
-                if len(pending) >= FOLD_AT:
-                    latency.fold()
+            # ChainMetrics.record_batch, in one append.
+            series = self._recorders[entered]
+            pending = series.pending
+            pending.append(seconds)
+            if len(pending) >= FOLD_AT:
+                series.drain()
             return
         metrics = self._transform_metrics
         if entered:

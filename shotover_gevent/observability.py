@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 
 # prometheus_client and gevent.pywsgi are imported where they are used: an upgraded image must
@@ -223,6 +223,7 @@ class _Family:
         return [_metric(self.name, self.documentation, self.kind)]
 
     def _snapshot(self) -> list[tuple[dict[str, str], object]]:
+        drain_batches()
         with self._lock:
             items = list(self._series.items())
         return [(dict(zip(self.labelnames, key)), cell) for key, cell in items]
@@ -432,6 +433,51 @@ class TransformMetrics:
             self._latency.fold()
 
 
+class BatchSeries:
+    """The successful batches of one chain that entered the same transforms, recorded in every
+    series they count in (each transform's and the chain's total and latency) with one append:
+    the latencies wait in one list and go into each series a few hundred at a time, and before
+    any series is read (see drain_batches)."""
+
+    __slots__ = ("pending", "_targets")
+
+    def __init__(self, targets: tuple) -> None:
+        #: The latencies of batches not yet in the series.
+        self.pending: list[float] = []
+        self._targets = targets  # (CounterCell, HistogramCell) pairs
+
+    def drain(self) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        for total, latency in self._targets:
+            total.value += len(pending)
+            latency.pending += pending
+            if len(latency.pending) >= HistogramCell.FOLD_AT:
+                latency.fold()
+        pending.clear()
+
+
+_batch_series: dict[tuple, BatchSeries] = {}
+
+
+def batch_series(chain: ChainMetrics, transforms: Sequence[TransformMetrics]) -> BatchSeries:
+    """The (shared) BatchSeries of a chain's batches that entered `transforms` themselves."""
+    key = (chain.name, tuple(m.name for m in transforms))
+    found = _batch_series.get(key)
+    if found is None:
+        targets = tuple((m._total, m._latency) for m in transforms) + \
+            ((chain._total, chain._latency),)
+        found = _batch_series.setdefault(key, BatchSeries(targets))
+    return found
+
+
+def drain_batches() -> None:
+    """Bring every series up to date with the batches recorded through a BatchSeries."""
+    for series in list(_batch_series.values()):
+        series.drain()
+
+
 _chain_cache: dict[str, ChainMetrics] = {}
 _transform_cache: dict[str, TransformMetrics] = {}
 
@@ -553,6 +599,7 @@ def export_counters() -> list:
     """Every counter and histogram series as plain data, for the next image of this process
     to go on from (a counter never goes back across an upgrade)."""
     exported = []
+    drain_batches()
     for family in list(REGISTRY._collectors):
         if not isinstance(family, (_CounterFamily, _HistogramFamily)) or \
                 family.name in _CARRIED_ELSEWHERE:

@@ -144,6 +144,26 @@ def test_new_chain_series_start_at_zero():
     assert 'shotover_chain_latency_seconds_count{chain="fresh_chain"} 0.0' in text
 
 
+def test_batches_recorded_in_one_append_are_in_every_series_when_read():
+    chain = obs.chain_metrics("batched_chain")
+    screen, sink = obs.transform_metrics("BatchedScreen"), obs.transform_metrics("BatchedSink")
+    series = obs.batch_series(chain, [screen, sink])
+    assert obs.batch_series(chain, [screen, sink]) is series  # one per chain and transforms
+    series.pending += [0.0004, 0.003]  # what Chain.record appends for two batches
+    text = obs.render_metrics().decode()
+    for line in ('shotover_chain_total_count{chain="batched_chain"} 2.0',
+                 'shotover_transform_total_count{transform="BatchedScreen"} 2.0',
+                 'shotover_transform_total_count{transform="BatchedSink"} 2.0',
+                 'shotover_chain_latency_seconds_bucket{chain="batched_chain",le="0.0005"} 1.0',
+                 'shotover_transform_latency_seconds_count{transform="BatchedSink"} 2.0'):
+        assert line in text
+    series.pending += [0.2] * 300  # past the fold: still counted once each
+    series.drain()
+    exported = {(name, tuple(key)): state for name, key, state in obs.export_counters()}
+    assert exported[("shotover_chain_total_count", ("batched_chain",))] == 302.0
+    assert exported[("shotover_transform_latency_seconds", ("BatchedScreen",))][2] == 302
+
+
 def test_query_counter_bounds_distinct_names(monkeypatch):
     monkeypatch.setattr(obs, "MAX_QUERY_LABELS", 2)
     count = obs.query_counter("bounded")
