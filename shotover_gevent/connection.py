@@ -555,8 +555,10 @@ class ClientConnection:
                 return None, status
         unread = self.framer.unread_bytes()
         if status == "unsent":
-            # Nothing of the batch reached the server: the next image serves it afresh.
-            unread = b"".join([request.raw for request in batch]) + unread
+            # Nothing of the batch reached the server: the next image serves it afresh. (The
+            # callbacks keep a batch as framed, even one whose connection failed to open and
+            # whose errors are still to be written.)
+            unread = b"".join([request.raw for request in as_messages(batch)]) + unread
         output = self._output_first
         if self._unsent is not None:
             output += bytes(self._unsent)
