@@ -225,10 +225,6 @@ def run_redis_benchmark(port: int, requests: int, clients: int, pipeline: int,
     return result
 
 
-#: Redis, HAProxy and the cluster's nodes serve this many times the requests of a proxy run:
-#: they are several times faster and cheaper, and their CPU time must stay well above the
-#: 10 ms tick of /proc/PID/stat (per-request figures compare whatever the run's length).
-REFERENCE_FACTOR = 4
 
 #: -r of the cluster topology's runs (random keys over every master).
 CLUSTER_KEY_RANGE = 100000
@@ -314,9 +310,8 @@ def throughput(options) -> Dict[str, Any]:
                     for target in targets[shift:] + targets[:shift]:
                         stack.say(f"run {repeat + 1}/{options.repeat}: {target.name}, "
                                   f"-c {clients} -P {pipeline}")
-                        count = requests[pipeline] * (1 if target.kind == "proxy"
-                                                      else REFERENCE_FACTOR)
-                        result = run(target, count, clients, pipeline, tests=tests)
+                        result = run(target, requests[pipeline], clients, pipeline,
+                                     tests=tests)
                         samples.setdefault((target.name, clients, pipeline), []).append(result)
                         for proxy in proxies.values():
                             proxy.check_alive()
@@ -375,11 +370,9 @@ def throughput(options) -> Dict[str, Any]:
 
     # Connection set-up is inside every run's CPU figure: redis-benchmark opens its -c
     # connections once per test (and a cluster-aware client, once per node).
-    kinds = {target.name: target.kind for target in targets}
-    setup_share = {name: {str(clients): round(
-        cost["cpu_us"] * clients / (requests[1] * (1 if kinds[name] == "proxy"
-                                                   else REFERENCE_FACTOR)), 2)
-        for clients in options.clients} for name, cost in connection_cost.items()}
+    setup_share = {name: {str(clients): round(cost["cpu_us"] * clients / requests[1], 2)
+                          for clients in options.clients}
+                   for name, cost in connection_cost.items()}
 
     environment = {
         "cpus": os.cpu_count(),
@@ -394,7 +387,6 @@ def throughput(options) -> Dict[str, Any]:
         "mode": "throughput",
         "settings": {"tests": list(tests), "requests": requests[1],
                      "pipelined_requests": requests.get(options.pipeline),
-                     "reference_factor": REFERENCE_FACTOR,
                      "clients": options.clients, "pipelines": pipelines,
                      "repeat": options.repeat, "topology": options.topology,
                      "topologies": topologies, "key_range": key_range},
@@ -471,8 +463,8 @@ def print_throughput(report: Dict[str, Any]) -> None:
     env = report["environment"]
     pipelined = [p for p in s["pipelines"] if p > 1]
     counts = f"-n {s['requests']:,} per test" + (
-        f" (with -P {pipelined[0]}: -n {s['pipelined_requests']:,})" if pipelined else "") + (
-        f" through the proxy, {s['reference_factor']}x that for the others")
+        f" (with -P {pipelined[0]}: -n {s['pipelined_requests']:,})" if pipelined else "") + \
+        " for every target"
     haproxy = (f"HAProxy {env['haproxy'].split()[2] if len(env['haproxy'].split()) > 2 else ''}"
                f" mode tcp, {env['haproxy_threads']} thread(s)" if env["haproxy"]
                else "no HAProxy")
@@ -829,16 +821,16 @@ def test_list(text: str) -> Tuple[str, ...]:
 
 
 #: Defaults of --requests: the cluster topology's proxy serves several times fewer requests/s.
-DEFAULT_REQUESTS = {"cluster": 10000}
-DEFAULT_REQUESTS_SINGLE = 50000
+DEFAULT_REQUESTS = {"cluster": 40000}
+DEFAULT_REQUESTS_SINGLE = 200000
 
 
 def parse_args(argv: Optional[List[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", "-n", type=int, default=None,
-                        help="requests per redis-benchmark test through the proxy without "
-                             f"pipelining; Redis and HAProxy get {REFERENCE_FACTOR} times as "
-                             "many (default "
+                        help="requests per redis-benchmark test without pipelining, the "
+                             "same for every target, so that each run's connection set-up is "
+                             "shared out over as many requests (default "
                              f"{DEFAULT_REQUESTS_SINGLE}; {DEFAULT_REQUESTS['cluster']} with "
                              "--topology cluster)")
     parser.add_argument("--pipelined-requests", type=int, default=None, metavar="N",
