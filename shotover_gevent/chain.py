@@ -144,6 +144,24 @@ def _sink_end(requests: List[Message]) -> List[Message]:
     raise RuntimeError("chain ended without a terminating transform")
 
 
+class ChainShared:
+    """What every connection's instance of one chain shares: the metric series its batches are
+    recorded in, and what its screens do to a batch of one command, worked out once for all of
+    them (Transform.screen_counts depends on the configuration only). With hundreds of
+    connections, one copy stays in the CPU's caches where one per connection would not."""
+
+    __slots__ = ("metrics", "transform_metrics", "recorders", "plans")
+
+    def __init__(self, name: str, builders: Sequence[TransformBuilder]) -> None:
+        self.metrics = observability.chain_metrics(name)
+        self.transform_metrics = [observability.transform_metrics(builder.name)
+                                  for builder in builders]
+        #: Chain._recorders, set by the first chain built (which knows its screens).
+        self.recorders: Optional[list] = None
+        #: Chain._plans: per command name (as sent, or upper-cased), its plan (bounded).
+        self.plans: dict = {}
+
+
 class Chain:
     """One connection's instance of a topology chain."""
 
@@ -151,12 +169,13 @@ class Chain:
                  "_inflight_handover", "screens", "_plans", "_plain_screens", "_recorders")
 
     def __init__(self, name: str, builders: Sequence[TransformBuilder],
-                 context: ConnectionContext) -> None:
+                 context: ConnectionContext, shared: Optional[ChainShared] = None) -> None:
         self.name = name
         self.transforms = [builder.build(context) for builder in builders]
-        self._metrics = observability.chain_metrics(name)
-        metrics = [observability.transform_metrics(builder.name) for builder in builders]
-        self._transform_metrics = metrics
+        if shared is None:
+            shared = ChainShared(name, builders)
+        self._metrics = shared.metrics
+        metrics = self._transform_metrics = shared.transform_metrics
         # The leading transforms that can screen a batch. process() runs their screens, then
         # the transform after the last one that passed, whose next transforms are nested from
         # the sink upwards, each timed by its own wrapper. The transforms process() entered
@@ -173,7 +192,7 @@ class Chain:
         #: of that command (Transform.screen_counts); then `_plans` remembers it.
         self._plain_screens = bool(screens) and all(
             transform.screen_counts is not None for transform in self.transforms[:len(screens)])
-        self._plans: Optional[dict] = None
+        self._plans = shared.plans
         nested: List[CallNext] = [_sink_end] * (len(self.transforms) + 1)
         for index in range(len(self.transforms) - 1, 0, -1):
             nested[index] = _bind(self.transforms[index], nested[index + 1], metrics[index])
@@ -185,9 +204,10 @@ class Chain:
         self._inflight_handover = all(t.inflight_handover for t in self.transforms)
         #: Per number of screens passed, where a successful batch is recorded: the series of
         #: the transforms it entered itself, then the chain's.
-        own = self._metrics
-        self._recorders = [observability.batch_series(own, metrics[:entered + 1])
-                           for entered in range(len(screens) + 1)]
+        if shared.recorders is None:
+            shared.recorders = [observability.batch_series(self._metrics, metrics[:entered + 1])
+                                for entered in range(len(screens) + 1)]
+        self._recorders = shared.recorders
 
     def process(self, requests: List[Message]) -> List[Message]:
         started = perf_counter()
@@ -230,8 +250,7 @@ class Chain:
     def _planned(self, key, size: int) -> int:
         """What the screens do to a batch of `size` requests of one command, `key` (its name as
         sent, bytes, or upper-cased, str): done, and how many of them passed it on."""
-        plans = self._plans
-        plan = None if plans is None else plans.get(key)
+        plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(key)
         entered, counters = plan
@@ -241,7 +260,7 @@ class Chain:
 
     def _plan(self, key) -> tuple:
         """(how many screens pass a batch made only of the command `key` (see _planned), the
-        counters those that do add its size to); remembered for the connection's life
+        counters those that do add its size to); remembered for every connection of the chain
         (bounded)."""
         command = command_name(key) if type(key) is bytes else key
         entered = 0
@@ -254,8 +273,6 @@ class Chain:
             entered += 1
         plan = (entered, tuple(counters))
         plans = self._plans
-        if plans is None:
-            plans = self._plans = {}
         if len(plans) < 64:
             plans[key] = plan
         return plan

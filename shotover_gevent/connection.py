@@ -414,7 +414,8 @@ class ClientConnection:
             source = self.source
             context = ConnectionContext(source.name, source.chain_name, self.peer, self.session,
                                         self.push, self.hang_up)
-            chain = self._chain = Chain(source.chain_name, source.builders, context)
+            chain = self._chain = Chain(source.chain_name, source.builders, context,
+                                        source.chain_shared)
             record, self._upstream_record = self._upstream_record, None
             if record is not None and not chain.adopt_upstream(record):
                 _close_fd(record.fd)  # the new topology sends this client elsewhere

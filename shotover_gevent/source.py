@@ -14,6 +14,7 @@ from gevent import socket
 from gevent.event import Event
 
 from . import observability
+from .chain import ChainShared
 from .config import SourceConfig, format_address
 from .connection import ClientConnection
 from .netio import bind_listener, stamp_arrivals
@@ -40,6 +41,7 @@ class Source:
         self.name = config.name
         self.chain_name = config.name
         self.builders = build_builders(config.chain, self.chain_name)
+        self.chain_shared = ChainShared(self.chain_name, self.builders)
         self.listener = listener
         self.connections: Set[ClientConnection] = set()
         self.closed_reasons: Dict[str, int] = {}
