@@ -156,17 +156,41 @@ class ChainShared:
         self.metrics = observability.chain_metrics(name)
         self.transform_metrics = [observability.transform_metrics(builder.name)
                                   for builder in builders]
-        #: Chain._recorders, set by the first chain built (which knows its screens).
+        #: Per number of screens passed, where a successful batch is recorded (a BatchSeries:
+        #: the series of the transforms it entered itself, then the chain's); set by the first
+        #: chain built, which knows its screens.
         self.recorders: Optional[list] = None
         #: Chain._plans: per command name (as sent, or upper-cased), its plan (bounded).
         self.plans: dict = {}
+
+    def record(self, started: float, entered: int, failed: bool) -> None:
+        """Account for a batch of one of the chain's connections done now: the chain's
+        latency, and the transforms it entered itself (the first, and one more per screen that
+        passed the batch on)."""
+        seconds = perf_counter() - started
+        if not failed:
+            # TransformMetrics.record for each transform the batch entered and
+            # ChainMetrics.record_batch, in one append.
+            series = self.recorders[entered]
+            pending = series.pending
+            pending.append(seconds)
+            if len(pending) >= FOLD_AT:
+                series.drain()
+            return
+        metrics = self.transform_metrics
+        if entered:
+            for index in range(entered + 1):
+                metrics[index].record(seconds, failed)
+        elif metrics:
+            metrics[0].record(seconds, failed)
+        self.metrics.record_batch(seconds, failed)
 
 
 class Chain:
     """One connection's instance of a topology chain."""
 
-    __slots__ = ("name", "transforms", "_metrics", "_transform_metrics", "_screens", "_runs",
-                 "_inflight_handover", "screens", "_plans", "_plain_screens", "_recorders")
+    __slots__ = ("name", "transforms", "shared", "_screens", "_runs", "_inflight_handover",
+                 "screens", "_plans", "_plain_screens")
 
     def __init__(self, name: str, builders: Sequence[TransformBuilder],
                  context: ConnectionContext, shared: Optional[ChainShared] = None) -> None:
@@ -174,8 +198,8 @@ class Chain:
         self.transforms = [builder.build(context) for builder in builders]
         if shared is None:
             shared = ChainShared(name, builders)
-        self._metrics = shared.metrics
-        metrics = self._transform_metrics = shared.transform_metrics
+        self.shared = shared
+        metrics = shared.transform_metrics
         # The leading transforms that can screen a batch. process() runs their screens, then
         # the transform after the last one that passed, whose next transforms are nested from
         # the sink upwards, each timed by its own wrapper. The transforms process() entered
@@ -202,12 +226,9 @@ class Chain:
         if not self._runs:
             self._runs = [(_no_transform, _sink_end)]
         self._inflight_handover = all(t.inflight_handover for t in self.transforms)
-        #: Per number of screens passed, where a successful batch is recorded: the series of
-        #: the transforms it entered itself, then the chain's.
         if shared.recorders is None:
-            shared.recorders = [observability.batch_series(self._metrics, metrics[:entered + 1])
+            shared.recorders = [observability.batch_series(shared.metrics, metrics[:entered + 1])
                                 for entered in range(len(screens) + 1)]
-        self._recorders = shared.recorders
 
     def process(self, requests: List[Message]) -> List[Message]:
         started = perf_counter()
@@ -317,25 +338,8 @@ class Chain:
         return replies
 
     def record(self, started: float, entered: int, failed: bool) -> None:
-        """Account for a batch done now: the chain's latency, and the transforms it entered
-        itself (the first, and one more per screen that passed the batch on)."""
-        seconds = perf_counter() - started
-        if not failed:
-            # TransformMetrics.record for each transform the batch entered and
-            # ChainMetrics.record_batch, in one append.
-            series = self._recorders[entered]
-            pending = series.pending
-            pending.append(seconds)
-            if len(pending) >= FOLD_AT:
-                series.drain()
-            return
-        metrics = self._transform_metrics
-        if entered:
-            for index in range(entered + 1):
-                metrics[index].record(seconds, failed)
-        elif metrics:
-            metrics[0].record(seconds, failed)
-        self._metrics.record_batch(seconds, failed)
+        """Account for a batch done now (see ChainShared.record)."""
+        self.shared.record(started, entered, failed)
 
     def prepare(self) -> None:
         for transform in self.transforms:

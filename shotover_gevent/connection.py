@@ -727,7 +727,7 @@ class _Lane:
     its greenlet, which goes on from there as if it had done all of it itself."""
 
     __slots__ = ("connection", "fd", "readable", "watcher", "order", "busy", "stopped", "batch",
-                 "opening", "why", "chain", "sink", "screens", "sink_index")
+                 "opening", "why", "chain", "sink", "screens", "sink_index", "record")
 
     def __init__(self, connection: ClientConnection, readable: Readable, order) -> None:
         self.connection = connection
@@ -744,6 +744,9 @@ class _Lane:
         self.screens = chain.screens
         self.sink_index = len(chain.transforms) - 1
         self.sink = chain.transforms[-1]
+        # What every connection of the chain shares records the batches: the connection's
+        # own chain is not reached at all for a batch that no screen looks at.
+        self.record = chain.shared.record
         #: Bytes read and not answered yet: the next are read once they are.
         self.busy = False
         self.stopped = False
@@ -858,7 +861,7 @@ class _Lane:
         count, started, entered = batch
         try:
             payload = self.sink.lane_payload(count, result)
-            self.chain.record(started, entered, False)
+            self.record(started, entered, False)
             connection._in_batch = False
             if len(payload) > LARGE_OUTPUT and connection._over_output_limit(len(payload)):
                 self.give_back(("end",))
@@ -902,7 +905,7 @@ class _Lane:
         connection = self.connection
         _count, started, entered = batch
         try:
-            self.chain.record(started, entered, False)
+            self.record(started, entered, False)
             connection._in_batch = False
             connection._batch = None
             if type(outcome) is tuple:
