@@ -22,8 +22,9 @@ from cluster_support import Cluster, cluster_sink, start_cluster
 from helpers import (HOST, ProxyProcess, RawClient, encode, free_port, redis_client,
                      source_entry, stop_proxies, wait_for)
 from shotover_gevent.cluster import slots
-from shotover_gevent.cluster.slots import key_slot
-from shotover_gevent.protocol.resp import encode_command
+from shotover_gevent.cluster.slotmap import SlotMap
+from shotover_gevent.cluster.slots import key_slot, routing_table
+from shotover_gevent.protocol.resp import ReplyFramer, encode_command
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,69 @@ def test_key_slots_are_the_clusters(clean_cluster, monkeypatch):
     assert compiled == expected
     assert slots.request_key_slots([(b"*1\r\n$4\r\nPING\r\n", b"PING"), (b"PING\r\n", None),
                                     (b"*2\r\n$3\r\nGET\r\n:1\r\n", b"GET")]) == [-1, -1, -1]
+
+
+def node_frames(port: int, payload: bytes, count: int) -> List[bytes]:
+    """The `count` reply frames a node sends for `payload`, each as its bytes."""
+    framer = ReplyFramer()
+    frames: List[bytes] = []
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(payload)
+        while len(frames) < count:
+            data = sock.recv(65536)
+            assert data, "the node closed the connection"
+            framer.feed(data)
+            frames += framer.take(count - len(frames))
+    return frames
+
+
+@pytest.mark.parametrize("implementation", ["c", "py"])
+def test_a_batch_cut_per_node_and_its_replies_put_back(clean_cluster, implementation):
+    """route_batch cuts a batch per node as the cluster's slot map says (in C where it is
+    built, and in Python), and merge_replies puts what each node answers back in request
+    order, or says that one of the replies sends its request again."""
+    if implementation == "c":
+        if slots._route_batch is None:
+            pytest.skip("the C part (shotover_gevent/protocol/_scan.c) is not built")
+        route, merge = slots._route_batch, slots._merge_replies
+    else:
+        route, merge = slots.route_requests, slots.merge_frames
+    node = clean_cluster.masters()[0]
+    with node.client() as direct:
+        slot_map = SlotMap.from_cluster_slots(direct.execute_command("CLUSTER", "SLOTS"),
+                                              (HOST, node.port))
+    table, nodes = slot_map.routing()
+    keys = [b"k:%d" % i for i in range(12)] + [b"{k:3}.tagged", b"x" * 300]
+    with clean_cluster.client() as client:
+        for i, key in enumerate(keys[::2]):
+            client.set(key, b"v%d" % i)
+    # Each request answers the same whenever it runs: GETs, and SETs of what a key holds.
+    framed = [(encode("GET", key) if i % 3 else encode("SET", key, "v%d" % (i // 2)),
+               b"GET" if i % 3 else b"SET") for i, key in enumerate(keys)]
+    groups, payloads, order = route(framed, table, 65536)
+    assert len(groups) == len(payloads) == 3 and len(order) == len(framed)
+    owners = [nodes[groups[group]] for group in order]
+    assert owners == [slot_map.owners[key_slot(key)] for key in keys]
+    assert [b"".join(raw for (raw, _), group in zip(framed, order) if group == index)
+            for index in range(3)] == payloads
+    results = [node_frames(nodes[node][1], payload, order.count(index))
+               for index, (node, payload) in enumerate(zip(groups, payloads))]
+    assert merge(order, results) == b"".join(
+        node_frames(nodes[groups[group]][1], raw, 1)[0] for (raw, _), group in
+        zip(framed, order))
+    same_node = [pair for pair, group in zip(framed, order) if group == order[0]]
+    assert route(same_node, table, 65536) == groups[0]
+    # A request with no key, one over the length limit, or a slot no node serves: None.
+    assert route(framed + [(encode("PING"), b"PING")], table, 65536) is None
+    assert route(framed, table, 100) is None
+    moved = slot_map.moved(key_slot(keys[0]), ("127.0.0.1", 1)).owners
+    assert route(framed, routing_table([None if owner is None or owner[1] == 1 else 0
+                                        for owner in moved]), 65536) is None
+    # A redirection, or too few frames, among the replies: None.
+    redirected = [list(frames) for frames in results]
+    redirected[1][-1] = b"-MOVED 3999 127.0.0.1:6381\r\n"
+    assert merge(order, redirected) is None
+    assert merge(order, [results[0], results[1], results[2][:-1]]) is None
 
 
 @pytest.mark.parametrize("connection_count", [1, 3])

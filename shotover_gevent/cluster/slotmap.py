@@ -6,13 +6,13 @@ from __future__ import annotations
 import random
 from typing import Dict, List, Optional, Tuple
 
-from .slots import SLOT_COUNT
+from .slots import SLOT_COUNT, routing_table
 
 Address = Tuple[str, int]
 
 
 class SlotMap:
-    __slots__ = ("owners", "masters", "replicas", "first_slots")
+    __slots__ = ("owners", "masters", "replicas", "first_slots", "_routing")
 
     def __init__(self, owners: List[Optional[Address]], replicas: Dict[Address, List[Address]]):
         self.owners = owners
@@ -23,6 +23,20 @@ class SlotMap:
                 self.first_slots[owner] = slot
         self.masters: List[Address] = list(self.first_slots)
         self.replicas = replicas
+        self._routing: Optional[Tuple[bytes, List[Address]]] = None
+
+    def routing(self) -> Tuple[bytes, List[Address]]:
+        """(table, nodes): for each slot the index in `nodes` of its owner, as route_batch
+        takes it (slots.py). Made once, when first asked for."""
+        routing = self._routing
+        if routing is None:
+            nodes = list(self.masters)
+            index: Dict[Optional[Address], Optional[int]] = {None: None}
+            for position, address in enumerate(nodes):
+                index[address] = position
+            routing = self._routing = routing_table(list(map(index.__getitem__, self.owners))), \
+                nodes
+        return routing
 
     @classmethod
     def from_cluster_slots(cls, value, asked: Address) -> "SlotMap":

@@ -425,6 +425,195 @@ key_slots(PyObject *self, PyObject *args)
     return out;
 }
 
+/* route_batch(framed, table, max_length) -> node, (nodes, payloads, order) or None
+ *
+ * framed: requests as the framer gives them, (raw bytes, name) pairs; table: for each of the
+ * 16384 hash slots the index of the node serving it, a native unsigned 16-bit integer
+ * (65535: none), 32768 bytes in all. Each request goes to the node of its argument 1's slot.
+ * When they all go to one node: that node's index (int). Else, per node in the order the
+ * batch first names it (a group): nodes, the nodes' indices (tuple of int); payloads, the
+ * group's requests' bytes joined (list of bytes); and order, for each request the index of
+ * its group (bytes). None when a request has no slot (see key_slots, max_length included),
+ * its slot no node, or the batch names more than 255 nodes. */
+#define ROUTE_NONE 65535
+#define ROUTE_GROUPS 255
+
+static PyObject *
+route_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *framed, *order = NULL, *nodes = NULL, *payloads = NULL, *result = NULL;
+    Py_ssize_t i, count, max_length, groups = 0;
+    const char *map;
+    unsigned char *marks;
+    unsigned short node_of_group[ROUTE_GROUPS];
+    Py_ssize_t sizes[ROUTE_GROUPS], filled[ROUTE_GROUPS];
+
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyBytes_Check(args[1]) ||
+            PyBytes_GET_SIZE(args[1]) != 16384 * (Py_ssize_t)sizeof(unsigned short)) {
+        PyErr_SetString(PyExc_TypeError, "route_batch(list of pairs, bytes of 16384 unsigned "
+                                         "shorts, int)");
+        return NULL;
+    }
+    framed = args[0];
+    max_length = PyLong_AsSsize_t(args[2]);
+    if (max_length == -1 && PyErr_Occurred())
+        return NULL;
+    count = PyList_GET_SIZE(framed);
+    if (count == 0)
+        Py_RETURN_NONE;
+    map = PyBytes_AS_STRING(args[1]);
+    order = PyBytes_FromStringAndSize(NULL, count);
+    if (order == NULL)
+        return NULL;
+    marks = (unsigned char *)PyBytes_AS_STRING(order);
+    for (i = 0; i < count; i++) {
+        PyObject *pair = PyList_GET_ITEM(framed, i), *raw;
+        long slot = -1;
+        unsigned short node;
+        Py_ssize_t group;
+        if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) >= 1) {
+            raw = PyTuple_GET_ITEM(pair, 0);
+            if (PyBytes_Check(raw) && PyBytes_GET_SIZE(raw) <= max_length) {
+                const char *data = PyBytes_AS_STRING(raw);
+                slot = request_key_slot(data, data + PyBytes_GET_SIZE(raw));
+            }
+        }
+        if (slot >= 0)
+            memcpy(&node, map + slot * sizeof(unsigned short), sizeof(node));
+        if (slot < 0 || node == ROUTE_NONE) {
+            Py_DECREF(order);
+            Py_RETURN_NONE;
+        }
+        for (group = 0; group < groups && node_of_group[group] != node; group++)
+            ;
+        if (group == groups) {
+            if (groups == ROUTE_GROUPS) {
+                Py_DECREF(order);
+                Py_RETURN_NONE;
+            }
+            node_of_group[group] = node;
+            sizes[group] = 0;
+            groups++;
+        }
+        marks[i] = (unsigned char)group;
+        sizes[group] += PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 0));
+    }
+    if (groups == 1) {
+        Py_DECREF(order);
+        return PyLong_FromLong(node_of_group[0]);
+    }
+    nodes = PyTuple_New(groups);
+    payloads = PyList_New(groups);
+    if (nodes == NULL || payloads == NULL)
+        goto done;
+    for (i = 0; i < groups; i++) {
+        PyObject *node = PyLong_FromLong(node_of_group[i]), *payload;
+        if (node == NULL)
+            goto done;
+        PyTuple_SET_ITEM(nodes, i, node);
+        payload = PyBytes_FromStringAndSize(NULL, sizes[i]);
+        if (payload == NULL)
+            goto done;
+        PyList_SET_ITEM(payloads, i, payload);
+        filled[i] = 0;
+    }
+    for (i = 0; i < count; i++) {
+        PyObject *raw = PyTuple_GET_ITEM(PyList_GET_ITEM(framed, i), 0);
+        unsigned char group = marks[i];
+        memcpy(PyBytes_AS_STRING(PyList_GET_ITEM(payloads, group)) + filled[group],
+               PyBytes_AS_STRING(raw), (size_t)PyBytes_GET_SIZE(raw));
+        filled[group] += PyBytes_GET_SIZE(raw);
+    }
+    result = PyTuple_Pack(3, nodes, payloads, order);
+done:
+    Py_XDECREF(nodes);
+    Py_XDECREF(payloads);
+    Py_DECREF(order);
+    return result;
+}
+
+/* Whether a reply frame sends its request again (see redis_sink_cluster._RETRIED). */
+static int
+retried_frame(const char *frame, Py_ssize_t length)
+{
+    static const char *const prefixes[] = {"-MOVED ", "-ASK ", "-TRYAGAIN", "-CLUSTERDOWN",
+                                           "-LOADING", NULL};
+    int k;
+    if (length < 1 || frame[0] != '-')
+        return 0;
+    for (k = 0; prefixes[k] != NULL; k++) {
+        size_t size = strlen(prefixes[k]);
+        if ((size_t)length >= size && memcmp(frame, prefixes[k], size) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* merge_replies(order, results) -> the replies in one piece, or None
+ *
+ * order: as route_batch gives it, each request's group; results: per group, the reply frames
+ * (bytes) its node sent, in order. The frames put back in request order, joined; None when a
+ * group has fewer frames than requests, or a frame sends its request again (a redirection,
+ * a node not ready). */
+static PyObject *
+merge_replies(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *order, *results, *out;
+    Py_ssize_t i, count, groups, total = 0, taken[256];
+    const unsigned char *marks;
+    char *p;
+
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "merge_replies(bytes, list of lists of bytes)");
+        return NULL;
+    }
+    order = args[0];
+    results = args[1];
+    count = PyBytes_GET_SIZE(order);
+    marks = (const unsigned char *)PyBytes_AS_STRING(order);
+    groups = PyList_GET_SIZE(results);
+    if (groups > 256) {
+        PyErr_SetString(PyExc_ValueError, "more than 256 groups");
+        return NULL;
+    }
+    for (i = 0; i < groups; i++) {
+        if (!PyList_Check(PyList_GET_ITEM(results, i))) {
+            PyErr_SetString(PyExc_TypeError, "merge_replies(bytes, list of lists of bytes)");
+            return NULL;
+        }
+        taken[i] = 0;
+    }
+    for (i = 0; i < count; i++) {
+        PyObject *frames, *frame;
+        if (marks[i] >= groups)
+            Py_RETURN_NONE;
+        frames = PyList_GET_ITEM(results, marks[i]);
+        if (taken[marks[i]] >= PyList_GET_SIZE(frames))
+            Py_RETURN_NONE;
+        frame = PyList_GET_ITEM(frames, taken[marks[i]]);
+        if (!PyBytes_Check(frame)) {
+            PyErr_SetString(PyExc_TypeError, "a frame is not bytes");
+            return NULL;
+        }
+        if (retried_frame(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame)))
+            Py_RETURN_NONE;
+        total += PyBytes_GET_SIZE(frame);
+        taken[marks[i]]++;
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    p = PyBytes_AS_STRING(out);
+    for (i = 0; i < groups; i++)
+        taken[i] = 0;
+    for (i = 0; i < count; i++) {
+        PyObject *frame = PyList_GET_ITEM(PyList_GET_ITEM(results, marks[i]), taken[marks[i]]++);
+        memcpy(p, PyBytes_AS_STRING(frame), (size_t)PyBytes_GET_SIZE(frame));
+        p += PyBytes_GET_SIZE(frame);
+    }
+    return out;
+}
+
 /* Where recv_stamped() reads: the bytes are then copied into a bytes object of their size, which
  * costs less than allocating `size` bytes for each read and shrinking them after (the GIL is
  * held throughout, so one buffer serves every call). */
@@ -578,6 +767,10 @@ static PyMethodDef methods[] = {
      "is exactly count simple reply frames"},
     {"scan_replies", scan_replies, METH_VARARGS,
      "scan_replies(data, start, count, max_bulk) -> (frames, stop)"},
+    {"route_batch", (PyCFunction)(void (*)(void))route_batch, METH_FASTCALL,
+     "route_batch(framed, table, max_length) -> node, (nodes, payloads, order) or None"},
+    {"merge_replies", (PyCFunction)(void (*)(void))merge_replies, METH_FASTCALL,
+     "merge_replies(order, results) -> the replies in request order, joined, or None"},
     {"one_name", one_name, METH_O,
      "one_name(framed) -> the name every request has, or None"},
     {NULL, NULL, 0, NULL},

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
 from gevent import get_hub
@@ -25,7 +25,7 @@ from ..cluster.node import (
     client_ssl_context,
 )
 from ..cluster.slotmap import SlotMap, parse_redirect
-from ..cluster.slots import batch_key_slots, key_slot
+from ..cluster.slots import RETRIED, key_slot, merge_replies, request_key_slots, route_batch
 from ..cluster.topology import ClusterState, ClusterUnavailable
 from ..config import Problems, parse_address, take_mapping
 from ..message import (REPLICATION_COMMANDS, Message, NameTable, command_name, one_name,
@@ -52,7 +52,7 @@ _ASKING = resp.encode_command([b"ASKING"])
 _OK = b"+OK\r\n"
 _NULLS = (b"$-1\r\n", b"_\r\n", b"*-1\r\n")
 #: Replies that send a request again (redirections, a cluster not ready).
-_RETRIED = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN", b"-LOADING")
+_RETRIED = RETRIED
 
 
 @dataclass
@@ -255,7 +255,7 @@ class RedisSinkCluster(Transform):
         #: Which of each node's pipelined connections this client uses (None: no TLS-less ones).
         self._link: Optional[int] = None if builder.links is None else builder.assign_link()
         #: The batch submitted from the event loop's callbacks whose replies are owed: a
-        #: _Submitted, or for a batch sent to one node (framed, slots, slot map version, node).
+        #: _Submitted, or for a batch sent to one node (framed, slot map version, node).
         self._submitted: Any = None
         #: Who waits for the replies of that batch (the client connection's lane).
         self._lane = None
@@ -565,20 +565,13 @@ class RedisSinkCluster(Transform):
                 return None
         elif not _LANE.all_pass(framed):
             return None
-        slots = batch_key_slots(framed, LARGE_MESSAGE)
-        owners = current.owners
-        if len(slots) == 1:
-            slot = slots[0]
-            if slot < 0:
-                return None
-            address = owners[slot]
-        else:
-            if -1 in slots:
-                return None
-            addresses = list(map(owners.__getitem__, slots))
-            address = addresses[0]
-            if addresses.count(address) != len(addresses):
-                return self._submit_spread(framed, waiter, slots, addresses)
+        table, nodes = current.routing()
+        route = route_batch(framed, table, LARGE_MESSAGE)
+        if route is None:
+            return None
+        if type(route) is not int:
+            return self._submit_spread(framed, waiter, nodes, route)
+        address = nodes[route]
         builder = self.builder
         connection = builder.turn.get((address, self.protocol))
         if connection is None or connection.closed:
@@ -586,7 +579,7 @@ class RedisSinkCluster(Transform):
             if connection is None:
                 return None
         self._lane = waiter
-        self._submitted = (framed, slots, self.state.version, address)
+        self._submitted = (framed, self.state.version, address)
         connection.submit(framed[0][0] if len(framed) == 1 else
                           b"".join(map(itemgetter(0), framed)), len(framed), None, self)
         return framed
@@ -602,42 +595,39 @@ class RedisSinkCluster(Transform):
             if not _retried(payload, frames):
                 self._lane.switch(payload)
                 return
-        framed, slots, version, address = self._submitted
-        submitted = self._submitted = _Submitted(self._lane, framed, slots, version,
-                                                 {address: range(len(framed))})
-        submitted.results[0] = result
+        framed, version, address = self._submitted
+        submitted = self._submitted = _Submitted(self._lane, framed, version, [address],
+                                                 bytes(len(framed)))
+        submitted.results[0] = frames
+        submitted.failures = [failure]
         submitted.left = 0
         self._lane.trouble()
 
-    def _submit_spread(self, framed: List[tuple], waiter, slots: List[int],
-                       addresses: List[Optional[Address]]):
-        """submit() for a batch whose keys are on several nodes: each node's share queued on
-        its connection, the replies put back in request order once every node answered."""
-        if None in addresses:
-            return None
-        groups: Dict[Address, List[int]] = {}
-        for position, address in enumerate(addresses):
-            positions = groups.get(address)
-            if positions is None:
-                groups[address] = [position]
-            else:
-                positions.append(position)
+    def _submit_spread(self, framed: List[tuple], waiter, nodes: List[Address],
+                       route: tuple):
+        """submit() for a batch whose keys are on several nodes (`route`, as route_batch cut
+        it): each node's share queued on its connection, the replies put back in request
+        order once every node answered."""
+        groups, payloads, order = route
         builder = self.builder
         turn = builder.turn
         protocol = self.protocol
         connections = []
-        for address in groups:
+        addresses = []
+        for node in groups:
+            address = nodes[node]
             connection = turn.get((address, protocol))
             if connection is None or connection.closed:
                 connection = builder.turn_link(address, protocol, self._link)
                 if connection is None:
                     return None
             connections.append(connection)
-        submitted = self._submitted = _Submitted(waiter, framed, slots, self.state.version,
-                                                 groups)
-        for index, positions in enumerate(submitted.shares):
-            connections[index].submit(b"".join([framed[position][0] for position in positions]),
-                                      len(positions), None, _Share(submitted, index))
+            addresses.append(address)
+        submitted = self._submitted = _Submitted(waiter, framed, self.state.version, addresses,
+                                                 order)
+        for index, connection in enumerate(connections):
+            connection.submit(payloads[index], order.count(index), None,
+                              _Share(submitted, index))
         return framed
 
     def lane_payload(self, count: int, result) -> bytes:
@@ -866,37 +856,31 @@ class _Submitted:
     """A batch queued from the event loop's callbacks on the nodes' pipelined connections: what
     each node answered, put back in request order once every node has."""
 
-    __slots__ = ("waiter", "framed", "slots", "version", "addresses", "shares", "results",
+    __slots__ = ("waiter", "framed", "version", "addresses", "order", "results", "failures",
                  "left")
 
-    def __init__(self, waiter, framed: List[tuple], slots: List[int], version: int,
-                 groups: Dict[Address, Sequence[int]]) -> None:
-        """`groups`: per node, the positions of the requests sent there."""
+    def __init__(self, waiter, framed: List[tuple], version: int, addresses: List[Address],
+                 order: bytes) -> None:
+        """`addresses`: the nodes the batch was cut for (its groups); `order`: for each
+        request, the index of its group (see route_batch)."""
         self.waiter = waiter
         self.framed = framed
-        self.slots = slots
         #: The slot map's version when the batch was routed.
         self.version = version
-        #: Per node: its address, the positions of the requests sent there, and (frames,
-        #: failure) once it answered.
-        self.addresses: List[Address] = list(groups)
-        self.shares: List[Sequence[int]] = list(groups.values())
-        self.results: List[Optional[tuple]] = [None] * len(groups)
-        self.left = len(groups)
+        self.addresses = addresses
+        self.order = order
+        #: Per group, the frames its node sent, once it answered; and why the rest of them
+        #: never will come (None: they all came), once one did not answer them all.
+        self.results: List[Optional[List[bytes]]] = [None] * len(addresses)
+        self.failures: Optional[List[Optional[str]]] = None
+        self.left = len(addresses)
 
     def answer(self) -> None:
         """Every node answered (from the event loop): the replies in request order to the
         client's connection, or the batch to the client's greenlet when one of them sends its
         request again or a node failed (as RedisSinkCluster.switch does for one node)."""
-        replies: List[Optional[bytes]] = [None] * len(self.framed)
-        for positions, (frames, failure) in zip(self.shares, self.results):
-            if failure is not None:
-                self.waiter.trouble()
-                return
-            for position, frame in zip(positions, frames):
-                replies[position] = frame
-        payload = b"".join(replies)
-        if _retried(payload, replies):
+        payload = None if self.failures is not None else merge_replies(self.order, self.results)
+        if payload is None:
             self.waiter.trouble()
             return
         self.waiter.switch(payload)
@@ -904,20 +888,29 @@ class _Submitted:
     def parts(self) -> List[_Part]:
         """The requests as parts sent, with what came back for them (see _execute)."""
         framed = self.framed
-        parts: List[Optional[_Part]] = [None] * len(framed)
-        for address, positions, result in zip(self.addresses, self.shares, self.results):
-            frames, failure = result if result is not None else ([], "no reply came")
-            share = []
-            for position in positions:
-                request = framed[position]  # as framed, or made a Message by the connection
-                if type(request) is tuple:
-                    raw, command = request[0], command_name(request[1])
-                else:
-                    raw, command = request.raw, request.command
-                part = _Part(raw, self.slots[position], retry_safe=command in routing.READ_ONLY)
-                part.sent_to = address
-                parts[position] = part
-                share.append(part)
+        count = len(framed)
+        raws: List[bytes] = []
+        commands: List[Optional[str]] = []
+        for request in framed:  # as framed, or made a Message by the connection
+            if type(request) is tuple:
+                raws.append(request[0])
+                commands.append(command_name(request[1]))
+            else:
+                raws.append(request.raw)
+                commands.append(request.command)
+        slots = request_key_slots([(raw, None) for raw in raws])
+        shares: List[List[_Part]] = [[] for _ in self.addresses]
+        parts: List[Optional[_Part]] = [None] * count
+        for position, group in enumerate(self.order):
+            part = _Part(raws[position], slots[position],
+                         retry_safe=commands[position] in routing.READ_ONLY)
+            part.sent_to = self.addresses[group]
+            parts[position] = part
+            shares[group].append(part)
+        failures = self.failures or [None] * len(shares)
+        for share, frames, failure in zip(shares, self.results, failures):
+            if frames is None:
+                frames, failure = [], "no reply came"
             _take_frames(share, frames, None if failure is None else (failure, True))
         return parts
 
@@ -948,7 +941,12 @@ class _Share:
     def switch(self, result: tuple) -> None:
         """The node's answer (from the event loop); the batch is answered with the last."""
         batch = self.batch
-        batch.results[self.index] = result
+        frames, failure = result
+        batch.results[self.index] = frames
+        if failure is not None:
+            if batch.failures is None:
+                batch.failures = [None] * len(batch.results)
+            batch.failures[self.index] = failure
         batch.left -= 1
         if not batch.left:
             batch.answer()
