@@ -153,6 +153,21 @@ class SharedConnection:
             self._loop.run_callback(self._flush)
         return entry
 
+    def owes_last(self, waiter) -> bool:
+        """Whether the batch queued last on this open connection, still owed replies, is the
+        one `waiter` waits for: extend() may add to it."""
+        waiting = self._waiting
+        return not self.closed and bool(waiting) and waiting[-1].waiter is waiter
+
+    def extend(self, payload: bytes, count: int) -> None:
+        """Add `count` requests (their bytes, `payload`) to the batch queued last, when
+        owes_last() holds: its waiter takes their replies too, with the rest of its own."""
+        self._waiting[-1].count += count
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._flush)
+
     # ---- the event loop's side --------------------------------------------------------------
 
     def _flush(self) -> None:

@@ -343,3 +343,28 @@ def test_a_protocol_error_after_plain_batches_is_answered_then_closed(shared_pro
         assert str(error) == "ERR Protocol error: invalid bulk length", error
         with pytest.raises(EOFError):
             client.read_reply()
+
+
+def test_requests_added_to_the_batch_queued_last_are_answered_with_it(redis_server):
+    """SharedConnection.extend: what is added to the batch queued last (while owes_last says
+    it is) is answered with that batch, to its waiter, in order; a batch queued after it
+    ends that."""
+    from gevent.hub import Waiter
+
+    from shotover_gevent.shared_upstream import SharedConnection
+
+    key = f"extended:{os.getpid()}:{time.monotonic_ns()}"
+    connection = SharedConnection((HOST, redis_server.port), 5.0, None)
+    try:
+        first, second = Waiter(), Waiter()
+        connection.submit(encode("SET", key, "1"), 1, None, first)
+        assert connection.owes_last(first)
+        connection.extend(encode("INCR", key) + encode("GET", key), 2)
+        assert connection.owes_last(first) and not connection.owes_last(second)
+        connection.submit(encode("DEL", key), 1, None, second)
+        assert not connection.owes_last(first) and connection.owes_last(second)
+        assert first.get() == ([b"+OK\r\n", b":2\r\n", b"$1\r\n2\r\n"], None)
+        assert second.get() == ([b":1\r\n"], None)
+        assert not connection.owes_last(second)  # answered: nothing to add to
+    finally:
+        connection.close()

@@ -118,9 +118,9 @@ class RedisSinkClusterBuilder(TransformBuilder):
         self.links: Optional[Dict[Tuple[Address, int], SharedConnections]] = \
             None if config.tls else {}
         self._next_link = 0
-        #: Per node and protocol, the pipelined connection that the batches queued from the
-        #: event loop's callbacks go on during this turn of the loop (see turn_link).
-        self.turn: Dict[Tuple[Address, int], SharedConnection] = {}
+        #: Per node and protocol, the batches queued from the event loop's callbacks during
+        #: this turn of the loop, on one pipelined connection (see turn_link).
+        self.turn: Dict[Tuple[Address, int], _NodeTurn] = {}
 
     def build(self, context: ConnectionContext) -> Transform:
         return RedisSinkCluster(self, context)
@@ -143,17 +143,21 @@ class RedisSinkClusterBuilder(TransformBuilder):
         return nodes
 
     def turn_link(self, address: Optional[Address], protocol: int,
-                  index: int) -> Optional[SharedConnection]:
-        """The pipelined connection to `address` that a batch queued from the event loop's
-        callbacks goes on: the one this turn of the loop's batches for that node went on, else
-        the client's own (`index`); None when it is not open (or no node serves the slot).
-        The batches of one turn go out in one write per node whatever client they are from:
-        spread over each client's own connection, they would cost one write, one read and one
-        wake-up of the node per connection. A client has one batch in flight at a time, so its
-        requests stay in order whichever connection carries each batch."""
+                  index: int) -> Optional[_NodeTurn]:
+        """Where a batch queued from the event loop's callbacks for `address` goes: this turn
+        of the loop's batches for that node (_NodeTurn), on the pipelined connection they went
+        on, else on the client's own (`index`); None when it is not open (or no node serves
+        the slot). The batches of one turn go out in one write per node whatever client they
+        are from: spread over each client's own connection, they would cost one write, one
+        read and one wake-up of the node per connection; and they take their replies as one
+        batch of the connection. A client has one batch in flight at a time, so its requests
+        stay in order whichever connection carries each batch."""
         key = (address, protocol)
         turn = self.turn
-        connection = turn.get(key)
+        node_turn = turn.get(key)
+        if node_turn is not None and node_turn.open():
+            return node_turn
+        connection = None if node_turn is None else node_turn.connection
         if connection is None or connection.closed:
             nodes = self.links.get(key)
             if nodes is None:
@@ -161,10 +165,10 @@ class RedisSinkClusterBuilder(TransformBuilder):
             connection = nodes.ready(index)
             if connection is None:
                 return None
-            if not turn:
-                get_hub().loop.run_callback(turn.clear)  # once the turn's writes are queued
-            turn[key] = connection
-        return connection
+        if not turn:
+            get_hub().loop.run_callback(turn.clear)  # once the turn's writes are queued
+        node_turn = turn[key] = _NodeTurn(connection)
+        return node_turn
 
     def close(self) -> None:
         self.turn.clear()
@@ -573,15 +577,15 @@ class RedisSinkCluster(Transform):
             return self._submit_spread(framed, waiter, nodes, route)
         address = nodes[route]
         builder = self.builder
-        connection = builder.turn.get((address, self.protocol))
-        if connection is None or connection.closed:
-            connection = builder.turn_link(address, self.protocol, self._link)
-            if connection is None:
+        node_turn = builder.turn.get((address, self.protocol))
+        if node_turn is None or not node_turn.open():
+            node_turn = builder.turn_link(address, self.protocol, self._link)
+            if node_turn is None:
                 return None
         self._lane = waiter
         self._submitted = (framed, self.state.version, address)
-        connection.submit(framed[0][0] if len(framed) == 1 else
-                          b"".join(map(itemgetter(0), framed)), len(framed), None, self)
+        node_turn.add(framed[0][0] if len(framed) == 1 else
+                      b"".join(map(itemgetter(0), framed)), len(framed), self, -1)
         return framed
 
     def switch(self, result: tuple) -> None:
@@ -612,22 +616,21 @@ class RedisSinkCluster(Transform):
         builder = self.builder
         turn = builder.turn
         protocol = self.protocol
-        connections = []
+        node_turns = []
         addresses = []
         for node in groups:
             address = nodes[node]
-            connection = turn.get((address, protocol))
-            if connection is None or connection.closed:
-                connection = builder.turn_link(address, protocol, self._link)
-                if connection is None:
+            node_turn = turn.get((address, protocol))
+            if node_turn is None or not node_turn.open():
+                node_turn = builder.turn_link(address, protocol, self._link)
+                if node_turn is None:
                     return None
-            connections.append(connection)
+            node_turns.append(node_turn)
             addresses.append(address)
         submitted = self._submitted = _Submitted(waiter, framed, self.state.version, addresses,
                                                  order)
-        for index, connection in enumerate(connections):
-            connection.submit(payloads[index], order.count(index), None,
-                              _Share(submitted, index))
+        for index, node_turn in enumerate(node_turns):
+            node_turn.add(payloads[index], order.count(index), submitted, index)
         return framed
 
     def lane_payload(self, count: int, result) -> bytes:
@@ -929,27 +932,62 @@ def _retried(payload: bytes, frames: List[bytes]) -> bool:
     return False
 
 
-class _Share:
-    """What one node answers for its share of a _Submitted batch."""
+class _NodeTurn:
+    """The batches queued from the event loop's callbacks on one node's pipelined connection
+    during one turn of the loop: one batch of the connection, whose replies are shared out in
+    the order they were added. Each is the share of one node of a _Submitted batch, or a
+    client's batch for that node alone (answered through RedisSinkCluster.switch)."""
 
-    __slots__ = ("batch", "index")
+    __slots__ = ("connection", "members")
 
-    def __init__(self, batch: _Submitted, index: int) -> None:
-        self.batch = batch
-        self.index = index
+    def __init__(self, connection: SharedConnection) -> None:
+        self.connection = connection
+        #: Per batch added: who takes its replies, its group (-1: the batch's only node, the
+        #: sink takes them with switch), how many. (No reference to the connection's record
+        #: of the batch, whose waiter this is: the two would make a cycle.)
+        self.members: List[Any] = []
+
+    def open(self) -> bool:
+        """Whether more may be added: the connection is open and nothing was queued on it
+        since (the replies of what is added come right after the ones before)."""
+        if not self.members:
+            return not self.connection.closed
+        return self.connection.owes_last(self)
+
+    def add(self, payload: bytes, count: int, target, group: int) -> None:
+        if not self.members:
+            self.connection.submit(payload, count, None, self)
+        else:
+            self.connection.extend(payload, count)
+        self.members += (target, group, count)
 
     def switch(self, result: tuple) -> None:
-        """The node's answer (from the event loop); the batch is answered with the last."""
-        batch = self.batch
+        """The replies (from the event loop), shared out; each batch is answered once all of
+        its nodes have. A batch whose replies did not all come gets the failure, the ones
+        before it what came."""
         frames, failure = result
-        batch.results[self.index] = frames
-        if failure is not None:
-            if batch.failures is None:
-                batch.failures = [None] * len(batch.results)
-            batch.failures[self.index] = failure
-        batch.left -= 1
-        if not batch.left:
-            batch.answer()
+        members = self.members
+        if len(members) == 3 and members[1] < 0:
+            members[0].switch(result)  # one batch, for this node alone
+            return
+        start = 0
+        for index in range(0, len(members), 3):
+            target, group, count = members[index], members[index + 1], members[index + 2]
+            end = start + count
+            mine = frames[start:end] if start or end < len(frames) else frames
+            start = end
+            lost = None if failure is None or len(mine) == count else failure
+            if group < 0:
+                target.switch((mine, lost))
+                continue
+            target.results[group] = mine
+            if lost is not None:
+                if target.failures is None:
+                    target.failures = [None] * len(target.results)
+                target.failures[group] = lost
+            target.left -= 1
+            if not target.left:
+                target.answer()
 
 
 #: Single-key commands (the key is argument 1) routed to the owner of their key, whatever
