@@ -159,14 +159,19 @@ class SharedConnection:
         waiting = self._waiting
         return not self.closed and bool(waiting) and waiting[-1].waiter is waiter
 
-    def extend(self, payload: bytes, count: int) -> None:
-        """Add `count` requests (their bytes, `payload`) to the batch queued last, when
-        owes_last() holds: its waiter takes their replies too, with the rest of its own."""
-        self._waiting[-1].count += count
+    def extend(self, waiter, payload: bytes, count: int) -> bool:
+        """Add `count` requests (their bytes, `payload`) to the batch queued last if owes_last()
+        holds for `waiter`: its waiter takes their replies too, with the rest of its own.
+        False: nothing was added."""
+        waiting = self._waiting
+        if self.closed or not waiting or waiting[-1].waiter is not waiter:
+            return False
+        waiting[-1].count += count
         self._out.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.run_callback(self._flush)
+        return True
 
     # ---- the event loop's side --------------------------------------------------------------
 

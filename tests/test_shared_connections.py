@@ -346,9 +346,9 @@ def test_a_protocol_error_after_plain_batches_is_answered_then_closed(shared_pro
 
 
 def test_requests_added_to_the_batch_queued_last_are_answered_with_it(redis_server):
-    """SharedConnection.extend: what is added to the batch queued last (while owes_last says
-    it is) is answered with that batch, to its waiter, in order; a batch queued after it
-    ends that."""
+    """SharedConnection.extend: what is added to the batch queued last, still owed replies, is
+    answered with that batch, to its waiter, in order; a batch queued after it, or its
+    answer, ends that (owes_last says whether it may still be added to)."""
     from gevent.hub import Waiter
 
     from shotover_gevent.shared_upstream import SharedConnection
@@ -359,12 +359,14 @@ def test_requests_added_to_the_batch_queued_last_are_answered_with_it(redis_serv
         first, second = Waiter(), Waiter()
         connection.submit(encode("SET", key, "1"), 1, None, first)
         assert connection.owes_last(first)
-        connection.extend(encode("INCR", key) + encode("GET", key), 2)
+        assert connection.extend(first, encode("INCR", key) + encode("GET", key), 2)
+        assert not connection.extend(second, encode("GET", key), 1)
         assert connection.owes_last(first) and not connection.owes_last(second)
         connection.submit(encode("DEL", key), 1, None, second)
         assert not connection.owes_last(first) and connection.owes_last(second)
+        assert not connection.extend(first, encode("GET", key), 1)
         assert first.get() == ([b"+OK\r\n", b":2\r\n", b"$1\r\n2\r\n"], None)
         assert second.get() == ([b":1\r\n"], None)
-        assert not connection.owes_last(second)  # answered: nothing to add to
+        assert not connection.extend(second, encode("GET", key), 1)  # answered
     finally:
         connection.close()

@@ -576,16 +576,15 @@ class RedisSinkCluster(Transform):
         if type(route) is not int:
             return self._submit_spread(framed, waiter, nodes, route)
         address = nodes[route]
+        payload = framed[0][0] if len(framed) == 1 else b"".join(map(itemgetter(0), framed))
         builder = self.builder
         node_turn = builder.turn.get((address, self.protocol))
-        if node_turn is None or not node_turn.open():
+        if node_turn is None or not node_turn.add(payload, len(framed), self, -1):
             node_turn = builder.turn_link(address, self.protocol, self._link)
-            if node_turn is None:
+            if node_turn is None or not node_turn.add(payload, len(framed), self, -1):
                 return None
         self._lane = waiter
         self._submitted = (framed, self.state.version, address)
-        node_turn.add(framed[0][0] if len(framed) == 1 else
-                      b"".join(map(itemgetter(0), framed)), len(framed), self, -1)
         return framed
 
     def switch(self, result: tuple) -> None:
@@ -954,12 +953,18 @@ class _NodeTurn:
             return not self.connection.closed
         return self.connection.owes_last(self)
 
-    def add(self, payload: bytes, count: int, target, group: int) -> None:
-        if not self.members:
-            self.connection.submit(payload, count, None, self)
+    def add(self, payload: bytes, count: int, target, group: int) -> bool:
+        """Queue a batch's requests for this node (`payload`, `count` of them), whose replies
+        `target` takes (see members), if more may be added (see open). False: nothing was."""
+        if self.members:
+            if not self.connection.extend(self, payload, count):
+                return False
+        elif self.connection.closed:
+            return False
         else:
-            self.connection.extend(payload, count)
+            self.connection.submit(payload, count, None, self)
         self.members += (target, group, count)
+        return True
 
     def switch(self, result: tuple) -> None:
         """The replies (from the event loop), shared out; each batch is answered once all of
