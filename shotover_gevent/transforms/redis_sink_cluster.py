@@ -225,9 +225,11 @@ class RedisSinkCluster(Transform):
     batch is cut per node; each node's share goes out in one write, all nodes at once (one greenlet
     per node), and the replies are put back in request order. From its second batch on, a client
     whose batches hold only single-key commands (GET, SET, INCR, HSET, ...) is served from the
-    event loop's callbacks (submit): each node's share is queued on a pipelined connection (the
-    one this turn of the loop's batches for that node go on, see turn_link) and the replies put
-    together as they come, without a greenlet switch; a redirection, a node not
+    event loop's callbacks (submit): the batch is cut per node in one C call (route_batch),
+    each node's share is added to this turn of the loop's batches for that node, which go on
+    one pipelined connection as one batch of it (turn_link, _NodeTurn), and the replies are
+    put together in one C call (merge_replies) once every node answered, without a greenlet
+    switch; a redirection, a node not
     ready or a failed connection hands the batch to the client's greenlet, which goes on exactly as
     below. MOVED updates the shared slot map and sends the request again; ASK sends ASKING plus the
     request to the named node once. When a node cannot be reached (a failover), the slot map is
