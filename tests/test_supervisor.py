@@ -41,8 +41,10 @@ def worker_pids(control_socket: str) -> dict:
 
 
 def clients_on_each_worker(proxy, count: int) -> list:
-    """`count` connections (kept open), spread by the kernel over the workers; waits until
-    each worker holds at least one."""
+    """At least `count` connections (kept open), spread by the kernel over the workers, with
+    one more at a time (up to 8x `count` in all) until each worker holds one: the kernel
+    picks a worker by a hash of the addresses, so all of the first `count` may land on one
+    (for 8 connections and 2 workers, once in 128)."""
     clients = [RawClient(proxy.port) for _ in range(count)]
     for client in clients:
         assert client.call("PING") == b"PONG"
@@ -51,6 +53,10 @@ def clients_on_each_worker(proxy, count: int) -> list:
         workers = status(proxy.control_socket)["workers"]
         return all(w.get("sources", {}).get("redis", 0) > 0 for w in workers)
 
+    while not spread() and len(clients) < count * 8:
+        client = RawClient(proxy.port)
+        clients.append(client)
+        assert client.call("PING") == b"PONG"
     wait_for(spread, 10, "connections on every worker")
     return clients
 
