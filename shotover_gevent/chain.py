@@ -255,7 +255,7 @@ class Chain:
                     break
                 entered += 1
         except BaseException:
-            self.record(started, entered, True)
+            self.shared.record(started, entered, True)
             raise
         return entered
 
@@ -314,7 +314,7 @@ class Chain:
             replies = run(requests, after)
             failed = False
         finally:
-            self.record(started, entered, failed)
+            self.shared.record(started, entered, failed)
         return self._one_each(requests, replies)
 
     def finish_submitted(self, requests: List[Message], started: float,
@@ -326,7 +326,7 @@ class Chain:
             replies = self.transforms[-1].resume_submitted(requests)
             failed = False
         finally:
-            self.record(started, entered, failed)
+            self.shared.record(started, entered, failed)
         return self._one_each(requests, replies)
 
     def _one_each(self, requests: List[Message], replies: List[Message]) -> List[Message]:
@@ -336,10 +336,6 @@ class Chain:
             replies = (list(replies) + [Message.error("ERR proxy lost a reply")] * len(requests))
             replies = replies[: len(requests)]
         return replies
-
-    def record(self, started: float, entered: int, failed: bool) -> None:
-        """Account for a batch done now (see ChainShared.record)."""
-        self.shared.record(started, entered, failed)
 
     def prepare(self) -> None:
         for transform in self.transforms:

@@ -163,10 +163,9 @@ class SharedConnection:
         """Add `count` requests (their bytes, `payload`) to the batch queued last if owes_last()
         holds for `waiter`: its waiter takes their replies too, with the rest of its own.
         False: nothing was added."""
-        waiting = self._waiting
-        if self.closed or not waiting or waiting[-1].waiter is not waiter:
+        if not self.owes_last(waiter):
             return False
-        waiting[-1].count += count
+        self._waiting[-1].count += count
         self._out.append(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True

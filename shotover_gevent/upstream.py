@@ -491,6 +491,8 @@ class UpstreamConnection:
         connection redirects here, sent right after it): they follow that reply now. Left in
         the framer, no read would bring them out until the client's next request."""
         framer = self.framer
+        if self.state.resp_version == 2 or not framer.pending():
+            return
         while framer.next_type() == b">":
             frame = framer.next_frame()
             if frame is None:
@@ -827,7 +829,7 @@ class UpstreamConnection:
                 break
         if len(replies) < total:
             return
-        if resp3 and self.framer.pending():
+        if resp3:
             self._take_trailing_pushes()
         if not self._lane_raw:
             replies = [reply.raw for reply in replies]
@@ -1012,8 +1014,7 @@ class UpstreamConnection:
             self._answered = requests
             if self._tick is not None:
                 _WAITS.discard(self)
-        if self.state.resp_version != 2 and self.framer.pending():
-            self._take_trailing_pushes()
+        self._take_trailing_pushes()
         if self._held:
             self._release_held()
         watcher = self._idle_watcher

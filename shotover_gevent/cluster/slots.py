@@ -70,11 +70,6 @@ def _first_key(raw: bytes) -> Optional[bytes]:
     return key if len(key) == length and length >= 0 else None
 
 
-#: request_key_slots(framed, max_length), straight to the compiled part where it is there (one
-#: call less on the way of every batch served from the event loop's callbacks).
-batch_key_slots = _key_slots if _key_slots is not None else request_key_slots
-
-
 #: In a routing table (see route_requests), a slot no node serves.
 NO_NODE = 65535
 #: The most nodes one batch is cut for by route_requests.

@@ -615,17 +615,13 @@ class RedisSinkCluster(Transform):
         order once every node answered."""
         groups, payloads, order = route
         builder = self.builder
-        turn = builder.turn
-        protocol = self.protocol
         node_turns = []
         addresses = []
         for node in groups:
             address = nodes[node]
-            node_turn = turn.get((address, protocol))
-            if node_turn is None or not node_turn.open():
-                node_turn = builder.turn_link(address, protocol, self._link)
-                if node_turn is None:
-                    return None
+            node_turn = builder.turn_link(address, self.protocol, self._link)
+            if node_turn is None:
+                return None
             node_turns.append(node_turn)
             addresses.append(address)
         submitted = self._submitted = _Submitted(waiter, framed, self.state.version, addresses,
