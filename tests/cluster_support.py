@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import redis
 import redis.cluster
 
-from helpers import HOST, RedisServer, free_port, redis_client, wait_for
+from helpers import HOST, RedisServer, free_ports, redis_client, wait_for
 
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 NODE_TIMEOUT_MS = 2000
@@ -21,9 +21,10 @@ NODE_TIMEOUT_MS = 2000
 class ClusterNode(RedisServer):
     """A cluster-enabled redis-server; its cluster bus listens on `bus_port`."""
 
-    def __init__(self, directory: Path) -> None:
-        port = free_port()
-        self.bus_port = free_port()
+    def __init__(self, directory: Path, ports: Optional[List[int]] = None) -> None:
+        # The two ports from one call: chosen one after the other, the second could be the
+        # first again (its probe closed), and the node would fail to bind its bus.
+        port, self.bus_port = ports or free_ports(2)
         super().__init__(directory, port, extra_args=[
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(Path(directory) / f"nodes-{port}.conf"),
@@ -56,7 +57,10 @@ class Cluster:
 
     def __init__(self, directory: Path, size: int = 6) -> None:
         self.directory = Path(directory)
-        self.nodes: List[ClusterNode] = [ClusterNode(self.directory / f"node-{i}")
+        # Every node's two ports from one call, all distinct.
+        ports = free_ports(2 * size)
+        self.nodes: List[ClusterNode] = [ClusterNode(self.directory / f"node-{i}",
+                                                     ports[2 * i:2 * i + 2])
                                          for i in range(size)]
 
     # ---- lifecycle ----------------------------------------------------------------------------
