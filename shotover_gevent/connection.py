@@ -22,7 +22,7 @@ from .netio import LARGE_OUTPUT, Readable, arrival_order, close_for_good, let_go
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
 from .session import Session
-from .upstream import OVER_OUTPUT_LIMIT
+from .upstream import LANE_IN_PYTHON_ENV, OVER_OUTPUT_LIMIT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .source import Source
@@ -347,7 +347,7 @@ class ClientConnection:
         """Let the lane serve until it hands the connection back: why it did. `first`: it
         begins with the requests buffered, the connection's first (see _Lane.opening)."""
         lane = _Lane(self, readable, order)
-        readable.attach(lane.readable_now)
+        readable.attach(lane.on_readable)
         try:
             if first:
                 lane.busy = lane.opening = True
@@ -361,6 +361,7 @@ class ClientConnection:
         finally:
             lane.stopped = True
             readable.detach()
+            lane.on_readable = lane.resume = None  # both hold the lane: no cycle left
             self._idle = False
 
     def _after_lane(self, why: tuple) -> bool:
@@ -727,7 +728,8 @@ class _Lane:
     its greenlet, which goes on from there as if it had done all of it itself."""
 
     __slots__ = ("connection", "fd", "readable", "watcher", "order", "busy", "stopped", "batch",
-                 "opening", "why", "chain", "sink", "screens", "sink_index", "record")
+                 "opening", "why", "chain", "sink", "screens", "sink_index", "record",
+                 "on_readable", "resume")
 
     def __init__(self, connection: ClientConnection, readable: Readable, order) -> None:
         self.connection = connection
@@ -758,6 +760,9 @@ class _Lane:
         #: in `why` for _serve_on_lane.
         self.opening = False
         self.why: Optional[tuple] = None
+        #: The watcher's callback (readable_now) and the turn's (serve): their usual case in
+        #: C where the extension is built (see _scan.c), the same methods otherwise.
+        self.on_readable, self.resume = _lane_callbacks(self)
 
     def give_back(self, why: tuple) -> None:
         if self.stopped:
@@ -800,7 +805,7 @@ class _Lane:
         order = self.order
         if order.waiting or order.loop.pendingcnt:
             # Others may have sent before this client: the arrival time settles it.
-            order.queue(stamp, self.serve)
+            order.queue(stamp, self.resume)
             return
         self.serve()
 
@@ -824,6 +829,18 @@ class _Lane:
             # No Message objects unless the greenlet has to take over: the screens see the
             # command names only.
             entered = self.chain.screen_framed(framed, started) if self.screens else 0
+        except Exception:
+            log.exception("connection from %s failed", connection.peer)
+            self.give_back(("crash",))
+            return
+        self.submit(framed, started, entered)
+
+    def submit(self, framed: list, started: float, entered: int) -> None:
+        """Hand a framed batch that `entered` screens passed on to the sink, or give it back to
+        the greenlet when the sink does not take it this way (the rest of serve; the lane's
+        C part calls it for what it does not do itself)."""
+        connection = self.connection
+        try:
             if entered == self.sink_index:
                 self.batch = (len(framed), started, entered)
                 if self.opening:
@@ -850,6 +867,11 @@ class _Lane:
         except Exception:
             log.exception("connection from %s failed", connection.peer)
             self.give_back(("crash",))
+
+    def crashed(self, error: BaseException) -> None:
+        """What the C part of the lane met that it cannot go on from (see serve's except)."""
+        log.error("connection from %s failed", self.connection.peer, exc_info=error)
+        self.give_back(("crash",))
 
     def switch(self, result) -> None:
         """The sink's answer to the batch submitted (called from the event loop)."""
@@ -956,3 +978,51 @@ class _Lane:
             return
         _count, started, entered = batch
         self.give_back(("resume", started, entered))
+
+
+# ---- the lane's usual case in C ------------------------------------------------------------------
+
+_lane_bind = None
+
+
+def _lane_callbacks(lane: _Lane) -> tuple:
+    """(the watcher's callback, the turn's) for a new lane (see _Lane.on_readable)."""
+    global _lane_bind
+    if _lane_bind is None:
+        _lane_bind = _set_up_lane_in_c() or _lane_in_python
+    return _lane_bind(lane)
+
+
+def _lane_in_python(lane: _Lane) -> tuple:
+    return lane.readable_now, lane.serve
+
+
+def _set_up_lane_in_c():
+    """Tell the C part the classes and values it works with; its lane_bind, or None (not
+    built, or not wanted)."""
+    if os.environ.get(LANE_IN_PYTHON_ENV):
+        return None
+    try:
+        from .protocol import _scan
+    except ImportError:
+        return None
+    from . import upstream
+    from .chain import FOLD_AT, ChainShared
+    from .message import NameTable
+    from .observability import BatchSeries, CounterCell
+    from .protocol.resp import (_CANONICAL_WINDOW, MAX_REQUEST_MULTIBULK_LEN, ReplyFramer,
+                                RequestFramer, _Buffer)
+    from .protocol.state import ConnectionState
+    from .transforms import redis_sink_single
+    _scan.lane_setup(
+        UpstreamConnection=upstream.UpstreamConnection, _Lane=_Lane,
+        ClientConnection=ClientConnection, RequestFramer=RequestFramer, ReplyFramer=ReplyFramer,
+        _Buffer=_Buffer, ConnectionState=ConnectionState, ChainShared=ChainShared,
+        BatchSeries=BatchSeries, RedisSinkSingle=redis_sink_single.RedisSinkSingle,
+        NameTable=NameTable, Chain=Chain, CounterCell=CounterCell, LARGE_OUTPUT=LARGE_OUTPUT,
+        FOLD_AT=FOLD_AT, MAX_BATCH=MAX_BATCH, CANONICAL_WINDOW=_CANONICAL_WINDOW,
+        RECV_SIZE=RECV_SIZE, MAX_MULTIBULK=MAX_REQUEST_MULTIBULK_LEN, SERVING=SERVING,
+        HANDED_OVER=HANDED_OVER, CLOSED=CLOSED, WAITS=upstream._WAITS,
+        SHAREABLE=redis_sink_single._SHAREABLE)
+    return _scan.lane_bind
+

@@ -625,7 +625,7 @@ class UpstreamConnection:
         if watcher is None:
             watcher = self._idle_watcher = get_hub().loop.io(self.sock.fileno(), 1)
         if not watcher.active:
-            watcher.start(self._readable)
+            watcher.start(_REPLIES_READY, self)
 
     def _unwatch_idle(self, for_good: bool = False) -> None:
         watcher = self._idle_watcher
@@ -743,7 +743,7 @@ class UpstreamConnection:
         if watcher is None:
             watcher = self._idle_watcher = get_hub().loop.io(self.sock.fileno(), 1)
         if not watcher.active:
-            watcher.start(self._readable)
+            watcher.start(_REPLIES_READY, self)
         if self._tick is not None:
             self._quiet_since = None
             _WAITS.add(self)
@@ -760,12 +760,17 @@ class UpstreamConnection:
         except OSError:
             sent = -1
         if sent != len(payload):
-            self._lane = None
-            if sent >= 0:
-                self._unsent = memoryview(payload)[sent:]
-            else:  # the greenlet writes it again and meets the error
-                self._unsent = memoryview(payload)
-            get_hub().loop.run_callback(waiter.trouble)
+            self._lane_unsent(payload, sent)
+
+    def _lane_unsent(self, payload: bytes, sent: int) -> None:
+        """lane_call's write took `sent` bytes of `payload` (-1: it failed): the client's
+        greenlet writes the rest, or meets the error writing it all again."""
+        waiter, self._lane = self._lane, None
+        if sent >= 0:
+            self._unsent = memoryview(payload)[sent:]
+        else:
+            self._unsent = memoryview(payload)
+        get_hub().loop.run_callback(waiter.trouble)
 
     def _readable(self) -> None:
         """The server's socket is readable: the replies of the batch lane_call sent, or bytes
@@ -789,6 +794,11 @@ class UpstreamConnection:
             self._lane_done()
             lane.relayed(data)
             return
+        self._lane_read(lane, data, total, budget)
+
+    def _lane_read(self, lane, data: bytes, total: int, budget: Optional[int]) -> None:
+        """The rest of _readable, once bytes are read that were not relayed (the C part of
+        the lane calls it too)."""
         self._lane_fresh = False
         received = len(data)
         if not received:  # the greenlet reads the end (or the error) again, and settles it
@@ -1021,7 +1031,7 @@ class UpstreamConnection:
         if watcher is not None and not self.closed and not watcher.active and \
                 self.on_lost is not None and self.client_follows and not self.push_mode and \
                 not self.state.pushes_expected:
-            watcher.start(self._readable)  # the idle watch again (see _watch_idle)
+            watcher.start(_REPLIES_READY, self)  # the idle watch again (see _watch_idle)
         else:
             self._watch_idle()
         return replies
@@ -1203,6 +1213,18 @@ class _Waits:
 
 
 _WAITS = _Waits()
+
+#: Set to run every step of the lane in Python even where the C part is built (a diagnostic:
+#: both must behave the same; see connection._set_up_lane_in_c).
+LANE_IN_PYTHON_ENV = "SHOTOVER_G_LANE_IN_PYTHON"
+#: The callback of a server connection's watcher, given the connection: _readable, its usual
+#: case in C where the extension is built.
+_REPLIES_READY = UpstreamConnection._readable
+if not os.environ.get(LANE_IN_PYTHON_ENV):
+    try:
+        from .protocol._scan import lane_replies as _REPLIES_READY  # noqa: F811
+    except ImportError:
+        pass
 
 
 _SUBSCRIPTION_SETS = tuple(dict.fromkeys(SUBSCRIBE_KINDS.values()))
