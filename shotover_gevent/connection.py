@@ -361,7 +361,10 @@ class ClientConnection:
         finally:
             lane.stopped = True
             readable.detach()
-            lane.on_readable = lane.resume = None  # both hold the lane: no cycle left
+            # The callbacks hold the lane: no cycle left. A sink may still answer a batch
+            # (switch): the lane, stopped, has nothing to do with it.
+            lane.on_readable = lane.resume = None
+            lane.switch = _answer_after_stop
             self._idle = False
 
     def _after_lane(self, why: tuple) -> bool:
@@ -729,7 +732,7 @@ class _Lane:
 
     __slots__ = ("connection", "fd", "readable", "watcher", "order", "busy", "stopped", "batch",
                  "opening", "why", "chain", "sink", "screens", "sink_index", "record",
-                 "on_readable", "resume")
+                 "on_readable", "resume", "switch")
 
     def __init__(self, connection: ClientConnection, readable: Readable, order) -> None:
         self.connection = connection
@@ -762,7 +765,7 @@ class _Lane:
         self.why: Optional[tuple] = None
         #: The watcher's callback (readable_now) and the turn's (serve): their usual case in
         #: C where the extension is built (see _scan.c), the same methods otherwise.
-        self.on_readable, self.resume = _lane_callbacks(self)
+        self.on_readable, self.resume, self.switch = _lane_callbacks(self)
 
     def give_back(self, why: tuple) -> None:
         if self.stopped:
@@ -873,8 +876,10 @@ class _Lane:
         log.error("connection from %s failed", self.connection.peer, exc_info=error)
         self.give_back(("crash",))
 
-    def switch(self, result) -> None:
-        """The sink's answer to the batch submitted (called from the event loop)."""
+    def switch_in_python(self, result) -> None:
+        """The sink's answer to the batch submitted (called from the event loop). Reached as
+        `switch`: this method, or its usual case in C (lane_switch) which calls it, or
+        deliver() or written() at the point where it stops."""
         batch, self.batch = self.batch, None
         connection = self.connection
         if self.stopped or batch is None or \
@@ -885,6 +890,16 @@ class _Lane:
             payload = self.sink.lane_payload(count, result)
             self.record(started, entered, False)
             connection._in_batch = False
+        except Exception:
+            log.exception("connection from %s failed", connection.peer)
+            self.give_back(("crash",))
+            return
+        self.deliver(payload)
+
+    def deliver(self, payload: bytes) -> None:
+        """Write the replies of the batch answered (the rest of switch)."""
+        connection = self.connection
+        try:
             if len(payload) > LARGE_OUTPUT and connection._over_output_limit(len(payload)):
                 self.give_back(("end",))
                 return
@@ -908,6 +923,13 @@ class _Lane:
         except Exception:
             log.exception("connection from %s failed", connection.peer)
             self.give_back(("crash",))
+
+    def send_failed(self, payload: bytes, sent: int, error_number: int) -> None:
+        """The write of deliver in C took `sent` bytes, or failed (`error_number`)."""
+        if error_number:
+            self._unwritten(None, OSError(error_number, os.strerror(error_number)))
+        else:
+            self._unwritten(payload[sent:], None)
 
     def relay_fd(self) -> int:
         """The client's descriptor, when the replies of the batch submitted may be written to it
@@ -993,8 +1015,12 @@ def _lane_callbacks(lane: _Lane) -> tuple:
     return _lane_bind(lane)
 
 
+def _answer_after_stop(result) -> None:
+    """A stopped lane's switch (see _Lane.switch_in_python: a stopped lane ignores it)."""
+
+
 def _lane_in_python(lane: _Lane) -> tuple:
-    return lane.readable_now, lane.serve
+    return lane.readable_now, lane.serve, lane.switch_in_python
 
 
 def _set_up_lane_in_c():
@@ -1013,13 +1039,16 @@ def _set_up_lane_in_c():
     from .protocol.resp import (_CANONICAL_WINDOW, MAX_REQUEST_MULTIBULK_LEN, ReplyFramer,
                                 RequestFramer, _Buffer)
     from .protocol.state import ConnectionState
-    from .transforms import redis_sink_single
+    from .shared_upstream import LARGE_MESSAGE
+    from .transforms import redis_sink_cluster, redis_sink_single
     _scan.lane_setup(
         UpstreamConnection=upstream.UpstreamConnection, _Lane=_Lane,
         ClientConnection=ClientConnection, RequestFramer=RequestFramer, ReplyFramer=ReplyFramer,
         _Buffer=_Buffer, ConnectionState=ConnectionState, ChainShared=ChainShared,
         BatchSeries=BatchSeries, RedisSinkSingle=redis_sink_single.RedisSinkSingle,
-        NameTable=NameTable, Chain=Chain, CounterCell=CounterCell, LARGE_OUTPUT=LARGE_OUTPUT,
+        NameTable=NameTable, Chain=Chain, CounterCell=CounterCell,
+        RedisSinkCluster=redis_sink_cluster.RedisSinkCluster, LARGE_OUTPUT=LARGE_OUTPUT,
+        LARGE_MESSAGE=LARGE_MESSAGE,
         FOLD_AT=FOLD_AT, MAX_BATCH=MAX_BATCH, CANONICAL_WINDOW=_CANONICAL_WINDOW,
         RECV_SIZE=RECV_SIZE, MAX_MULTIBULK=MAX_REQUEST_MULTIBULK_LEN, SERVING=SERVING,
         HANDED_OVER=HANDED_OVER, CLOSED=CLOSED, WAITS=upstream._WAITS,

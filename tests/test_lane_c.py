@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from helpers import (HOST, RawClient, encode, http_request, metric_value, passthrough_topology,
-                     wait_for)
+                     shared_topology, wait_for)
 from shotover_gevent.upstream import LANE_IN_PYTHON_ENV
 
 
@@ -30,11 +30,15 @@ def lane(request, monkeypatch):
     return request.param
 
 
-def test_mixed_batches_split_anywhere_answer_as_redis_does(lane, proxy, redis_server):
+@pytest.mark.parametrize("upstream", ["own", "shared"])
+def test_mixed_batches_split_anywhere_answer_as_redis_does(lane, upstream, proxy_factory,
+                                                          redis_server):
     """Plain commands, a request cut in two, an inline command, a pipeline, SELECT and CLIENT
-    SETNAME (the connection leaves the lane's plain state and comes back), a value too large
-    to relay in one read: the same bytes as from Redis itself."""
-    key = f"lane:{lane}"
+    SETNAME (the connection leaves the lane's plain state and comes back; a shared one moves
+    to a connection of its own), a value too large to relay in one read: the same bytes as
+    from Redis itself."""
+    proxy = proxy_factory(shared_topology(redis_server.port) if upstream == "shared" else None)
+    key = f"lane:{lane}:{upstream}"
     big = b"b" * 300_000
     stream = [
         encode("SET", f"{key}:a", "1") + encode("GET", f"{key}:a"),

@@ -826,19 +826,19 @@ enum {
     /* ConnectionState, ChainShared, BatchSeries, RedisSinkSingle, NameTable */
     S_RESP_VERSION, H_RECORDERS, P_PENDING, K_SHARED_SLOT, K_UPSTREAM, N_PASSES,
     /* Chain, CounterCell */
-    X_PLAIN_SCREENS, X_PLANS, V_VALUE,
+    X_PLAIN_SCREENS, X_PLANS, V_VALUE, K_SHARED_BUSY,
     SLOT_COUNT
 };
 
 enum {
     T_UPSTREAM, T_LANE, T_CONNECTION, T_REQUEST_FRAMER, T_REPLY_FRAMER, T_BUFFER, T_STATE,
-    T_SHARED, T_SERIES, T_SINK, T_NAMES, T_CHAIN, T_COUNTER, TYPE_COUNT
+    T_SHARED, T_SERIES, T_SINK, T_NAMES, T_CHAIN, T_COUNTER, T_CLUSTER, TYPE_COUNT
 };
 
 static const char *const type_keys[TYPE_COUNT] = {
     "UpstreamConnection", "_Lane", "ClientConnection", "RequestFramer", "ReplyFramer",
     "_Buffer", "ConnectionState", "ChainShared", "BatchSeries", "RedisSinkSingle", "NameTable",
-    "Chain", "CounterCell",
+    "Chain", "CounterCell", "RedisSinkCluster",
 };
 
 static const struct { int type; const char *name; } slot_names[SLOT_COUNT] = {
@@ -864,6 +864,7 @@ static const struct { int type; const char *name; } slot_names[SLOT_COUNT] = {
     {T_STATE, "resp_version"}, {T_SHARED, "recorders"}, {T_SERIES, "pending"},
     {T_SINK, "_shared_slot"}, {T_SINK, "upstream"}, {T_NAMES, "passes"},
     {T_CHAIN, "_plain_screens"}, {T_CHAIN, "_plans"}, {T_COUNTER, "value"},
+    {T_SINK, "_shared_busy"},
 };
 
 static PyTypeObject *lane_types[TYPE_COUNT];
@@ -874,12 +875,13 @@ static int lane_ready_to_run = 0;
  * watches it (upstream._WAITS); the sink's table of the commands a shared connection takes
  * (its own connection takes the same for a lane batch). */
 static PyObject *serving, *handed_over, *closed_state, *waits, *owing, *shareable;
-static Py_ssize_t large_output, fold_at, max_batch, canonical_window, recv_size;
+static Py_ssize_t large_output, large_message, fold_at, max_batch, canonical_window, recv_size;
 static long long max_multibulk;
 static PyObject *str_readable, *str_lane_read, *str_lane_done, *str_relayed, *str_written,
     *str_watch, *str_give_back, *str_readable_now, *str_serve, *str_submit, *str_queue,
     *str_waiting, *str_loop, *str_pendingcnt, *str_fd, *str_active, *str_screen_framed,
-    *str_drain, *str_lane_unsent, *str_add, *str_greenlet, *str_feed, *str_crashed;
+    *str_drain, *str_lane_unsent, *str_add, *str_greenlet, *str_feed, *str_crashed,
+    *str_switch_in_python, *str_deliver, *str_send_failed;
 static PyObject *why_eof, *why_error;
 
 #define AT(object, slot) (*(PyObject **)((char *)(object) + slot_offsets[slot]))
@@ -1041,12 +1043,12 @@ in_python:
 }
 
 /* _Lane.relayed(count) and its _written(), for a batch whose replies all went to the client. */
+static PyObject *lane_written(PyObject *lane, PyObject *connection);
+
 static PyObject *
 lane_relayed(PyObject *lane, PyObject *connection)
 {
-    PyObject *batch = AT(lane, L_BATCH), *framer, *result;
-    int hang_up_none, pending_none;
-    Py_ssize_t active;
+    PyObject *batch = AT(lane, L_BATCH);
     Py_INCREF(batch);  /* a (count, started, entered) tuple: lane_replies looked */
     put(lane, L_BATCH, Py_None);
     if (record_batch(AT(lane, L_RECORD), PyTuple_GET_ITEM(batch, 1),
@@ -1057,7 +1059,16 @@ lane_relayed(PyObject *lane, PyObject *connection)
     Py_DECREF(batch);
     put(connection, C_IN_BATCH, Py_False);
     put(connection, C_BATCH, Py_None);
-    /* _written(): the usual case is nothing more to serve, the client's watcher on. */
+    return lane_written(lane, connection);
+}
+
+/* _Lane._written(): the usual case is nothing more to serve, the client's watcher on. */
+static PyObject *
+lane_written(PyObject *lane, PyObject *connection)
+{
+    PyObject *framer, *result;
+    int hang_up_none, pending_none;
+    Py_ssize_t active;
     framer = AT(connection, C_FRAMER);
     hang_up_none = AT(connection, C_HANG_UP) == Py_None;
     pending_none = is_type(framer, T_REQUEST_FRAMER) && truth(framer, F_READY) == 0 &&
@@ -1583,17 +1594,106 @@ fail:
     return NULL;
 }
 
+
+/* ---- a sink's answer: _Lane.switch ------------------------------------------------------ */
+
+/* The lane's switch (bound to it by lane_bind): the replies of the batch submitted, as the
+ * sink gives them (see _Lane.switch_in_python): written to the client, the batch recorded. */
+static PyObject *
+lane_switch(PyObject *lane, PyObject *answer)
+{
+    PyObject *batch, *connection, *sink, *payload = NULL, *result;
+    Py_ssize_t fd, sent, size;
+
+    if (!lane_ready_to_run || !is_type(lane, T_LANE))
+        return PyObject_CallMethodOneArg(lane, str_switch_in_python, answer);
+    batch = AT(lane, L_BATCH);
+    connection = AT(lane, L_CONNECTION);
+    sink = AT(lane, L_SINK);
+    if (AT(lane, L_STOPPED) != Py_False || batch == NULL || !PyTuple_CheckExact(batch) ||
+            PyTuple_GET_SIZE(batch) != 3 || connection == NULL ||
+            !PyObject_TypeCheck(connection, lane_types[T_CONNECTION]) ||
+            AT(connection, C_STATE) == handed_over || AT(connection, C_STATE) == closed_state ||
+            sink == NULL)
+        return PyObject_CallMethodOneArg(lane, str_switch_in_python, answer);
+    /* the sink's lane_payload, its usual cases */
+    if (is_type(sink, T_CLUSTER) && PyBytes_CheckExact(answer)) {
+        payload = answer;  /* the replies in one piece */
+    } else if (is_type(sink, T_SINK) && PyTuple_CheckExact(answer) &&
+               PyTuple_GET_SIZE(answer) == 2 && PyTuple_GET_ITEM(answer, 1) == Py_None &&
+               PyList_CheckExact(PyTuple_GET_ITEM(answer, 0)) &&
+               PyList_GET_SIZE(PyTuple_GET_ITEM(answer, 0)) == 1) {
+        /* from the shared connection, one frame (frames, failure) */
+        payload = PyList_GET_ITEM(PyTuple_GET_ITEM(answer, 0), 0);
+        if (!PyBytes_CheckExact(payload) || PyBytes_GET_SIZE(payload) > large_message)
+            payload = NULL;
+        else
+            put(sink, K_SHARED_BUSY, Py_False);
+    }
+    if (payload == NULL)
+        return PyObject_CallMethodOneArg(lane, str_switch_in_python, answer);
+    Py_INCREF(payload);
+    Py_INCREF(lane);
+    Py_INCREF(batch);
+    put(lane, L_BATCH, Py_None);
+    if (record_batch(AT(lane, L_RECORD), PyTuple_GET_ITEM(batch, 1),
+                     PyTuple_GET_ITEM(batch, 2)) < 0) {
+        Py_DECREF(batch);
+        result = crashed(lane);
+        goto done;
+    }
+    Py_DECREF(batch);
+    put(connection, C_IN_BATCH, Py_False);
+    /* deliver(payload) */
+    size = PyBytes_GET_SIZE(payload);
+    fd = small_int(lane, L_FD);
+    if (size > large_output || truth(connection, C_DEFERRED_PUSHES) != 0 ||
+            truth(connection, C_OUTBOX) != 0 || fd < 0) {
+        result = PyObject_CallMethodOneArg(lane, str_deliver, payload);
+        goto done;
+    }
+    put(connection, C_BATCH, Py_None);
+    do {
+        sent = send((int)fd, PyBytes_AS_STRING(payload), (size_t)size,
+                    MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent != size) {
+        int failure = 0;
+        PyObject *how_many, *error_number;
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                failure = errno;
+            sent = 0;
+        }
+        how_many = PyLong_FromSsize_t(sent);
+        error_number = PyLong_FromLong(failure);
+        result = how_many == NULL || error_number == NULL ? NULL : PyObject_CallMethodObjArgs(
+            lane, str_send_failed, payload, how_many, error_number, NULL);
+        Py_XDECREF(how_many);
+        Py_XDECREF(error_number);
+        goto done;
+    }
+    result = lane_written(lane, connection);
+done:
+    Py_DECREF(payload);
+    Py_DECREF(lane);
+    return result;
+}
+
 static PyMethodDef lane_requests_def = {
     "lane_requests", lane_requests, METH_NOARGS,
     "the client's socket is readable (_Lane.readable_now)"};
 static PyMethodDef lane_serve_def = {
     "lane_serve", lane_serve, METH_NOARGS, "the lane's turn has come (_Lane.serve)"};
 
-/* lane_bind(lane) -> (readable, resume): the lane's two callbacks, bound to it */
+static PyMethodDef lane_switch_def = {
+    "lane_switch", lane_switch, METH_O, "the sink's answer (_Lane.switch_in_python)"};
+
+/* lane_bind(lane) -> (readable, resume, switch): the lane's callbacks, bound to it */
 static PyObject *
 lane_bind(PyObject *self, PyObject *lane)
 {
-    PyObject *readable = PyCFunction_New(&lane_requests_def, lane), *resume;
+    PyObject *readable = PyCFunction_New(&lane_requests_def, lane), *resume, *answer;
     if (readable == NULL)
         return NULL;
     resume = PyCFunction_New(&lane_serve_def, lane);
@@ -1601,7 +1701,13 @@ lane_bind(PyObject *self, PyObject *lane)
         Py_DECREF(readable);
         return NULL;
     }
-    return Py_BuildValue("(NN)", readable, resume);
+    answer = PyCFunction_New(&lane_switch_def, lane);
+    if (answer == NULL) {
+        Py_DECREF(readable);
+        Py_DECREF(resume);
+        return NULL;
+    }
+    return Py_BuildValue("(NNN)", readable, resume, answer);
 }
 
 static PyObject *
@@ -1627,7 +1733,9 @@ intern_names(void)
             !intern(&str_screen_framed, "screen_framed") || !intern(&str_drain, "drain") ||
             !intern(&str_lane_unsent, "_lane_unsent") || !intern(&str_add, "add") ||
             !intern(&str_greenlet, "greenlet") || !intern(&str_feed, "feed") ||
-            !intern(&str_crashed, "crashed"))
+            !intern(&str_crashed, "crashed") ||
+            !intern(&str_switch_in_python, "switch_in_python") ||
+            !intern(&str_deliver, "deliver") || !intern(&str_send_failed, "send_failed"))
         return -1;
     return 0;
 }
@@ -1640,9 +1748,9 @@ lane_setup(PyObject *self, PyObject *args, PyObject *what)
     PyObject *value;
     static const char *const numbers[] = {
         "LARGE_OUTPUT", "FOLD_AT", "MAX_BATCH", "CANONICAL_WINDOW", "RECV_SIZE",
-        "MAX_MULTIBULK"};
+        "LARGE_MESSAGE", "MAX_MULTIBULK"};
     Py_ssize_t *number_at[] = {&large_output, &fold_at, &max_batch, &canonical_window,
-                               &recv_size, NULL};
+                               &recv_size, &large_message, NULL};
     static const char *const objects[] = {"SERVING", "HANDED_OVER", "CLOSED", "WAITS",
                                           "SHAREABLE"};
     PyObject **object_at[] = {&serving, &handed_over, &closed_state, &waits, &shareable};
@@ -1683,7 +1791,7 @@ lane_setup(PyObject *self, PyObject *args, PyObject *what)
         slot_offsets[i] = member->offset;
         Py_DECREF(descriptor);
     }
-    for (i = 0; i < 6; i++) {
+    for (i = 0; i < 7; i++) {
         value = PyDict_GetItemString(what, numbers[i]);
         if (value == NULL || !PyLong_Check(value)) {
             PyErr_Format(PyExc_TypeError, "lane_setup: %s must be an int", numbers[i]);
@@ -1747,7 +1855,7 @@ static PyMethodDef methods[] = {
     {"lane_setup", (PyCFunction)(void (*)(void))lane_setup, METH_VARARGS | METH_KEYWORDS,
      "lane_setup(**what) -> None: the classes and values of the lane's C part"},
     {"lane_bind", lane_bind, METH_O,
-     "lane_bind(lane) -> (readable, resume): the lane's callbacks in C"},
+     "lane_bind(lane) -> (readable, resume, switch): the lane's callbacks in C"},
     {"lane_replies", lane_replies, METH_O,
      "lane_replies(upstream): the server connection's socket is readable"},
     {"one_name", one_name, METH_O,
