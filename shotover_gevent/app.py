@@ -3,6 +3,7 @@ to a graceful stop. The upgrade itself lives in handover/."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -299,9 +300,30 @@ class Proxy:
 GC_YOUNG_THRESHOLD = 20_000
 
 
+#: Blocks of this size and more come from the system each time and go back to it when freed
+#: (glibc's M_MMAP_THRESHOLD, set once so that it stays put).
+LARGE_BLOCK = 128 * 1024
+_M_MMAP_THRESHOLD = -3
+
+
 def settle_garbage_collection() -> None:
     """Once the proxy serves: what it has built so far lives as long as the process, so it is
-    frozen (later collections skip it), and young collections come less often."""
+    frozen (later collections skip it), and young collections come less often. Large blocks
+    go back to the system when freed: glibc otherwise raises its threshold for that after the
+    first large block is freed, and serves later ones from a heap it cannot give back while
+    a small block stays at its top, so the replies of a burst of clients owed megabytes
+    (clients that reset, slow readers) stayed in the worker's RSS for good."""
     gc.freeze()
     _young, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    _return_large_blocks()
+
+
+def _return_large_blocks() -> None:
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: its own policy stands
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)

@@ -471,7 +471,7 @@ class ClientConnection:
                 except stdlib_socket.timeout:
                     raise
                 except OSError as error:
-                    self._write_failed = error
+                    self._write_failed = _without_traceback(error)
                 finally:
                     self._unsent = None
                     if aside is not None:
@@ -667,6 +667,16 @@ class ClientConnection:
         close_for_good(self.sock)
         self.source.connection_closed(self)
 
+
+
+def _without_traceback(error: OSError) -> OSError:
+    """A write's error, kept to say why the client is gone, without the frames it was raised
+    through: they hold the connection and the replies being written, and the connection would
+    hold them, a cycle only the garbage collector frees (megabytes per client that resets
+    while owed large replies)."""
+    error.__traceback__ = None
+    error.__context__ = None
+    return error
 
 
 class _ReadAside:
@@ -967,7 +977,7 @@ class _Lane:
         sent before it went."""
         if failure is not None:
             # The client is gone: its greenlet serves what it sent before (see _write_failed).
-            self.connection._write_failed = failure
+            self.connection._write_failed = _without_traceback(failure)
             self.give_back(("flush",))
             return
         self.connection._outbox = [rest]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -45,6 +46,14 @@ def test_flooding_client_does_not_freeze_the_others(proxy):
     assert answered_during_flood, f"PING answered only after the flood ({sent['bytes']} bytes)"
 
 
+def _worker_pid(proxy) -> int:
+    """The proxy's one worker (the process started is its supervisor)."""
+    with open(f"/proc/{proxy.pid}/task/{proxy.pid}/children") as children:
+        pids = [int(pid) for pid in children.read().split()]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
 def _rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -65,7 +74,8 @@ def test_client_that_never_reads_holds_one_batch_not_its_whole_pipeline(proxy, r
 
     with RawClient(proxy.port) as other:
         assert other.call("PING") == b"PONG"
-        before = _rss_bytes(proxy.pid)
+        worker = _worker_pid(proxy)
+        before = _rss_bytes(worker)
         greedy = socket.create_connection((HOST, proxy.port), timeout=10)
         try:
             greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
@@ -83,11 +93,43 @@ def test_client_that_never_reads_holds_one_batch_not_its_whole_pipeline(proxy, r
                 return time.monotonic() - last[1] > 1.0
 
             wait_for(settled, 30, "the proxy to stop reading the client's pipeline")
-            grown = _rss_bytes(proxy.pid) - before
+            grown = _rss_bytes(worker) - before
             assert other.call("PING") == b"PONG"
             assert grown < 100 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
         finally:
             greedy.close()
+
+
+def test_clients_that_reset_while_owed_large_replies_leave_nothing_behind(proxy_factory,
+                                                                         redis_server):
+    """Clients pipeline GETs of a large value and reset the connection (RST) without reading:
+    the proxy serves what they sent, the write fails, and everything goes with the connection.
+    It used to keep each such connection and the replies it was writing in a reference cycle
+    through the write's error (its traceback), which only a full garbage collection frees: the
+    worker grew by a gigabyte over a hundred such clients, and stayed there."""
+    from helpers import http_request, metric_value
+
+    proxy = proxy_factory(observability=True)
+    with redis_server.client() as admin:
+        admin.set("large", b"l" * 200_000)
+    worker = _worker_pid(proxy)
+    request = encode("GET", "large") * 40  # 8 MB of replies
+
+    def open_connections():
+        text = http_request(proxy.metrics_url)[1]
+        return metric_value(text, "shotover_g_connections_open", source="redis")
+
+    with RawClient(proxy.port) as other:
+        assert other.call("PING") == b"PONG"
+        before = _rss_bytes(worker)
+        for _ in range(100):
+            with socket.create_connection((HOST, proxy.port), timeout=10) as sock:
+                sock.sendall(request)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        wait_for(lambda: open_connections() == 1, 60, "the clients that reset to be closed")
+        assert other.call("PING") == b"PONG"
+        grown = _rss_bytes(worker) - before
+        assert grown < 64 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
 
 
 def _send_quietly(sock, data: bytes) -> None:
