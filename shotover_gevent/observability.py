@@ -505,6 +505,13 @@ def transform_metrics(transform_name: str) -> TransformMetrics:
 
 #: Distinct command names tracked per query counter before new ones count as "unknown".
 MAX_QUERY_LABELS = 512
+#: Longer names (Redis's longest command name has 20 characters) count as "unknown", as do
+#: names with other than printable ASCII: a client's junk does not become a label.
+MAX_QUERY_NAME = 64
+
+
+def _labelled(query: str) -> bool:
+    return len(query) <= MAX_QUERY_NAME and query.isascii() and query.isprintable()
 
 
 def query_counter(counter_name: str, query_type: str = "redis") -> Callable[..., None]:
@@ -512,7 +519,8 @@ def query_counter(counter_name: str, query_type: str = "redis") -> Callable[...,
 
     The command is upper-cased (`get` and `GET` share a series).  To keep the number of
     series bounded against clients sending arbitrary names, once MAX_QUERY_LABELS
-    distinct names have been seen further new ones are counted under `unknown`.
+    distinct names have been seen further new ones are counted under `unknown`, and so is
+    a name no command has (longer than MAX_QUERY_NAME, or not printable ASCII) from the start.
     """
     cache: dict[str, CounterCell] = {}
     unknown = _QUERY_COUNT.labels(counter_name, "unknown", query_type)
@@ -520,7 +528,7 @@ def query_counter(counter_name: str, query_type: str = "redis") -> Callable[...,
     def count(query: str, times: int = 1) -> None:
         cell = cache.get(query)
         if cell is None:
-            if len(cache) >= MAX_QUERY_LABELS:
+            if len(cache) >= MAX_QUERY_LABELS or not _labelled(query):
                 unknown.value += times
                 return
             cell = cache[query] = _QUERY_COUNT.labels(counter_name, query.upper(), query_type)
@@ -530,7 +538,7 @@ def query_counter(counter_name: str, query_type: str = "redis") -> Callable[...,
         """The series `count(query)` adds to (for callers that add to it themselves)."""
         found = cache.get(query)
         if found is None:
-            if len(cache) >= MAX_QUERY_LABELS:
+            if len(cache) >= MAX_QUERY_LABELS or not _labelled(query):
                 return unknown
             found = cache[query] = _QUERY_COUNT.labels(counter_name, query.upper(), query_type)
         return found

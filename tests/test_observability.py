@@ -175,6 +175,23 @@ def test_query_counter_bounds_distinct_names(monkeypatch):
     assert 'query="FOO1"' not in text
 
 
+def test_query_counter_gives_junk_names_no_label_of_their_own():
+    """A client's junk (a 70,000-byte name, control characters) counts as `unknown`: it
+    neither makes a label of that size in every scrape nor takes one of the bounded series
+    from the commands that come later."""
+    count = obs.query_counter("junk")
+    count("x" * 70_000)
+    count("GET\x00\x01")
+    count.cell("ünïcode")  # what the screens' plans add to
+    count("get")
+    count("json.get")  # a module's command is a name like any other
+    text = obs.render_metrics().decode()
+    assert 'shotover_query_count{name="junk",query="GET",type="redis"} 1.0' in text
+    assert 'shotover_query_count{name="junk",query="JSON.GET",type="redis"} 1.0' in text
+    assert 'shotover_query_count{name="junk",query="unknown",type="redis"} 2.0' in text
+    assert "xxxxxxxx" not in text and "NICODE" not in text
+
+
 def test_metrics_are_on_a_dedicated_registry():
     from prometheus_client import REGISTRY as default_registry
     from prometheus_client import generate_latest
