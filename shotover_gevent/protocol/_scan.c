@@ -1414,23 +1414,20 @@ submit_own(PyObject *lane, PyObject *sink, PyObject *framed, PyObject *started,
     if (count == 1) {
         payload = PyTuple_GET_ITEM(PyList_GET_ITEM(framed, 0), 0);
         Py_INCREF(payload);
-    } else {
-        PyObject *empty = PyBytes_FromStringAndSize("", 0), *raws = PyList_New(count);
-        if (empty == NULL || raws == NULL) {
-            Py_XDECREF(empty);
-            Py_XDECREF(raws);
-            return -1;
-        }
-        for (i = 0; i < count; i++) {
-            PyObject *raw = PyTuple_GET_ITEM(PyList_GET_ITEM(framed, i), 0);
-            Py_INCREF(raw);
-            PyList_SET_ITEM(raws, i, raw);
-        }
-        payload = _PyBytes_Join(empty, raws);
-        Py_DECREF(empty);
-        Py_DECREF(raws);
+    } else {  /* the requests' bytes joined */
+        Py_ssize_t total = 0;
+        char *at;
+        for (i = 0; i < count; i++)
+            total += PyBytes_GET_SIZE(PyTuple_GET_ITEM(PyList_GET_ITEM(framed, i), 0));
+        payload = PyBytes_FromStringAndSize(NULL, total);
         if (payload == NULL)
             return -1;
+        at = PyBytes_AS_STRING(payload);
+        for (i = 0; i < count; i++) {
+            PyObject *raw = PyTuple_GET_ITEM(PyList_GET_ITEM(framed, i), 0);
+            memcpy(at, PyBytes_AS_STRING(raw), (size_t)PyBytes_GET_SIZE(raw));
+            at += PyBytes_GET_SIZE(raw);
+        }
     }
     /* _Lane.submit: the batch whose replies are owed */
     count_object = PyLong_FromSsize_t(count);
