@@ -22,7 +22,7 @@ from .netio import LARGE_OUTPUT, Readable, arrival_order, close_for_good, let_go
 from .protocol import resp
 from .protocol.state import TRACKED_COMMANDS
 from .session import Session
-from .upstream import LANE_IN_PYTHON_ENV, OVER_OUTPUT_LIMIT
+from .upstream import OVER_OUTPUT_LIMIT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .source import Source
@@ -773,8 +773,9 @@ class _Lane:
         #: in `why` for _serve_on_lane.
         self.opening = False
         self.why: Optional[tuple] = None
-        #: The watcher's callback (readable_now) and the turn's (serve): their usual case in
-        #: C where the extension is built (see _scan.c), the same methods otherwise.
+        #: The watcher's callback (readable_now), the turn's (serve) and the sink's answer
+        #: (switch_in_python): their usual case in C where the extension is built (see
+        #: _scan.c), the same methods otherwise.
         self.on_readable, self.resume, self.switch = _lane_callbacks(self)
 
     def give_back(self, why: tuple) -> None:
@@ -1018,7 +1019,7 @@ _lane_bind = None
 
 
 def _lane_callbacks(lane: _Lane) -> tuple:
-    """(the watcher's callback, the turn's) for a new lane (see _Lane.on_readable)."""
+    """(on_readable, resume, switch) for a new lane (see _Lane.__init__)."""
     global _lane_bind
     if _lane_bind is None:
         _lane_bind = _set_up_lane_in_c() or _lane_in_python
@@ -1035,14 +1036,12 @@ def _lane_in_python(lane: _Lane) -> tuple:
 
 def _set_up_lane_in_c():
     """Tell the C part the classes and values it works with; its lane_bind, or None (not
-    built, or not wanted)."""
-    if os.environ.get(LANE_IN_PYTHON_ENV):
-        return None
-    try:
-        from .protocol import _scan
-    except ImportError:
-        return None
+    built, or not wanted: upstream.py decided, for both sides, when it chose the server
+    connections' callback)."""
     from . import upstream
+    if upstream._REPLIES_READY is upstream.UpstreamConnection._readable:
+        return None
+    from .protocol import _scan
     from .chain import FOLD_AT, ChainShared
     from .message import NameTable
     from .observability import BatchSeries, CounterCell

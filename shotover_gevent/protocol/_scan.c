@@ -197,6 +197,30 @@ done:
     return result;
 }
 
+/* The name every request of `framed` (a list) has, borrowed; NULL when they differ, when one
+ * has no name, or for no request. */
+static PyObject *
+the_one_name(PyObject *framed)
+{
+    Py_ssize_t i, count = PyList_GET_SIZE(framed);
+    PyObject *name = NULL;
+    for (i = 0; i < count; i++) {
+        PyObject *pair = PyList_GET_ITEM(framed, i), *other;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 2)
+            return NULL;
+        other = PyTuple_GET_ITEM(pair, 1);
+        if (!PyBytes_Check(other))
+            return NULL;
+        if (name == NULL)
+            name = other;
+        else if (other != name && (PyBytes_GET_SIZE(other) != PyBytes_GET_SIZE(name) ||
+                                   memcmp(PyBytes_AS_STRING(other), PyBytes_AS_STRING(name),
+                                          (size_t)PyBytes_GET_SIZE(name)) != 0))
+            return NULL;
+    }
+    return name;
+}
+
 /* one_name(framed) -> the name every request of `framed` has, or None
  *
  * framed: (raw bytes, name bytes or None) pairs, as scan_requests and the framer give them.
@@ -205,27 +229,12 @@ done:
 static PyObject *
 one_name(PyObject *self, PyObject *framed)
 {
-    Py_ssize_t i, count;
-    PyObject *name = NULL;
+    PyObject *name;
     if (!PyList_Check(framed)) {
         PyErr_SetString(PyExc_TypeError, "one_name(list of pairs)");
         return NULL;
     }
-    count = PyList_GET_SIZE(framed);
-    for (i = 0; i < count; i++) {
-        PyObject *pair = PyList_GET_ITEM(framed, i), *other;
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 2)
-            Py_RETURN_NONE;
-        other = PyTuple_GET_ITEM(pair, 1);
-        if (!PyBytes_Check(other))
-            Py_RETURN_NONE;
-        if (name == NULL)
-            name = other;
-        else if (other != name && (PyBytes_GET_SIZE(other) != PyBytes_GET_SIZE(name) ||
-                                   memcmp(PyBytes_AS_STRING(other), PyBytes_AS_STRING(name),
-                                          (size_t)PyBytes_GET_SIZE(name)) != 0))
-            Py_RETURN_NONE;
-    }
+    name = the_one_name(framed);
     if (name == NULL)
         Py_RETURN_NONE;
     Py_INCREF(name);
@@ -961,38 +970,56 @@ monotonic_seconds(void)
     return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
 }
 
-/* An attribute of a watcher (gevent's, a property): fd, or active. */
+/* A gevent watcher's descriptor (its `fd`); -2 when it could not be read (an error set). */
 static Py_ssize_t
-watcher_int(PyObject *watcher, PyObject *name)
+watcher_fd(PyObject *watcher)
 {
-    PyObject *value = PyObject_GetAttr(watcher, name);
-    Py_ssize_t result;
+    PyObject *value = PyObject_GetAttr(watcher, str_fd);
+    Py_ssize_t fd;
     if (value == NULL)
         return -2;
-    result = PyObject_IsTrue(value) < 0 ? -2 : (name == str_fd ? PyLong_AsSsize_t(value)
-                                                                : PyObject_IsTrue(value));
+    fd = PyLong_AsSsize_t(value);
     Py_DECREF(value);
-    if (result == -1 && PyErr_Occurred())
-        return -2;
-    return result;
+    return fd == -1 && PyErr_Occurred() ? -2 : fd;
+}
+
+/* Whether a gevent watcher is started (its `active`): 1, 0; -1 with an error set. */
+static int
+watcher_active(PyObject *watcher)
+{
+    PyObject *value = PyObject_GetAttr(watcher, str_active);
+    int active;
+    if (value == NULL)
+        return -1;
+    active = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return active;
 }
 
 /* Something failed in the middle of a step (memory, say): reported as Python's except clause
  * in the lane reports it, and the connection handed back to its greenlet. */
+/* The exception being raised, as an object (a new reference; NULL if none), cleared. */
+static PyObject *
+raised(void)
+{
+    PyObject *type, *error, *traceback;
+    PyErr_Fetch(&type, &error, &traceback);
+    PyErr_NormalizeException(&type, &error, &traceback);
+    if (error != NULL && traceback != NULL)
+        PyException_SetTraceback(error, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return error;
+}
+
 static PyObject *
 crashed(PyObject *lane)
 {
-    PyObject *type, *error, *traceback, *result;
-    PyErr_Fetch(&type, &error, &traceback);
-    PyErr_NormalizeException(&type, &error, &traceback);
+    PyObject *error = raised(), *result;
     if (error == NULL)
         return NULL;
-    if (traceback != NULL)
-        PyException_SetTraceback(error, traceback);
     result = PyObject_CallMethodOneArg(lane, str_crashed, error);
-    Py_XDECREF(type);
-    Py_XDECREF(error);
-    Py_XDECREF(traceback);
+    Py_DECREF(error);
     return result;
 }
 
@@ -1042,22 +1069,33 @@ in_python:
     return 0;
 }
 
+/* The lane's batch answered (the start of _Lane.relayed and switch): no longer owed, recorded,
+ * the connection's out of its batch. The batch is a (count, started, entered) tuple: the
+ * callers looked. 0, or -1 with an error set. */
+static int
+batch_answered(PyObject *lane, PyObject *connection)
+{
+    PyObject *batch = AT(lane, L_BATCH);
+    int recorded;
+    Py_INCREF(batch);
+    put(lane, L_BATCH, Py_None);
+    recorded = record_batch(AT(lane, L_RECORD), PyTuple_GET_ITEM(batch, 1),
+                            PyTuple_GET_ITEM(batch, 2));
+    Py_DECREF(batch);
+    if (recorded < 0)
+        return -1;
+    put(connection, C_IN_BATCH, Py_False);
+    return 0;
+}
+
 /* _Lane.relayed(count) and its _written(), for a batch whose replies all went to the client. */
 static PyObject *lane_written(PyObject *lane, PyObject *connection);
 
 static PyObject *
 lane_relayed(PyObject *lane, PyObject *connection)
 {
-    PyObject *batch = AT(lane, L_BATCH);
-    Py_INCREF(batch);  /* a (count, started, entered) tuple: lane_replies looked */
-    put(lane, L_BATCH, Py_None);
-    if (record_batch(AT(lane, L_RECORD), PyTuple_GET_ITEM(batch, 1),
-                     PyTuple_GET_ITEM(batch, 2)) < 0) {
-        Py_DECREF(batch);
+    if (batch_answered(lane, connection) < 0)
         return crashed(lane);
-    }
-    Py_DECREF(batch);
-    put(connection, C_IN_BATCH, Py_False);
     put(connection, C_BATCH, Py_None);
     return lane_written(lane, connection);
 }
@@ -1067,8 +1105,7 @@ static PyObject *
 lane_written(PyObject *lane, PyObject *connection)
 {
     PyObject *framer, *result;
-    int hang_up_none, pending_none;
-    Py_ssize_t active;
+    int hang_up_none, pending_none, active;
     framer = AT(connection, C_FRAMER);
     hang_up_none = AT(connection, C_HANG_UP) == Py_None;
     pending_none = is_type(framer, T_REQUEST_FRAMER) && truth(framer, F_READY) == 0 &&
@@ -1077,8 +1114,8 @@ lane_written(PyObject *lane, PyObject *connection)
         return PyObject_CallMethodNoArgs(lane, str_written);
     put(lane, L_BUSY, Py_False);
     put(connection, C_IDLE, Py_True);
-    active = watcher_int(AT(lane, L_WATCHER), str_active);
-    if (active == -2)
+    active = watcher_active(AT(lane, L_WATCHER));
+    if (active < 0)
         return crashed(lane);
     if (!active) {
         result = PyObject_CallMethodNoArgs(AT(lane, L_READABLE), str_watch);
@@ -1125,7 +1162,7 @@ lane_replies(PyObject *self, PyObject *upstream)
         return PyObject_CallMethodNoArgs(upstream, str_readable);
     dst = small_int(lane, L_FD);
     max_bulk = small_int(framer, R_MAX_BULK_LEN);
-    src = watcher_int(AT(upstream, U_IDLE_WATCHER), str_fd);
+    src = watcher_fd(AT(upstream, U_IDLE_WATCHER));
     if (src == -2)
         return NULL;
     if (dst < 0 || max_bulk < 0)
@@ -1239,14 +1276,11 @@ lane_requests(PyObject *lane, PyObject *unused)
         return PyObject_CallMethodNoArgs(lane, str_readable_now);
     got = recv_room_stamped((int)fd, recv_size, &arrival);
     if (got < 0) {
-        PyObject *type, *error, *traceback, *why;
+        PyObject *error, *why;
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             Py_RETURN_NONE;
         PyErr_SetFromErrno(PyExc_OSError);
-        PyErr_Fetch(&type, &error, &traceback);
-        PyErr_NormalizeException(&type, &error, &traceback);
-        Py_XDECREF(type);
-        Py_XDECREF(traceback);
+        error = raised();
         if (error == NULL)
             return NULL;
         why = PyTuple_Pack(2, why_error, error);
@@ -1317,16 +1351,9 @@ screened_by_plan(PyObject *chain, PyObject *framed)
     if (!is_type(chain, T_CHAIN) || AT(chain, X_PLAIN_SCREENS) != Py_True)
         return NULL;
     plans = AT(chain, X_PLANS);
-    if (plans == NULL || !PyDict_CheckExact(plans))
+    name = the_one_name(framed);
+    if (plans == NULL || !PyDict_CheckExact(plans) || name == NULL)
         return NULL;
-    name = PyTuple_GET_ITEM(PyList_GET_ITEM(framed, 0), 1);
-    for (i = 1; i < count; i++) {
-        PyObject *other = PyTuple_GET_ITEM(PyList_GET_ITEM(framed, i), 1);
-        if (other != name && (PyBytes_GET_SIZE(other) != PyBytes_GET_SIZE(name) ||
-                              memcmp(PyBytes_AS_STRING(other), PyBytes_AS_STRING(name),
-                                     (size_t)PyBytes_GET_SIZE(name)) != 0))
-            return NULL;
-    }
     plan = PyDict_GetItemWithError(plans, name);
     if (plan == NULL || !PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 2)
         return NULL;
@@ -1366,7 +1393,6 @@ static int
 upstream_takes(PyObject *upstream)
 {
     PyObject *framer = AT(upstream, U_FRAMER), *watcher;
-    Py_ssize_t active;
     if (AT(upstream, U_QUIET) != Py_True || AT(upstream, U_CLOSED) != Py_False ||
             AT(upstream, U_TLS) != Py_False || AT(upstream, U_PUSH_MODE) != Py_False ||
             AT(upstream, U_BATCH) != Py_None || AT(upstream, U_ADOPTED_INFLIGHT) != Py_None ||
@@ -1377,8 +1403,7 @@ upstream_takes(PyObject *upstream)
     watcher = AT(upstream, U_IDLE_WATCHER);
     if (watcher == NULL || watcher == Py_None)
         return 0;
-    active = watcher_int(watcher, str_active);
-    return active == -2 ? -1 : (int)active;
+    return watcher_active(watcher);
 }
 
 /* RedisSinkSingle.submit and UpstreamConnection.lane_call for a batch on the client's own
@@ -1408,7 +1433,7 @@ submit_own(PyObject *lane, PyObject *sink, PyObject *framed, PyObject *started,
     takes = upstream_takes(upstream);
     if (takes <= 0)
         return takes;
-    fd = watcher_int(AT(upstream, U_IDLE_WATCHER), str_fd);
+    fd = watcher_fd(AT(upstream, U_IDLE_WATCHER));
     if (fd < 0)
         return fd == -2 ? -1 : 0;
     if (count == 1) {
@@ -1631,16 +1656,10 @@ lane_switch(PyObject *lane, PyObject *answer)
         return PyObject_CallMethodOneArg(lane, str_switch_in_python, answer);
     Py_INCREF(payload);
     Py_INCREF(lane);
-    Py_INCREF(batch);
-    put(lane, L_BATCH, Py_None);
-    if (record_batch(AT(lane, L_RECORD), PyTuple_GET_ITEM(batch, 1),
-                     PyTuple_GET_ITEM(batch, 2)) < 0) {
-        Py_DECREF(batch);
+    if (batch_answered(lane, connection) < 0) {
         result = crashed(lane);
         goto done;
     }
-    Py_DECREF(batch);
-    put(connection, C_IN_BATCH, Py_False);
     /* deliver(payload) */
     size = PyBytes_GET_SIZE(payload);
     fd = small_int(lane, L_FD);
